@@ -1,0 +1,87 @@
+"""Orbax checkpoints of the train state plus the data position, in model_path/checkpoints.
+
+Orbax writes each step to a temporary directory and renames it only when complete, so a
+kill in the middle of a save leaves the previous checkpoints intact and readable.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import fsspec
+import jax
+import orbax.checkpoint as ocp
+
+from .config import Config
+from .errors import UserError
+
+# Keys that fix the parameter shapes: a checkpoint only fits a config that agrees on them.
+SHAPE_KEYS = ("n_ctx", "n_embd", "n_layer", "n_head", "n_vocab", "pad_vocab_to")
+
+logging.getLogger("absl").setLevel(logging.WARNING)
+
+
+def _ckpt_dir(model_path: str) -> str:
+    return model_path.rstrip("/") + "/checkpoints"
+
+
+class Checkpointer:
+    def __init__(self, cfg: Config, *, create: bool = True):
+        self.cfg = cfg
+        self.dir = _ckpt_dir(cfg.model_path)
+        opts = ocp.CheckpointManagerOptions(max_to_keep=cfg.keep_checkpoints, create=create)
+        self.manager = ocp.CheckpointManager(self.dir, options=opts)
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def save(self, step: int, state, data_state: dict) -> None:
+        meta = {"data": data_state, "config": self.cfg.to_dict()}
+        self.manager.save(step, args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def restore(self, abstract_state, step: int | None = None):
+        """Return (state, data_state) of `step` (default: latest) shaped like abstract_state."""
+        step = self.latest_step() if step is None else step
+        meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+        check_compatible(self.cfg, meta["config"], self.dir)
+        restored = self.manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_state)))
+        return restored.state, meta["data"]
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+
+def check_compatible(cfg: Config, saved: dict, where: str) -> None:
+    diffs = [f"{k}: checkpoint {saved.get(k)!r} vs config {getattr(cfg, k)!r}"
+             for k in SHAPE_KEYS if saved.get(k) != getattr(cfg, k)]
+    if diffs:
+        raise UserError(f"the checkpoint in {where} was trained with another model shape ("
+                        + "; ".join(diffs) + "). Use a new model_path, or the config it was trained with.")
+
+
+def load_params(cfg: Config, step: int | None = None):
+    """Just the parameters of the latest (or given) checkpoint, for generation and evaluation."""
+    from . import model
+    ckpt = Checkpointer(cfg, create=False) if _exists(cfg.model_path) else None
+    if ckpt is None or ckpt.latest_step() is None:
+        raise UserError(f"no checkpoint found in {_ckpt_dir(cfg.model_path)}: train first "
+                        f"(python3 main.py --model <config>) or point model_path at a trained model")
+    step = ckpt.latest_step() if step is None else step
+    meta = ckpt.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+    check_compatible(cfg, meta["config"], ckpt.dir)
+    abstract = jax.eval_shape(lambda: model.init_params(cfg, jax.random.PRNGKey(0)))
+    restored = ckpt.manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.PyTreeRestore(item={"params": abstract}, partial_restore=True)))
+    ckpt.close()
+    return restored.state["params"], step
+
+
+def _exists(path: str) -> bool:
+    fs, p = fsspec.core.url_to_fs(_ckpt_dir(path))
+    return fs.exists(p)

@@ -1,0 +1,304 @@
+"""Command line: `python -m gpt2train train|generate|evaluate|tokenizer|keys|demo` and main.py.
+
+Every config key can be overridden on the command line as `--key value` after the known flags.
+User mistakes (UserError) print one clear message and exit with status 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import warnings
+
+from .errors import UserError
+
+EXIT_USER_ERROR = 2
+
+
+# ----------------------------------------------------------------------------- helpers
+def parse_overrides(rest: list[str]) -> dict:
+    """['--lr', '1e-4', '--n_layer=4'] -> {'lr': '1e-4', 'n_layer': '4'} (validated by config)."""
+    out, i = {}, 0
+    while i < len(rest):
+        arg = rest[i]
+        if not arg.startswith("--") or len(arg) == 2:
+            raise UserError(f"unexpected argument {arg!r}: config overrides look like --key value")
+        name = arg[2:]
+        if "=" in name:
+            name, value = name.split("=", 1)
+            i += 1
+        elif i + 1 < len(rest):
+            value = rest[i + 1]
+            i += 2
+        else:
+            raise UserError(f"{arg} needs a value")
+        out[name] = value
+    return out
+
+
+def load(args, overrides: dict):
+    from .config import load_config
+    return load_config(args.model, overrides)
+
+
+def add_sampling_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("sampling")
+    g.add_argument("--predict_text", help="prompt text to continue")
+    g.add_argument("--predict_file", help="file whose whole content is the prompt")
+    g.add_argument("--prompts", help="file with one prompt per line (batched)")
+    g.add_argument("--length", type=int, default=None, help="new tokens per sample (default: n_ctx // 2)")
+    g.add_argument("--samples", type=int, default=None, help="samples per prompt (default: predict_batch_size)")
+    g.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
+    g.add_argument("--top_k", type=int, default=0, help="keep the k most likely tokens (0 = off)")
+    g.add_argument("--top_p", type=float, default=1.0, help="nucleus sampling mass (1 = off)")
+    g.add_argument("--repetition_penalty", type=float, default=1.0, help=">1 discourages repeats (1 = off)")
+    g.add_argument("--seed", type=int, default=None,
+                   help="same seed, same text (default: the config's seed; when training: the config's seed)")
+
+
+def check_tpu(requested: str | None) -> None:
+    if not requested:
+        return
+    import jax
+    platforms = {d.platform for d in jax.devices()}
+    if "tpu" not in platforms:
+        raise UserError(f"--tpu {requested} was given but no TPU is attached to this machine "
+                        f"(found: {', '.join(sorted(platforms))}); run on the TPU VM, or drop --tpu")
+
+
+# ----------------------------------------------------------------------------- commands
+def cmd_train(cfg, log=print) -> dict:
+    from .tokenizer import load_tokenizer
+    from .train import Trainer
+    tok = load_tokenizer(cfg.encoder_path)
+    result = Trainer(cfg, tok, log=log).run()
+    summary = {"step": result.step, "loss": result.last_loss, "eval_loss": result.eval_loss}
+    log(f"done at step {result.step}" + (f"; eval loss {result.eval_loss:.4f}" if result.eval_loss else ""))
+    return summary
+
+
+def _prompts_from_args(args) -> list[str] | None:
+    given = [x for x in ("predict_text", "predict_file", "prompts") if getattr(args, x, None) is not None]
+    if len(given) > 1:
+        raise UserError("give only one of --predict_text, --predict_file and --prompts, not "
+                        + " and ".join("--" + g for g in given))
+    if args.predict_text is not None:
+        return [args.predict_text]
+    path = args.predict_file or args.prompts
+    if path is None:
+        return None
+    import fsspec
+    try:
+        with fsspec.open(path, "r", encoding="utf-8") as f:
+            text = f.read()
+    except FileNotFoundError:
+        raise UserError(f"prompt file not found: {path}") from None
+    if args.predict_file:
+        return [text]
+    prompts = [line for line in text.splitlines() if line.strip()]
+    if not prompts:
+        raise UserError(f"{path} holds no prompts: write one prompt per line")
+    return prompts
+
+
+def cmd_generate(cfg, args, *, interactive_ok: bool = True) -> list[str]:
+    from .checkpoint import load_params
+    from .generate import Generator, SamplingOptions, append_samples
+    from .tokenizer import load_tokenizer
+    tok = load_tokenizer(cfg.encoder_path)
+    params, step = load_params(cfg)
+    gen = Generator(cfg, params, tok)
+    opts = SamplingOptions(length=args.length or cfg.n_ctx // 2, temperature=args.temperature,
+                           top_k=args.top_k, top_p=args.top_p,
+                           repetition_penalty=args.repetition_penalty,
+                           seed=cfg.seed if args.seed is None else args.seed).check()
+    samples = args.samples or cfg.predict_batch_size
+    if samples < 1:
+        raise UserError(f"--samples must be at least 1, got {samples}")
+    prompts = _prompts_from_args(args)
+    if prompts is None:
+        if not interactive_ok:
+            raise UserError("no prompt given: use --predict_text, --predict_file or --prompts")
+        return interactive(gen, opts, samples, cfg)
+    return sample_prompts(gen, prompts, opts, samples, cfg)
+
+
+def sample_prompts(gen, prompts, opts, samples, cfg, *, stream=None) -> list[str]:
+    """Generate `samples` continuations of each prompt in batches of predict_batch_size rows;
+    print each sample in the seed's banner format and append it to predict_path."""
+    from .generate import append_samples, format_sample
+    rows = [(p, s) for p in prompts for s in range(samples)]
+    out, index = [], 0
+    for start in range(0, len(rows), cfg.predict_batch_size):
+        chunk = rows[start:start + cfg.predict_batch_size]
+        # Each batch gets its own seed offset so samples of one prompt differ but stay reproducible.
+        o = type(opts)(**{**opts.__dict__, "seed": opts.seed + start})
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            texts = gen.generate([p for p, _ in chunk], o, on_text=stream)
+        for w in caught:
+            print(f"warning: {w.message}", file=sys.stderr)
+        for text in texts:
+            if stream is None:
+                print(format_sample(index, text), end="", flush=True)
+            append_samples(cfg.resolved_predict_path, [text], index)
+            out.append(text)
+            index += 1
+    return out
+
+
+def interactive(gen, opts, samples, cfg) -> list[str]:
+    """Read prompts from the terminal (or one per line from piped stdin) until EOF."""
+    tty = sys.stdin.isatty()
+    out = []
+    while True:
+        try:
+            prompt = input("Model prompt >>> ") if tty else sys.stdin.readline()
+        except (EOFError, KeyboardInterrupt):
+            print()
+            break
+        if not tty and prompt == "":
+            break
+        prompt = prompt.rstrip("\n")
+        if not prompt.strip():
+            print("Prompt should not be empty!") if tty else None
+            continue
+        if tty and samples == 1 and cfg.predict_batch_size >= 1:
+            # Stream the text as it is produced.
+            from .generate import banner
+            print(banner(0), flush=True)
+            texts = sample_prompts(gen, [prompt], opts, 1, cfg,
+                                   stream=lambda _i, t: print(t, end="", flush=True))
+            print("\n" + "=" * 80, flush=True)
+        else:
+            texts = sample_prompts(gen, [prompt], opts, samples, cfg)
+        out.extend(texts)
+    return out
+
+
+def cmd_evaluate(cfg, data) -> dict:
+    from .checkpoint import load_params
+    from .evaluate import evaluate_text
+    from .tokenizer import load_tokenizer
+    spec = data or cfg.eval_data_path
+    if not spec:
+        raise UserError("nothing to evaluate: pass --data FILES or set eval_data_path in the config")
+    tok = load_tokenizer(cfg.encoder_path)
+    params, step = load_params(cfg)
+    result = {"step": step, **evaluate_text(cfg, params, tok, spec)}
+    print(f"step {step}: loss {result['loss']:.4f}  perplexity {result['perplexity']:.3f}  "
+          f"bits/byte {result['bits_per_byte']:.4f}  ({result['tokens']} tokens, {result['bytes']} bytes)")
+    return result
+
+
+def cmd_tokenizer(args) -> None:
+    from .inputs import expand_paths
+    from .tokenizer import train_tokenizer
+    files = expand_paths(args.input)
+    tok = train_tokenizer(files, args.vocab_size, args.out)
+    print(f"trained a {tok.n_vocab}-token BPE vocabulary on {len(files)} files; "
+          f"wrote {args.out}/encoder.json and {args.out}/vocab.bpe")
+
+
+# ----------------------------------------------------------------------------- parsers
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="gpt2train", allow_abbrev=False, description=__doc__.splitlines()[0],
+                                epilog="Any config key may follow as --key value to override the config.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train (or resume) from a JSON config", allow_abbrev=False)
+    t.add_argument("--model", required=True, help="JSON config")
+    t.add_argument("--tpu", help="TPU name (fails clearly when no TPU is present)")
+
+    g = sub.add_parser("generate", allow_abbrev=False, help="sample from a trained model")
+    g.add_argument("--model", required=True, help="JSON config of the trained model")
+    add_sampling_flags(g)
+
+    e = sub.add_parser("evaluate", allow_abbrev=False, help="loss, perplexity and bits per byte on text")
+    e.add_argument("--model", required=True, help="JSON config of the trained model")
+    e.add_argument("--data", help="files, directory or glob (default: eval_data_path)")
+    e.add_argument("--json", action="store_true", help="print the result as JSON too")
+
+    k = sub.add_parser("tokenizer", allow_abbrev=False, help="train a byte-level BPE vocabulary on text files")
+    k.add_argument("--input", required=True, help="files, directory, glob or comma list")
+    k.add_argument("--vocab_size", type=int, required=True)
+    k.add_argument("--out", required=True, help="directory for encoder.json + vocab.bpe")
+
+    sub.add_parser("keys", help="list every config key with its default and meaning")
+
+    d = sub.add_parser("demo", allow_abbrev=False, help="the built-in demo: train on Python's standard library, then sample")
+    d.add_argument("--out", default="demo_run", help="working directory (default: demo_run)")
+    d.add_argument("--steps", type=int, default=None, help="training steps (default: the demo's)")
+    return p
+
+
+def run_main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    if getattr(args, "seed", None) is not None and args.command == "train":
+        rest += ["--seed", str(args.seed)]
+    if args.command == "keys":
+        from .config import describe_keys
+        print(describe_keys())
+        return 0
+    if args.command == "tokenizer":
+        if rest:
+            raise UserError(f"unexpected arguments: {' '.join(rest)}")
+        cmd_tokenizer(args)
+        return 0
+    if args.command == "demo":
+        from .demo import run_demo
+        run_demo(args.out, steps=args.steps, extra=parse_overrides(rest))
+        return 0
+    overrides = parse_overrides(rest)
+    cfg = load(args, overrides)
+    if args.command == "train":
+        check_tpu(args.tpu)
+        cmd_train(cfg)
+    elif args.command == "generate":
+        cmd_generate(cfg, args)
+    elif args.command == "evaluate":
+        result = cmd_evaluate(cfg, args.data)
+        if args.json:
+            print(json.dumps(result))
+    return 0
+
+
+def guarded(fn, argv=None) -> int:
+    """Run a command; turn user mistakes into one-line errors and a non-zero exit."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    try:
+        return fn(argv)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def main(argv: list[str] | None = None) -> None:
+    sys.exit(guarded(run_main, argv))
+
+
+# ----------------------------------------------------------------------------- main.py
+def seed_main(argv: list[str] | None = None) -> int:
+    """The seed's interface: train unless a predict flag is given, then generate."""
+    p = argparse.ArgumentParser(prog="main.py", allow_abbrev=False, description="Train GPT-2 from a JSON config, or sample from it.",
+                                epilog="Any config key may follow as --key value to override the config.")
+    p.add_argument("--model", required=True, help="JSON config (see configs/)")
+    p.add_argument("--tpu", help="TPU name (fails clearly when no TPU is present)")
+    add_sampling_flags(p)
+    args, rest = p.parse_known_args(argv)
+    training = args.predict_text is None and args.predict_file is None and args.prompts is None
+    if training and args.seed is not None:  # when training, --seed is the config's seed
+        rest += ["--seed", str(args.seed)]
+    cfg = load(args, parse_overrides(rest))
+    check_tpu(args.tpu)
+    if training:
+        cmd_train(cfg)
+    else:
+        cmd_generate(cfg, args, interactive_ok=False)
+    return 0

@@ -1,0 +1,212 @@
+"""Load, validate and override a model config: the seed's JSON keys plus a few new ones.
+
+Every key has a default and a one-line description here; this table is the documentation
+(`python -m gpt2train config --help-keys` prints it).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import fsspec
+
+from .errors import UserError
+
+OPTIMIZERS = ("adam", "adamw", "adafactor")
+PRECISIONS = ("float32", "bfloat16")
+DECAY_TYPES = ("pow", "adam")
+
+
+def _key(default, doc: str, seed: bool = False):
+    return field(default=default, metadata={"doc": doc, "seed": seed})
+
+
+@dataclass
+class Config:
+    # --- the seed's keys ---
+    model: str = _key("GPT2", "model family; only GPT2", True)
+    n_ctx: int = _key(1024, "context length in tokens", True)
+    n_embd: int = _key(768, "width of the residual stream", True)
+    n_layer: int = _key(12, "number of transformer blocks", True)
+    n_head: int = _key(12, "attention heads per block (must divide n_embd)", True)
+    n_vocab: int = _key(50257, "vocabulary size; must equal the tokenizer's (50257 for GPT-2)", True)
+    scale_by_depth: bool = _key(True, "init residual projections with std 0.02/sqrt(2*n_layer)", True)
+    scale_by_in: bool = _key(False, "init matmul weights with std 1/sqrt(fan_in) instead of 0.02", True)
+    precision: str = _key("float32", "compute dtype: float32 or bfloat16 (weights stay float32)", True)
+    input: str = _key("text", "registered input function that feeds training and eval", True)
+    lr: float = _key(2.5e-4, "peak learning rate", True)
+    warmup_steps: int = _key(2000, "linear warmup steps from 0 to lr", True)
+    opt_name: str = _key("adam", "optimizer: adam (adamw when weight_decay > 0), adamw or adafactor", True)
+    weight_decay: float = _key(0.01, "decoupled weight decay on matrices (not biases, LayerNorm)", True)
+    beta1: float = _key(0.9, "first-moment decay (adafactor: momentum, 0 disables it)", True)
+    beta2: float = _key(0.98, "second-moment decay (adam; adafactor with decay_type adam)", True)
+    epsilon: float = _key(1e-9, "optimizer epsilon", True)
+    decay_type: str = _key("pow", "adafactor second-moment schedule: pow or adam", True)
+    decay_exponent: float = _key(0.8, "adafactor pow schedule: decay = 1 - (step+1)^-exponent", True)
+    train_steps: int = _key(1000, "train steps between evaluations", True)
+    eval_steps: int = _key(10, "batches per evaluation (0 disables evaluation)", True)
+    max_steps: int = _key(500000, "training stops exactly at this step", True)
+    iterations: int = _key(100, "steps between progress-bar/metric log lines", True)
+    embed_dropout: float = _key(0.1, "dropout on token+position embeddings", True)
+    attn_dropout: float = _key(0.1, "dropout on attention probabilities", True)
+    res_dropout: float = _key(0.1, "dropout on each residual branch output", True)
+    model_path: str = _key("", "directory for checkpoints, metrics and logs", True)
+    data_path: Any = _key("", "training data: file, directory, glob or list", True)
+    encoder_path: str = _key("", "directory with encoder.json and vocab.bpe", True)
+    train_batch_size: int = _key(8, "global sequences per optimizer step", True)
+    eval_batch_size: int = _key(8, "global sequences per eval batch", True)
+    predict_batch_size: int = _key(1, "samples generated in parallel", True)
+    predict_path: str = _key("", "file that generated samples are appended to ('' = model_path/predictions.txt)", True)
+    # --- new keys ---
+    eval_data_path: Any = _key(None, "held-out data: file, directory, glob or list (None: no eval)")
+    seed: int = _key(0, "seed for init, data order and dropout")
+    grad_clip: float = _key(1.0, "clip gradients to this global norm (0 disables)")
+    grad_accum_steps: int = _key(1, "micro-batches per optimizer step (train_batch_size is split)")
+    min_lr_ratio: float = _key(0.1, "cosine decay ends at lr * min_lr_ratio at max_steps")
+    checkpoint_every: int = _key(0, "save a checkpoint every N steps (0: at every evaluation)")
+    keep_checkpoints: int = _key(3, "how many recent checkpoints to keep")
+    pad_vocab_to: int = _key(128, "pad the embedding rows to a multiple of this (logits masked); 1 = no padding")
+    remat: bool = _key(False, "recompute block activations in the backward pass to save memory")
+
+    # ------------------------------------------------------------------
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    @property
+    def padded_vocab(self) -> int:
+        m = max(1, self.pad_vocab_to)
+        return int(math.ceil(self.n_vocab / m) * m)
+
+    @property
+    def resolved_predict_path(self) -> str:
+        if self.predict_path:
+            return self.predict_path
+        return (self.model_path.rstrip("/") + "/predictions.txt") if self.model_path else "predictions.txt"
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def replace(self, **changes) -> "Config":
+        return apply_overrides(self, changes)
+
+    def validate(self) -> "Config":
+        problems = []
+
+        def need(cond, msg):
+            if not cond:
+                problems.append(msg)
+
+        for name in ("n_ctx", "n_embd", "n_layer", "n_head", "n_vocab", "train_batch_size",
+                     "eval_batch_size", "predict_batch_size", "max_steps", "train_steps",
+                     "iterations", "grad_accum_steps", "keep_checkpoints", "pad_vocab_to"):
+            need(getattr(self, name) > 0, f"{name} must be positive, got {getattr(self, name)}")
+        for name in ("eval_steps", "warmup_steps", "checkpoint_every", "weight_decay", "grad_clip", "lr"):
+            need(getattr(self, name) >= 0, f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.n_head > 0:
+            need(self.n_embd % self.n_head == 0,
+                 f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+        need(self.model == "GPT2", f"model must be 'GPT2', got {self.model!r}")
+        need(self.precision in PRECISIONS, f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+        need(self.opt_name in OPTIMIZERS, f"opt_name must be one of {OPTIMIZERS}, got {self.opt_name!r}")
+        need(self.decay_type in DECAY_TYPES, f"decay_type must be one of {DECAY_TYPES}, got {self.decay_type!r}")
+        for name in ("embed_dropout", "attn_dropout", "res_dropout", "min_lr_ratio"):
+            need(0.0 <= getattr(self, name) <= 1.0, f"{name} must be in [0, 1], got {getattr(self, name)}")
+        for name in ("beta1", "beta2"):
+            need(0.0 <= getattr(self, name) < 1.0, f"{name} must be in [0, 1), got {getattr(self, name)}")
+        if self.grad_accum_steps > 0 and self.train_batch_size > 0:
+            need(self.train_batch_size % self.grad_accum_steps == 0,
+                 f"train_batch_size ({self.train_batch_size}) must be divisible by "
+                 f"grad_accum_steps ({self.grad_accum_steps})")
+        if problems:
+            raise UserError("invalid config:\n  - " + "\n  - ".join(problems))
+        return self
+
+
+FIELDS = {f.name: f for f in dataclasses.fields(Config)}
+
+
+def nearest_key(name: str) -> str | None:
+    match = difflib.get_close_matches(name, list(FIELDS), n=1, cutoff=0.0)
+    return match[0] if match else None
+
+
+def _coerce(name: str, value: Any) -> Any:
+    """Convert a JSON or command-line value to the key's type, or explain why it cannot be."""
+    default = FIELDS[name].default
+    if name in ("data_path", "eval_data_path"):
+        return value
+    try:
+        if isinstance(default, bool):
+            if isinstance(value, str):
+                low = value.strip().lower()
+                if low in ("1", "true", "yes", "on"):
+                    return True
+                if low in ("0", "false", "no", "off"):
+                    return False
+                raise ValueError(value)
+            return bool(value)
+        if isinstance(default, int):
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError(value)
+            if isinstance(value, str):
+                value = float(value) if any(c in value for c in ".eE") else int(value)
+                if isinstance(value, float) and not value.is_integer():
+                    raise ValueError(value)
+            return int(value)
+        if isinstance(default, float):
+            return float(value)
+        if isinstance(default, str):
+            if not isinstance(value, (str, int, float)):
+                raise ValueError(value)
+            return str(value)
+    except (TypeError, ValueError):
+        kind = type(default).__name__
+        raise UserError(f"config key {name!r} must be a {kind}, got {value!r}") from None
+    return value
+
+
+def apply_overrides(cfg: Config, overrides: dict) -> Config:
+    values = cfg.to_dict()
+    for name, value in overrides.items():
+        if name not in FIELDS:
+            hint = nearest_key(name)
+            raise UserError(f"unknown config key {name!r}; did you mean {hint!r}? "
+                            f"(`python -m gpt2train keys` lists every key)")
+        values[name] = _coerce(name, value)
+    return Config(**values).validate()
+
+
+def load_config(path: str, overrides: dict | None = None) -> Config:
+    """Read a JSON config (local or fsspec URL), apply overrides, validate."""
+    try:
+        with fsspec.open(path, "r") as f:
+            text = f.read()
+    except FileNotFoundError:
+        raise UserError(f"config file not found: {path} (the configs/ folder has examples)") from None
+    try:
+        raw = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise UserError(f"config {path} is not valid JSON: {e}") from None
+    if not isinstance(raw, dict):
+        raise UserError(f"config {path} must hold a JSON object of keys, got {type(raw).__name__}")
+    # Keys starting with '_' are comments, as some configs in the wild use them.
+    raw = {k: v for k, v in raw.items() if not k.startswith("_")}
+    try:
+        cfg = apply_overrides(Config(), {**raw, **(overrides or {})})
+    except UserError as e:
+        raise UserError(f"{path}: {e}") from None
+    return cfg
+
+
+def describe_keys() -> str:
+    lines = []
+    for name, f in FIELDS.items():
+        origin = "seed" if f.metadata["seed"] else "new "
+        lines.append(f"{name:20s} {origin} default={f.default!r:12}  {f.metadata['doc']}")
+    return "\n".join(lines)

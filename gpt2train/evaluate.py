@@ -1,0 +1,81 @@
+"""Held-out loss, perplexity and bits per byte of a trained model on text files.
+
+Documents are joined by <|endoftext|> into one stream and scored in consecutive windows of
+n_ctx tokens (every token after the first is predicted exactly once, with the context its
+window gives it). perplexity = exp(mean token loss); bits per byte = total loss in bits
+divided by the UTF-8 bytes of the scored tokens, which makes models with different
+vocabularies comparable.
+"""
+
+from __future__ import annotations
+
+import math
+
+import fsspec
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from . import model
+from .config import Config
+from .errors import UserError
+from .inputs import expand_paths
+
+
+def read_documents(spec) -> list[str]:
+    docs = []
+    for path in expand_paths(spec):
+        with fsspec.open(path, "rb") as f:
+            docs.append(f.read().decode("utf-8", errors="replace"))
+    return docs
+
+
+def token_stream(docs: list[str], tokenizer) -> np.ndarray:
+    ids: list[int] = []
+    for doc_ids in tokenizer.encode_batch(docs):
+        ids.extend(doc_ids)
+        ids.append(tokenizer.eot_id)
+    return np.asarray(ids, np.int32)
+
+
+def windows(stream: np.ndarray, n_ctx: int) -> tuple[np.ndarray, np.ndarray]:
+    """Cut the stream into [N, n_ctx+1] windows overlapping by one token; the ragged tail is
+    padded and masked. Returns (windows, target mask [N, n_ctx])."""
+    n_targets = len(stream) - 1
+    if n_targets < 1:
+        raise UserError("the evaluation text is empty: give files with some text in them")
+    n = -(-n_targets // n_ctx)
+    padded = np.zeros(n * n_ctx + 1, np.int32)
+    padded[: len(stream)] = stream
+    idx = np.arange(n)[:, None] * n_ctx + np.arange(n_ctx + 1)[None, :]
+    mask = (np.arange(n * n_ctx) < n_targets).reshape(n, n_ctx)
+    return padded[idx], mask
+
+
+def score_windows(cfg: Config, params, wins: np.ndarray, mask: np.ndarray, batch_size: int) -> float:
+    """Sum of token losses (nats) over the masked targets."""
+    losses_fn = jax.jit(lambda p, b: model.token_losses(p, b, cfg))
+    total = 0.0
+    for start in range(0, len(wins), batch_size):
+        batch, m = wins[start:start + batch_size], mask[start:start + batch_size]
+        short = batch_size - len(batch)
+        if short:  # keep one compiled shape: pad the last batch with masked rows
+            batch = np.concatenate([batch, np.zeros((short, batch.shape[1]), np.int32)])
+            m = np.concatenate([m, np.zeros((short, m.shape[1]), bool)])
+        losses = losses_fn(params, jnp.asarray(batch))
+        total += float(jnp.sum(jnp.where(jnp.asarray(m), losses, 0.0)))
+    return total
+
+
+def evaluate_text(cfg: Config, params, tokenizer, spec, batch_size: int | None = None) -> dict:
+    docs = read_documents(spec)
+    stream = token_stream(docs, tokenizer)
+    wins, mask = windows(stream, cfg.n_ctx)
+    total = score_windows(cfg, params, wins, mask, batch_size or cfg.eval_batch_size)
+    n_tokens = int(mask.sum())
+    targets = wins[:, 1:][mask]
+    n_bytes = int(tokenizer.token_byte_lengths()[targets].sum())
+    loss = total / n_tokens
+    return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)),
+            "bits_per_byte": total / math.log(2) / max(n_bytes, 1),
+            "tokens": n_tokens, "bytes": n_bytes, "documents": len(docs)}

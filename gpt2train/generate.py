@@ -1,0 +1,202 @@
+"""Batched sampling with a preallocated KV cache: temperature, top-k, top-p, repetition penalty, seed.
+
+A prompt batch is left-padded to a bucketed length and run through the model once (prefill);
+then tokens are produced by a compiled loop of `chunk` decode steps per call, so text can be
+streamed between chunks and generation stops as soon as every row has emitted <|endoftext|>.
+The same seed and settings give the same text.
+"""
+
+from __future__ import annotations
+
+import functools
+import warnings
+from dataclasses import dataclass
+
+import fsspec
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from . import model
+from .config import Config
+from .errors import UserError
+
+PROMPT_BUCKET = 32  # prompt lengths are rounded up to a multiple of this to reuse compiled programs
+
+
+@dataclass(frozen=True)
+class SamplingOptions:
+    length: int = 256               # new tokens at most
+    temperature: float = 1.0        # 0 = greedy
+    top_k: int = 0                  # 0 = off
+    top_p: float = 1.0              # 1 = off
+    repetition_penalty: float = 1.0  # 1 = off; >1 discourages tokens already in the text
+    seed: int = 0
+    stop_at_eot: bool = True
+
+    def check(self) -> "SamplingOptions":
+        if self.length < 1:
+            raise UserError(f"--length must be at least 1, got {self.length}")
+        if self.temperature < 0:
+            raise UserError(f"--temperature must be >= 0, got {self.temperature}")
+        if self.top_k < 0:
+            raise UserError(f"--top_k must be >= 0, got {self.top_k}")
+        if not 0 < self.top_p <= 1:
+            raise UserError(f"--top_p must be in (0, 1], got {self.top_p}")
+        if self.repetition_penalty <= 0:
+            raise UserError(f"--repetition_penalty must be > 0, got {self.repetition_penalty}")
+        return self
+
+
+def filter_logits(logits, seen, opts: SamplingOptions):
+    """Apply repetition penalty, temperature, top-k and top-p to logits [B, V] (float32)."""
+    if opts.repetition_penalty != 1.0:
+        penalised = jnp.where(logits > 0, logits / opts.repetition_penalty, logits * opts.repetition_penalty)
+        logits = jnp.where(seen, penalised, logits)
+    if opts.temperature == 0:
+        return logits
+    logits = logits / opts.temperature
+    if opts.top_k > 0:
+        kth = jax.lax.top_k(logits, min(opts.top_k, logits.shape[-1]))[0][:, -1:]
+        logits = jnp.where(logits < kth, -jnp.inf, logits)
+    if opts.top_p < 1.0:
+        sorted_logits = jnp.sort(logits, axis=-1)[:, ::-1]
+        probs = jax.nn.softmax(sorted_logits, axis=-1)
+        before = jnp.cumsum(probs, axis=-1) - probs       # mass of strictly more likely tokens
+        keep = before < opts.top_p                         # always keeps the most likely token
+        cutoff = jnp.min(jnp.where(keep, sorted_logits, jnp.inf), axis=-1, keepdims=True)
+        logits = jnp.where(logits < cutoff, -jnp.inf, logits)
+    return logits
+
+
+def sample_token(logits, seen, key, opts: SamplingOptions):
+    logits = filter_logits(logits, seen, opts)
+    if opts.temperature == 0:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+
+
+class Generator:
+    """Holds parameters and compiled programs; `generate` turns prompts into continuations."""
+
+    def __init__(self, cfg: Config, params, tokenizer, *, chunk: int = 32):
+        self.cfg, self.params, self.tok, self.chunk = cfg, params, tokenizer, chunk
+        self._prefill = jax.jit(functools.partial(self._prefill_fn, cfg=cfg))
+        self._decode = jax.jit(self._decode_fn, static_argnames=("opts", "steps"), donate_argnums=(1,))
+
+    # -------------------------------------------------------------- compiled pieces
+    @staticmethod
+    def _prefill_fn(params, tokens, pad, cache, *, cfg):
+        logits, cache = model.forward_cached(params, tokens, cache, 0, pad, cfg)
+        return logits[:, -1], cache
+
+    def _decode_fn(self, params, carry, key, opts: SamplingOptions, steps: int):
+        """`steps` decode steps in one program. carry = (cache, logits, index, seen, done, pad)."""
+        cfg, eot = self.cfg, self.tok.eot_id
+
+        def one(carry, _):
+            cache, logits, index, seen, done, pad = carry
+            tok = sample_token(logits, seen, jax.random.fold_in(key, index), opts)
+            tok = jnp.where(done, eot, tok)
+            if opts.stop_at_eot:
+                done = done | (tok == eot)
+            seen = seen.at[jnp.arange(tok.shape[0]), tok].set(True)
+            logits, cache = model.forward_cached(params, tok[:, None], cache, index, pad, cfg)
+            return (cache, logits[:, -1], index + 1, seen, done, pad), tok
+
+        carry, toks = jax.lax.scan(one, carry, None, length=steps)
+        return carry, toks.T
+
+    # -------------------------------------------------------------- host side
+    def encode_prompts(self, prompts: list[str], length: int) -> tuple[list[list[int]], int]:
+        """Tokenize prompts; keep the last tokens of any that leave no room for `length` new ones."""
+        n_ctx = self.cfg.n_ctx
+        if length >= n_ctx:
+            warnings.warn(f"--length {length} does not fit the context of {n_ctx} tokens; generating {n_ctx - 1}")
+            length = n_ctx - 1
+        room = n_ctx - length
+        out = []
+        for p in prompts:
+            ids = self.tok.encode(p) if p else []
+            ids = ids or [self.tok.eot_id]  # no prompt: start from a document boundary
+            if len(ids) > room:
+                warnings.warn(f"prompt of {len(ids)} tokens is longer than the {room} that fit before "
+                              f"{length} new tokens in a {n_ctx}-token context; keeping its last {room} tokens")
+                ids = ids[-room:]
+            out.append(ids)
+        return out, length
+
+    def generate(self, prompts: list[str], opts: SamplingOptions, on_text=None, *, return_tokens=False):
+        """Continue each prompt; `on_text(row, new_text)` is called as text arrives (streaming).
+
+        Returns the continuations' texts (or their token ids with return_tokens=True).
+        """
+        opts.check()
+        encoded, length = self.encode_prompts(prompts, opts.length)
+        B = len(encoded)
+        longest = max(len(ids) for ids in encoded)
+        P = min(-(-longest // PROMPT_BUCKET) * PROMPT_BUCKET, self.cfg.n_ctx - length)
+        P = max(P, longest)
+        steps_per_call = min(self.chunk, length)
+        calls = -(-length // steps_per_call)
+        total = P + calls * steps_per_call
+        tokens = np.zeros((B, P), np.int32)
+        pad = np.zeros((B,), np.int32)
+        seen = np.zeros((B, self.cfg.padded_vocab), bool)
+        for i, ids in enumerate(encoded):
+            tokens[i, P - len(ids):] = ids
+            pad[i] = P - len(ids)
+            seen[i, ids] = True
+        cache = model.init_cache(self.cfg, B, total)
+        logits, cache = self._prefill(self.params, jnp.asarray(tokens), jnp.asarray(pad), cache)
+        carry = (cache, logits, jnp.int32(P), jnp.asarray(seen), jnp.zeros((B,), bool), jnp.asarray(pad))
+        key = jax.random.PRNGKey(opts.seed)
+        produced = [[] for _ in range(B)]
+        emitted = [""] * B
+        finished = [False] * B
+        for _ in range(calls):
+            carry, toks = self._decode(self.params, carry, key, opts=opts, steps=steps_per_call)
+            toks = np.asarray(toks)
+            for i in range(B):
+                for t in toks[i]:
+                    if finished[i] or len(produced[i]) >= length:
+                        break
+                    if opts.stop_at_eot and t == self.tok.eot_id:
+                        finished[i] = True
+                        break
+                    produced[i].append(int(t))
+                if on_text is not None:
+                    text = self.tok.decode(produced[i])
+                    stable = text.rstrip("\ufffd") if not finished[i] else text  # hold back split characters
+                    if len(stable) > len(emitted[i]):
+                        on_text(i, stable[len(emitted[i]):])
+                        emitted[i] = stable
+            if all(finished[i] or len(produced[i]) >= length for i in range(B)):
+                break
+        if return_tokens:
+            return produced
+        texts = [self.tok.decode(ids) for ids in produced]
+        if on_text is not None:
+            for i, text in enumerate(texts):
+                if len(text) > len(emitted[i]):
+                    on_text(i, text[len(emitted[i]):])
+        return texts
+
+
+def banner(i: int) -> str:
+    return "=" * 40 + " SAMPLE " + str(i) + " " + "=" * 40
+
+
+def format_sample(i: int, text: str) -> str:
+    """The seed's prediction format: a SAMPLE banner, the text, a closing rule."""
+    return f"{banner(i)}\n{text}\n{'=' * 80}\n"
+
+
+def append_samples(path: str, samples: list[str], first_index: int = 0) -> None:
+    fs, p = fsspec.core.url_to_fs(path)
+    parent = p.rsplit("/", 1)[0] if "/" in p else ""
+    if parent:
+        fs.makedirs(parent, exist_ok=True)
+    with fsspec.open(path, "a", encoding="utf-8") as f:
+        for j, text in enumerate(samples):
+            f.write(format_sample(first_index + j, text))

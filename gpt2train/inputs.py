@@ -1,0 +1,275 @@
+"""Training inputs: named sources of token windows, resumable and sharded across hosts.
+
+An input is a factory registered by name (the config's "input" key):
+
+    factory(cfg, split, tokenizer, *, process_index=0, process_count=1) -> WindowSource
+
+A WindowSource yields batches of windows of n_ctx + 1 tokens (inputs are window[:-1],
+targets window[1:]). Its position is a small dict, so a checkpoint can store it and a
+restored run sees exactly the batches it would have seen.
+
+How `DocumentWindows` lays out epoch e (the contract tests rebuild independently):
+  rng = np.random.default_rng([seed, e])
+  documents in order rng.permutation(n_docs), each followed by <|endoftext|>, concatenated;
+  window w = stream[w * n_ctx : w * n_ctx + n_ctx + 1] for w < (len(stream) - 1) // n_ctx;
+  windows visited in order rng.permutation(num_windows).
+Unshuffled sources (eval) keep file order and window order. Epochs follow each other in one
+endless stream of windows; global batch b holds stream positions [b * B, (b + 1) * B), and
+process p of P takes rows p::P of it.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import fsspec
+import numpy as np
+from fsspec.implementations.local import LocalFileSystem
+
+from gpt2train.errors import UserError
+
+# ---------------------------------------------------------------- registry
+
+InputFactory = Callable[..., "WindowSource"]
+_INPUTS: dict[str, InputFactory] = {}
+
+
+def register_input(name: str) -> Callable[[InputFactory], InputFactory]:
+    """Decorator: make `factory` available as config "input": name."""
+
+    def register(factory: InputFactory) -> InputFactory:
+        if name in _INPUTS:
+            raise ValueError(f"input {name!r} is already registered")
+        _INPUTS[name] = factory
+        return factory
+
+    return register
+
+
+def get_input(name: str) -> InputFactory:
+    if name not in _INPUTS:
+        known = ", ".join(repr(n) for n in sorted(_INPUTS))
+        raise UserError(f'unknown input {name!r}: set "input" in the config to one of {known}')
+    return _INPUTS[name]
+
+
+# ---------------------------------------------------------------- paths
+
+
+def _split_spec(spec: str | Sequence[str]) -> list[str]:
+    items = [spec] if isinstance(spec, str) else list(spec)
+    return [part.strip() for item in items for part in item.split(",") if part.strip()]
+
+
+def _is_hidden(path: str, root: str) -> bool:
+    relative = path[len(root) :].strip("/")
+    return any(part.startswith(".") for part in relative.split("/"))
+
+
+def _files_under(fs, directory: str) -> list[str]:
+    directory = directory.rstrip("/")
+    return sorted(p for p in fs.find(directory) if not _is_hidden(p, directory))
+
+
+def _expand_one(item: str) -> list[str]:
+    fs, path = fsspec.core.url_to_fs(item)
+    if any(c in path for c in "*?["):
+        matches = sorted(fs.glob(path))
+    else:
+        matches = [path] if fs.exists(path) else []
+    files = []
+    for match in matches:
+        files.extend(_files_under(fs, match) if fs.isdir(match) else [match])
+    # Local paths stay plain paths; others get their protocol back (gs://...).
+    return files if isinstance(fs, LocalFileSystem) else [fs.unstrip_protocol(f) for f in files]
+
+
+def expand_paths(spec: str | Sequence[str]) -> list[str]:
+    """Files named by a path, directory (recursive, hidden files skipped), glob, comma list or list."""
+    items = _split_spec(spec)
+    if not items:
+        raise UserError(f"no data files given ({spec!r}): set a file, directory or glob")
+    files: list[str] = []
+    for item in items:
+        found = _expand_one(item)
+        if not found:
+            raise UserError(f"{item!r} matches no files: check the path (a file, a directory or a glob)")
+        files.extend(found)
+    return list(dict.fromkeys(files))  # drop repeats, keep order
+
+
+# ---------------------------------------------------------------- sources
+
+
+class WindowSource(abc.ABC):
+    """Batches of token windows; `batch_size` rows (this process's share) of n_ctx + 1 tokens."""
+
+    batch_size: int
+    n_ctx: int
+    num_windows: int  # windows per epoch
+
+    @abc.abstractmethod
+    def next_batch(self) -> np.ndarray:
+        """int32 [batch_size, n_ctx + 1]."""
+
+    @abc.abstractmethod
+    def state(self) -> dict[str, Any]:
+        """JSON-serialisable position in the stream."""
+
+    @abc.abstractmethod
+    def restore(self, state: dict[str, Any]) -> None:
+        """Continue from a position returned by state()."""
+
+    @abc.abstractmethod
+    def reset(self) -> None:
+        """Back to the first batch (eval runs over the same batches every time)."""
+
+
+def _shard_rows(global_batch: int, process_index: int, process_count: int, what: str) -> int:
+    if not 0 <= process_index < process_count:
+        raise ValueError(f"process_index {process_index} is outside 0..{process_count - 1}")
+    if global_batch < 1 or global_batch % process_count:
+        raise UserError(
+            f"{what} {global_batch} must be a positive multiple of the number of processes "
+            f"({process_count}) so each host gets the same number of rows: change {what}"
+        )
+    return global_batch // process_count
+
+
+class DocumentWindows(WindowSource):
+    """Windows stitched from in-memory token documents; see the module doc for the layout."""
+
+    def __init__(
+        self,
+        docs: Sequence[np.ndarray],
+        eot_id: int,
+        n_ctx: int,
+        global_batch: int,
+        *,
+        seed: int = 0,
+        shuffle: bool = True,
+        process_index: int = 0,
+        process_count: int = 1,
+        name: str = "the data",
+        batch_key: str = "train_batch_size",
+    ):
+        self.batch_size = _shard_rows(global_batch, process_index, process_count, batch_key)
+        if shuffle and (not isinstance(seed, (int, np.integer)) or seed < 0):
+            raise UserError(f"seed {seed!r} must be a non-negative integer: fix \"seed\" in the config")
+        # Each document carries its trailing <|endoftext|>, so an epoch is one concatenation.
+        dtype = _token_dtype(docs, eot_id)
+        self._docs = [np.append(np.asarray(d), eot_id).astype(dtype) for d in docs]
+        n_tokens = sum(len(d) for d in self._docs)
+        if n_tokens < n_ctx + 1:
+            raise UserError(
+                f"{name} has {n_tokens} tokens (with one <|endoftext|> per document) but one window of "
+                f"n_ctx + 1 = {n_ctx + 1} tokens is needed: add text or lower n_ctx"
+            )
+        self.n_ctx = n_ctx
+        self.num_windows = (n_tokens - 1) // n_ctx
+        self._global_batch = global_batch
+        self._process_index, self._process_count = process_index, process_count
+        self._seed, self._shuffle = int(seed), shuffle
+        self._cache: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        self._pos = 0  # windows consumed from the endless stream, all processes together
+
+    def _layout(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+        """(token stream, window visiting order) of an epoch."""
+        key = epoch if self._shuffle else 0  # unshuffled epochs are all alike
+        if key not in self._cache:
+            if self._shuffle:
+                rng = np.random.default_rng([self._seed, epoch])
+                stream = np.concatenate([self._docs[i] for i in rng.permutation(len(self._docs))])
+                order = rng.permutation(self.num_windows)
+            else:
+                stream, order = np.concatenate(self._docs), np.arange(self.num_windows)
+            # A batch spans at most this epoch and the next, unless the data is tiny.
+            self._cache = {k: v for k, v in self._cache.items() if k == key - 1}
+            self._cache[key] = (stream, order)
+        return self._cache[key]
+
+    def next_batch(self) -> np.ndarray:
+        positions = self._pos + np.arange(self._process_index, self._global_batch, self._process_count)
+        epochs, indices = np.divmod(positions, self.num_windows)
+        batch = np.empty((self.batch_size, self.n_ctx + 1), dtype=np.int32)
+        offsets = np.arange(self.n_ctx + 1)
+        for epoch in np.unique(epochs):
+            stream, order = self._layout(int(epoch))
+            rows = epochs == epoch
+            starts = order[indices[rows]] * self.n_ctx
+            batch[rows] = stream[starts[:, None] + offsets]
+        self._pos += self._global_batch
+        return batch
+
+    def state(self) -> dict[str, int]:
+        epoch, index = divmod(self._pos, self.num_windows)
+        return {"epoch": int(epoch), "index": int(index)}
+
+    def restore(self, state: dict[str, Any]) -> None:
+        epoch, index = int(state["epoch"]), int(state["index"])
+        if epoch < 0 or not 0 <= index < self.num_windows:
+            raise UserError(
+                f"saved input position {state} does not fit this data "
+                f"({self.num_windows} windows per epoch): resume with the data and n_ctx the checkpoint used"
+            )
+        self._pos = epoch * self.num_windows + index
+
+    def reset(self) -> None:
+        self._pos = 0
+
+
+def _token_dtype(docs: Sequence[np.ndarray], eot_id: int) -> type:
+    largest = max([eot_id] + [int(np.max(d)) for d in docs if len(d)])
+    return np.uint16 if largest < 2**16 else np.int32  # halves the memory of GPT-2-sized vocabularies
+
+
+# ---------------------------------------------------------------- "text": plain text files
+
+
+def _split_settings(cfg, split: str) -> tuple[str, Any, int, str]:
+    """(config key of the paths, their value, global batch size, its config key)."""
+    if split == "train":
+        return "data_path", cfg.data_path, cfg.train_batch_size, "train_batch_size"
+    if split == "eval":
+        if cfg.eval_data_path is None:
+            raise UserError('evaluation needs "eval_data_path" in the config: set it to held-out text files')
+        return "eval_data_path", cfg.eval_data_path, cfg.eval_batch_size, "eval_batch_size"
+    raise ValueError(f"split must be 'train' or 'eval', not {split!r}")
+
+
+def _read_text(path: str) -> str:
+    try:
+        with fsspec.open(path, "r", encoding="utf-8") as f:
+            return f.read()
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path} is not UTF-8 text ({e}): convert it to UTF-8") from None
+
+
+def read_documents(paths: Sequence[str], tokenizer, group: int = 64) -> list[np.ndarray]:
+    """Token ids of each file, one document per file; empty files are skipped."""
+    docs = []
+    for start in range(0, len(paths), group):  # groups bound the text held at once
+        texts = [_read_text(p) for p in paths[start : start + group]]
+        docs.extend(np.asarray(ids, dtype=np.int32) for ids in tokenizer.encode_batch(texts) if ids)
+    return docs
+
+
+@register_input("text")
+def text_input(cfg, split: str, tokenizer, *, process_index: int = 0, process_count: int = 1) -> WindowSource:
+    """Plain UTF-8 text files, each one document; tokenized once and kept in memory."""
+    path_key, spec, global_batch, batch_key = _split_settings(cfg, split)
+    docs = read_documents(expand_paths(spec), tokenizer)
+    return DocumentWindows(
+        docs,
+        tokenizer.eot_id,
+        cfg.n_ctx,
+        global_batch,
+        seed=cfg.seed,
+        shuffle=split == "train",
+        process_index=process_index,
+        process_count=process_count,
+        name=f"{path_key} {spec!r}",
+        batch_key=batch_key,
+    )

@@ -1,0 +1,100 @@
+"""Throughput accounting (FLOPs, MFU) and metric sinks (JSONL + TensorBoard).
+
+FLOPs per trained token follow the PaLM paper's count: 6 * N + 12 * n_layer * n_ctx * n_embd,
+where N counts every parameter that takes part in a matmul (blocks + the tied output head,
+i.e. all parameters except position embeddings) and the second term is attention's
+QK^T and AV products (forward + backward). Forward-only work is a third of that.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import fsspec
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .config import Config
+
+# Dense bf16 peak per chip, from the vendors' data sheets.
+ACCELERATOR_PEAK_FLOPS = {
+    "TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12, "TPU v6e": 918e12,
+    "H100": 989e12, "A100": 312e12, "L4": 121e12, "A10G": 125e12,
+}
+
+
+def matmul_params(cfg: Config) -> int:
+    D, L = cfg.n_embd, cfg.n_layer
+    per_block = 12 * D * D + 13 * D  # qkv + proj + mlp weights and biases, two LayerNorms
+    return L * per_block + cfg.n_vocab * D + 2 * D
+
+
+def train_flops_per_token(cfg: Config, seq_len: int | None = None) -> float:
+    T = seq_len or cfg.n_ctx
+    return 6.0 * matmul_params(cfg) + 12.0 * cfg.n_layer * T * cfg.n_embd
+
+
+_measured_peak: dict[str, float] = {}
+
+
+def peak_flops_per_device(cfg: Config) -> tuple[float, str]:
+    """(peak FLOP/s of one device, how it was obtained).
+
+    Accelerators: the data-sheet figure. CPUs: measured here with a 2048^3 matmul in the
+    compute precision (bf16 inputs accumulate in f32, as the model does), once per process.
+    """
+    dev = jax.devices()[0]
+    kind = getattr(dev, "device_kind", "")
+    for name, flops in ACCELERATOR_PEAK_FLOPS.items():
+        if name.lower() in kind.lower():
+            return flops, f"{kind} data sheet"
+    key = cfg.precision
+    if key not in _measured_peak:
+        n = 2048
+        dtype = jnp.bfloat16 if cfg.precision == "bfloat16" else jnp.float32
+        a = jnp.ones((n, n), dtype)
+        f = jax.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.float32))
+        f(a, a).block_until_ready()
+        times = []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            f(a, a).block_until_ready()
+            times.append(time.perf_counter() - t0)
+        _measured_peak[key] = 2 * n ** 3 / min(times)
+    return _measured_peak[key], f"measured {cfg.precision} matmul on {kind or dev.platform}"
+
+
+class MetricsWriter:
+    """Appends one JSON object per record to metrics.jsonl and mirrors scalars to TensorBoard."""
+
+    def __init__(self, model_path: str, enabled: bool = True):
+        self.enabled = enabled and bool(model_path)
+        self.path = model_path.rstrip("/") + "/metrics.jsonl"
+        self._tb = None
+        if self.enabled:
+            try:
+                from tensorboardX import SummaryWriter
+                if "://" not in model_path or model_path.startswith("file://"):
+                    self._tb = SummaryWriter(os.path.join(model_path, "tensorboard"))
+            except ImportError:  # TensorBoard files are a convenience, JSONL is the record
+                self._tb = None
+
+    def write(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        clean = {k: (float(v) if isinstance(v, (np.floating, np.integer, jax.Array)) else v)
+                 for k, v in record.items()}
+        with fsspec.open(self.path, "a") as f:
+            f.write(json.dumps(clean) + "\n")
+        if self._tb is not None and "step" in clean:
+            for k, v in clean.items():
+                if k != "step" and isinstance(v, (int, float)):
+                    self._tb.add_scalar(k, v, clean["step"])
+            self._tb.flush()
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()

@@ -1,0 +1,229 @@
+"""GPT-2 as plain JAX functions over a parameter pytree.
+
+Parameters use GPT-2's own names, with the blocks stacked on a leading layer axis so the
+forward pass is one `lax.scan` (compile time independent of depth):
+
+    wte [V_pad, D]   wpe [n_ctx, D]   ln_f {scale, bias} [D]
+    h/ln_1, h/ln_2            {scale, bias} [L, D]
+    h/attn/c_attn             {kernel [L, D, 3D], bias [L, 3D]}
+    h/attn/c_proj             {kernel [L, D, D],  bias [L, D]}
+    h/mlp/c_fc                {kernel [L, D, 4D], bias [L, 4D]}
+    h/mlp/c_proj              {kernel [L, 4D, D], bias [L, D]}
+
+Kernels are [in, out], as in GPT-2's checkpoints. The output head is tied to `wte`; rows past
+`n_vocab` (padding for fast matmuls) are zero and their logits are masked to -inf-ish.
+Weights are stored in float32; `precision: bfloat16` casts them to bfloat16 for compute and
+accumulates every matmul in float32 (faster than bf16 accumulation on CPUs, and safer).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from .config import Config
+
+Params = dict[str, Any]
+LN_EPS = 1e-5
+MASKED = -1e9  # logit for padded vocabulary rows: exp() underflows to exactly 0
+
+
+def compute_dtype(cfg: Config):
+    return jnp.bfloat16 if cfg.precision == "bfloat16" else jnp.float32
+
+
+# ----------------------------------------------------------------------------- init
+def init_params(cfg: Config, key: jax.Array) -> Params:
+    """GPT-2's init: N(0, 0.02) weights (0.01 for positions), zero biases, unit LayerNorm.
+
+    scale_by_depth: residual output projections get std / sqrt(2 * n_layer).
+    scale_by_in:    every matmul weight gets std 1 / sqrt(fan_in) instead of 0.02.
+    """
+    L, D, V = cfg.n_layer, cfg.n_embd, cfg.padded_vocab
+    keys = jax.random.split(key, 6)
+
+    def normal(k, shape, fan_in, residual=False):
+        std = 1.0 / math.sqrt(fan_in) if cfg.scale_by_in else 0.02
+        if residual and cfg.scale_by_depth:
+            std /= math.sqrt(2 * L)
+        return std * jax.random.normal(k, shape, jnp.float32)
+
+    wte = normal(keys[0], (V, D), D)
+    wte = wte.at[cfg.n_vocab:].set(0.0)  # padding rows never matter; keep them inert
+    ones, zeros = jnp.ones((L, D)), jnp.zeros((L, D))
+    return {
+        "wte": wte,
+        "wpe": 0.01 * jax.random.normal(keys[1], (cfg.n_ctx, D), jnp.float32),
+        "h": {
+            "ln_1": {"scale": ones, "bias": zeros},
+            "attn": {
+                "c_attn": {"kernel": normal(keys[2], (L, D, 3 * D), D), "bias": jnp.zeros((L, 3 * D))},
+                "c_proj": {"kernel": normal(keys[3], (L, D, D), D, residual=True), "bias": zeros},
+            },
+            "ln_2": {"scale": ones, "bias": zeros},
+            "mlp": {
+                "c_fc": {"kernel": normal(keys[4], (L, D, 4 * D), D), "bias": jnp.zeros((L, 4 * D))},
+                "c_proj": {"kernel": normal(keys[5], (L, 4 * D, D), 4 * D, residual=True), "bias": zeros},
+            },
+        },
+        "ln_f": {"scale": jnp.ones((D,)), "bias": jnp.zeros((D,))},
+    }
+
+
+def count_params(params: Params, include_positions: bool = True) -> int:
+    n = sum(x.size for x in jax.tree.leaves(params))
+    return n if include_positions else n - params["wpe"].size
+
+
+# ----------------------------------------------------------------------------- layers
+def layer_norm(x, p, dtype):
+    x = x.astype(jnp.float32)
+    mean = x.mean(-1, keepdims=True)
+    var = jnp.square(x - mean).mean(-1, keepdims=True)
+    y = (x - mean) * jax.lax.rsqrt(var + LN_EPS)
+    return (y * p["scale"] + p["bias"]).astype(dtype)
+
+
+def dense(x, p, dtype):
+    y = jnp.einsum("...i,io->...o", x, p["kernel"].astype(dtype), preferred_element_type=jnp.float32)
+    return (y + p["bias"]).astype(dtype)
+
+
+def dropout(x, rate: float, key):
+    if key is None or rate <= 0.0:
+        return x
+    keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+    return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
+
+
+def _attend_train(q, k, v, rate, key):
+    """Causal attention with dropout on the probabilities (the fused kernel has no dropout)."""
+    T = q.shape[1]
+    s = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) / math.sqrt(q.shape[-1])
+    causal = jnp.tril(jnp.ones((T, T), bool))
+    probs = jax.nn.softmax(jnp.where(causal, s, -jnp.inf), axis=-1)
+    probs = dropout(probs, rate, key).astype(v.dtype)
+    return jnp.einsum("bhqk,bkhd->bqhd", probs, v)
+
+
+def attention(x, p, cfg: Config, dtype, key=None, cache=None):
+    """Multi-head causal self-attention.
+
+    cache: None for a full causal pass, or (k_cache, v_cache, index, key_mask) for decoding:
+    the new keys/values are written at slot `index`, and queries attend to every slot that
+    key_mask [B, T, S] allows. Returns (output, (k_cache, v_cache) or None).
+    """
+    B, T, D = x.shape
+    H, Dh = cfg.n_head, cfg.head_dim
+    qkv = dense(x, p["c_attn"], dtype).reshape(B, T, 3, H, Dh)
+    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+    new_cache = None
+    if cache is not None:
+        k_cache, v_cache, index, key_mask = cache
+        k_cache = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (0, index, 0, 0))
+        v_cache = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (0, index, 0, 0))
+        out = jax.nn.dot_product_attention(q, k_cache.astype(dtype), v_cache.astype(dtype),
+                                           mask=key_mask[:, None, :, :])
+        new_cache = (k_cache, v_cache)
+    elif key is not None and cfg.attn_dropout > 0:
+        out = _attend_train(q, k, v, cfg.attn_dropout, key)
+    else:
+        out = jax.nn.dot_product_attention(q, k, v, is_causal=True)
+    return dense(out.reshape(B, T, D), p["c_proj"], dtype), new_cache
+
+
+def mlp(x, p, dtype):
+    h = jax.nn.gelu(dense(x, p["c_fc"], dtype), approximate=True)
+    return dense(h, p["c_proj"], dtype)
+
+
+def block(x, p, cfg: Config, dtype, key=None, cache=None):
+    """Pre-LayerNorm residual block. `key` enables dropout (training)."""
+    k_attn, k_res1, k_res2 = jax.random.split(key, 3) if key is not None else (None, None, None)
+    a, new_cache = attention(layer_norm(x, p["ln_1"], dtype), p["attn"], cfg, dtype, k_attn, cache)
+    x = x + dropout(a, cfg.res_dropout, k_res1)
+    m = mlp(layer_norm(x, p["ln_2"], dtype), p["mlp"], dtype)
+    x = x + dropout(m, cfg.res_dropout, k_res2)
+    return x, new_cache
+
+
+# ----------------------------------------------------------------------------- model
+def embed(params, tokens, positions, cfg: Config, dtype, key=None):
+    x = params["wte"][tokens] + params["wpe"][positions]
+    return dropout(x.astype(dtype), cfg.embed_dropout, key)
+
+
+def logits_from_hidden(params, x, cfg: Config):
+    """Tied output head in float32 accumulation; padded vocabulary rows masked."""
+    x = layer_norm(x, params["ln_f"], x.dtype)
+    logits = jnp.einsum("btd,vd->btv", x, params["wte"].astype(x.dtype), preferred_element_type=jnp.float32)
+    if cfg.padded_vocab != cfg.n_vocab:
+        valid = jnp.arange(cfg.padded_vocab) < cfg.n_vocab
+        logits = jnp.where(valid, logits, MASKED)
+    return logits
+
+
+def forward(params: Params, tokens: jax.Array, cfg: Config, *, key: jax.Array | None = None) -> jax.Array:
+    """Logits [B, T, V_pad] (float32) for tokens [B, T]. A `key` turns dropout on."""
+    dtype = compute_dtype(cfg)
+    T = tokens.shape[1]
+    if key is not None:
+        key, k_embed = jax.random.split(key)
+    else:
+        k_embed = None
+    x = embed(params, tokens, jnp.arange(T)[None, :], cfg, dtype, k_embed)
+
+    def body(x, layer):
+        p, i = layer
+        layer_key = None if key is None else jax.random.fold_in(key, i)
+        x, _ = block(x, p, cfg, dtype, layer_key)
+        return x, None
+
+    if cfg.remat:
+        body = jax.checkpoint(body, policy=jax.checkpoint_policies.nothing_saveable)
+    x, _ = jax.lax.scan(body, x, (params["h"], jnp.arange(cfg.n_layer)))
+    return logits_from_hidden(params, x, cfg)
+
+
+def token_losses(params: Params, batch: jax.Array, cfg: Config, *, key=None) -> jax.Array:
+    """Per-token next-token cross-entropy [B, T] for windows batch [B, T + 1]."""
+    logits = forward(params, batch[:, :-1], cfg, key=key)
+    targets = batch[:, 1:]
+    logz = jax.nn.logsumexp(logits, axis=-1)
+    picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    return logz - picked
+
+
+# ----------------------------------------------------------------------------- decoding
+def init_cache(cfg: Config, batch: int, length: int) -> dict:
+    """Preallocated key/value cache [L, B, length, H, Dh] in the compute dtype."""
+    shape = (cfg.n_layer, batch, length, cfg.n_head, cfg.head_dim)
+    dtype = compute_dtype(cfg)
+    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+
+
+def forward_cached(params: Params, tokens: jax.Array, cache: dict, index, pad: jax.Array, cfg: Config):
+    """Run tokens [B, T] occupying cache slots index..index+T-1; return (logits, cache).
+
+    pad [B]: how many left-padding slots each row has (its real tokens start at slot pad[b]);
+    positions count from there, and padding slots are never attended to.
+    """
+    dtype = compute_dtype(cfg)
+    B, T = tokens.shape
+    S = cache["k"].shape[2]
+    slots = index + jnp.arange(T)                                      # [T]
+    positions = jnp.maximum(slots[None, :] - pad[:, None], 0)          # [B, T]
+    key_slots = jnp.arange(S)
+    key_mask = (key_slots[None, None, :] <= slots[None, :, None]) & (key_slots[None, None, :] >= pad[:, None, None])
+    x = embed(params, tokens, positions, cfg, dtype)
+
+    def body(x, layer):
+        p, k_cache, v_cache = layer
+        x, (k_cache, v_cache) = block(x, p, cfg, dtype, cache=(k_cache, v_cache, index, key_mask))
+        return x, (k_cache, v_cache)
+
+    x, (k_all, v_all) = jax.lax.scan(body, x, (params["h"], cache["k"], cache["v"]))
+    return logits_from_hidden(params, x, cfg), {"k": k_all, "v": v_all}
