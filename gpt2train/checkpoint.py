@@ -75,9 +75,12 @@ def load_params(cfg: Config, step: int | None = None):
     step = ckpt.latest_step() if step is None else step
     meta = ckpt.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
     check_compatible(cfg, meta["config"], ckpt.dir)
+    sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     abstract = jax.eval_shape(lambda: model.init_params(cfg, jax.random.PRNGKey(0)))
-    restored = ckpt.manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.PyTreeRestore(item={"params": abstract}, partial_restore=True)))
+    abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), abstract)
+    item = {"params": abstract}
+    restored = ckpt.manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+        item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item), partial_restore=True)))
     ckpt.close()
     return restored.state["params"], step
 

@@ -109,21 +109,26 @@ class Generator:
 
     # -------------------------------------------------------------- host side
     def encode_prompts(self, prompts: list[str], length: int) -> tuple[list[list[int]], int]:
-        """Tokenize prompts; keep the last tokens of any that leave no room for `length` new ones."""
+        """Tokenize prompts and fit them and `length` new tokens into the context.
+
+        A prompt longer than the context keeps its last n_ctx - 1 tokens; when the longest prompt
+        leaves less room than `length`, fewer tokens are generated. Both cases warn.
+        """
         n_ctx = self.cfg.n_ctx
-        if length >= n_ctx:
-            warnings.warn(f"--length {length} does not fit the context of {n_ctx} tokens; generating {n_ctx - 1}")
-            length = n_ctx - 1
-        room = n_ctx - length
         out = []
         for p in prompts:
             ids = self.tok.encode(p) if p else []
             ids = ids or [self.tok.eot_id]  # no prompt: start from a document boundary
-            if len(ids) > room:
-                warnings.warn(f"prompt of {len(ids)} tokens is longer than the {room} that fit before "
-                              f"{length} new tokens in a {n_ctx}-token context; keeping its last {room} tokens")
-                ids = ids[-room:]
+            if len(ids) > n_ctx - 1:
+                warnings.warn(f"prompt of {len(ids)} tokens is longer than the {n_ctx}-token context; "
+                              f"keeping its last {n_ctx - 1} tokens")
+                ids = ids[-(n_ctx - 1):]
             out.append(ids)
+        room = n_ctx - max(len(ids) for ids in out)
+        if length > room:
+            warnings.warn(f"only {room} new tokens fit after the prompt in the {n_ctx}-token context "
+                          f"(asked for {length}); generating {room}")
+            length = room
         return out, length
 
     def generate(self, prompts: list[str], opts: SamplingOptions, on_text=None, *, return_tokens=False):

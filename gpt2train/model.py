@@ -53,20 +53,22 @@ def init_params(cfg: Config, key: jax.Array) -> Params:
 
     wte = normal(keys[0], (V, D), D)
     wte = wte.at[cfg.n_vocab:].set(0.0)  # padding rows never matter; keep them inert
-    ones, zeros = jnp.ones((L, D)), jnp.zeros((L, D))
+    # Fresh arrays for every leaf: shared buffers could not be donated to the train step.
+    ones = lambda: jnp.ones((L, D))  # noqa: E731
+    zeros = lambda: jnp.zeros((L, D))  # noqa: E731
     return {
         "wte": wte,
         "wpe": 0.01 * jax.random.normal(keys[1], (cfg.n_ctx, D), jnp.float32),
         "h": {
-            "ln_1": {"scale": ones, "bias": zeros},
+            "ln_1": {"scale": ones(), "bias": zeros()},
             "attn": {
                 "c_attn": {"kernel": normal(keys[2], (L, D, 3 * D), D), "bias": jnp.zeros((L, 3 * D))},
-                "c_proj": {"kernel": normal(keys[3], (L, D, D), D, residual=True), "bias": zeros},
+                "c_proj": {"kernel": normal(keys[3], (L, D, D), D, residual=True), "bias": zeros()},
             },
-            "ln_2": {"scale": ones, "bias": zeros},
+            "ln_2": {"scale": ones(), "bias": zeros()},
             "mlp": {
                 "c_fc": {"kernel": normal(keys[4], (L, D, 4 * D), D), "bias": jnp.zeros((L, 4 * D))},
-                "c_proj": {"kernel": normal(keys[5], (L, 4 * D, D), 4 * D, residual=True), "bias": zeros},
+                "c_proj": {"kernel": normal(keys[5], (L, 4 * D, D), 4 * D, residual=True), "bias": zeros()},
             },
         },
         "ln_f": {"scale": jnp.ones((D,)), "bias": jnp.zeros((D,))},

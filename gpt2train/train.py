@@ -72,7 +72,7 @@ def make_train_step(cfg: Config, tx: optax.GradientTransformation):
         updates, opt_state = tx.update(grads, state["opt_state"], params)
         new_state = {"step": state["step"] + 1, "params": optax.apply_updates(params, updates),
                      "opt_state": opt_state, "rng": state["rng"]}
-        metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), "lr": schedule(state["step"])}
+        metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "lr": schedule(state["step"])}
         return new_state, metrics
 
     return step
@@ -156,12 +156,14 @@ class Trainer:
         self._stop_signal = signum
 
     # ------------------------------------------------------------------ loop
-    def run(self) -> RunResult:
+    def run(self, until: int | None = None) -> RunResult:
+        """Train to max_steps (or stop early at step `until`, saving a checkpoint there)."""
         cfg = self.cfg
+        end = cfg.max_steps if until is None else min(until, cfg.max_steps)
         start = self.step
         history: list = []
-        if start >= cfg.max_steps:
-            self.log(f"already at max_steps ({cfg.max_steps}) in {cfg.model_path}; nothing to train")
+        if start >= end:
+            self.log(f"already at step {start} of max_steps ({cfg.max_steps}) in {cfg.model_path}; nothing to train")
             return RunResult(start, None, None, history)
         tokens_per_step = cfg.train_batch_size * cfg.n_ctx
         flops_per_step = train_flops_per_token(cfg) * tokens_per_step
@@ -222,7 +224,7 @@ class Trainer:
         step = start
         window: list = []
         try:
-            while step < cfg.max_steps:
+            while step < end:
                 batch = self._put(self.train_data.next_batch())
                 self.state, metrics = self.train_step(self.state, batch)
                 step += 1
@@ -230,18 +232,19 @@ class Trainer:
                     record(*settle(pending))
                 pending = (step, metrics)
                 if step == start + 1:  # the first step includes compilation: keep it out of tokens/s
-                    record(*settle(pending))
+                    _, first = settle(pending)
+                    record(step, first)
                     pending = None
                     compile_s = time.perf_counter() - window_start
-                    self.metrics.write({"step": step, "first_step_s": compile_s})
+                    self.metrics.write({"step": step, **first, "first_step_s": compile_s})
                     window, window_start = [], time.perf_counter()
-                    continue
-                is_end = step == cfg.max_steps or self._stop_signal is not None
+                is_end = step == end or self._stop_signal is not None
                 do_eval = self.eval_data is not None and (step % cfg.train_steps == 0 or is_end)
                 do_save = step % ckpt_every == 0 or is_end
                 if step % cfg.iterations == 0 or do_eval or do_save or is_end:
-                    record(*settle(pending))
-                    pending = None
+                    if pending is not None:
+                        record(*settle(pending))
+                        pending = None
                     log_window(step)
                 if do_eval:
                     ev = self.evaluate()

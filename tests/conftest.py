@@ -1,0 +1,36 @@
+"""Shared fixtures: GPT-2's real encoder files, small real text, tiny configs."""
+
+import json
+import sysconfig
+from pathlib import Path
+
+import pytest
+
+from gpt2train.config import Config
+
+REPO = Path(__file__).resolve().parents[1]
+ENCODER_DIR = REPO.parent / "shared" / "encoder"
+STDLIB = Path(sysconfig.get_paths()["stdlib"])
+
+
+def tiny_config(tmp_path, **overrides) -> Config:
+    """A 2-layer, 64-wide GPT-2 on GPT-2's vocabulary that trains in seconds on CPU."""
+    values = dict(n_ctx=32, n_embd=64, n_layer=2, n_head=4, n_vocab=50257,
+                  encoder_path=str(ENCODER_DIR), model_path=str(tmp_path / "model"),
+                  data_path=str(STDLIB / "json" / "*.py"), eval_data_path=str(STDLIB / "email" / "mime" / "*.py"),
+                  train_batch_size=4, eval_batch_size=4, max_steps=6, train_steps=3, eval_steps=2,
+                  iterations=2, warmup_steps=2, lr=1e-3, embed_dropout=0.0, attn_dropout=0.0,
+                  res_dropout=0.0, predict_path=str(tmp_path / "predictions.txt"))
+    values.update(overrides)
+    return Config(**values).validate()
+
+
+def write_config(path: Path, cfg: Config) -> Path:
+    path.write_text(json.dumps(cfg.to_dict(), indent=1))
+    return path
+
+
+@pytest.fixture(scope="session")
+def gpt2_tokenizer():
+    from gpt2train.tokenizer import load_tokenizer
+    return load_tokenizer(str(ENCODER_DIR))

@@ -1,0 +1,89 @@
+import json
+
+import pytest
+
+from gpt2train.config import Config, FIELDS, apply_overrides, describe_keys, load_config
+from gpt2train.errors import UserError
+from conftest import REPO
+
+
+def write(tmp_path, data):
+    p = tmp_path / "c.json"
+    p.write_text(json.dumps(data) if not isinstance(data, str) else data)
+    return str(p)
+
+
+def test_seed_keys_and_defaults_documented():
+    seed_keys = ("n_ctx n_embd n_layer n_head n_vocab scale_by_depth scale_by_in precision input lr warmup_steps "
+                 "opt_name weight_decay beta1 beta2 epsilon decay_type decay_exponent train_steps eval_steps "
+                 "max_steps iterations embed_dropout attn_dropout res_dropout model_path data_path encoder_path "
+                 "train_batch_size eval_batch_size predict_batch_size predict_path").split()
+    for k in seed_keys:
+        assert k in FIELDS and FIELDS[k].metadata["seed"], k
+    for k, f in FIELDS.items():
+        assert f.metadata["doc"], k
+    text = describe_keys()
+    assert all(k in text for k in FIELDS)
+
+
+def test_unknown_key_names_key_and_nearest(tmp_path):
+    with pytest.raises(UserError) as e:
+        load_config(write(tmp_path, {"n_layr": 4}))
+    assert "'n_layr'" in str(e.value) and "'n_layer'" in str(e.value)
+    with pytest.raises(UserError) as e:
+        load_config(write(tmp_path, {}), {"learning_rate": 0.1})
+    assert "'learning_rate'" in str(e.value)
+
+
+@pytest.mark.parametrize("data, words", [
+    ({"n_embd": 100, "n_head": 3}, ["n_embd (100)", "n_head (3)"]),
+    ({"n_layer": 0}, ["n_layer must be positive"]),
+    ({"precision": "fp16"}, ["precision", "fp16"]),
+    ({"opt_name": "sgd"}, ["opt_name", "sgd"]),
+    ({"decay_type": "linear"}, ["decay_type"]),
+    ({"n_ctx": "long"}, ["'n_ctx'", "int", "long"]),
+    ({"attn_dropout": 1.5}, ["attn_dropout"]),
+    ({"train_batch_size": 6, "grad_accum_steps": 4}, ["grad_accum_steps"]),
+])
+def test_invalid_values_are_explained(tmp_path, data, words):
+    with pytest.raises(UserError) as e:
+        load_config(write(tmp_path, data))
+    for w in words:
+        assert w in str(e.value)
+
+
+def test_missing_and_malformed_files(tmp_path):
+    with pytest.raises(UserError, match="not found"):
+        load_config(str(tmp_path / "nope.json"))
+    with pytest.raises(UserError, match="not valid JSON"):
+        load_config(write(tmp_path, "{bad json"))
+    with pytest.raises(UserError, match="JSON object"):
+        load_config(write(tmp_path, "[1, 2]"))
+
+
+def test_overrides_are_typed(tmp_path):
+    cfg = load_config(write(tmp_path, {"n_layer": 2}), {"n_layer": "3", "lr": "1e-4", "scale_by_in": "true",
+                                                       "max_steps": "1e3"})
+    assert (cfg.n_layer, cfg.lr, cfg.scale_by_in, cfg.max_steps) == (3, 1e-4, True, 1000)
+    with pytest.raises(UserError, match="'n_layer' must be a int"):
+        apply_overrides(Config(), {"n_layer": "2.5"})
+
+
+def test_shipped_configs_load():
+    for name in ("124M", "355M", "774M", "1558M", "demo"):
+        cfg = load_config(str(REPO / "configs" / f"{name}.json"))
+        assert cfg.n_embd % cfg.n_head == 0
+    shapes = {n: load_config(str(REPO / "configs" / f"{n}.json")) for n in ("124M", "355M", "774M", "1558M")}
+    assert [(c.n_layer, c.n_embd, c.n_head) for c in shapes.values()] == [
+        (12, 768, 12), (24, 1024, 16), (36, 1280, 20), (48, 1600, 25)]
+
+
+def test_demo_config_matches_the_demo_command():
+    from gpt2train.demo import demo_config_dict
+    shipped = json.loads((REPO / "configs" / "demo.json").read_text())
+    assert shipped == demo_config_dict("demo_run")
+
+
+def test_padded_vocab():
+    assert Config(n_vocab=50257).padded_vocab == 50304
+    assert Config(n_vocab=50257, pad_vocab_to=1).padded_vocab == 50257

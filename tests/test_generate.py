@@ -1,0 +1,121 @@
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from gpt2train import model as M
+from gpt2train.config import Config
+from gpt2train.errors import UserError
+from gpt2train.generate import Generator, SamplingOptions, filter_logits, format_sample
+
+
+@pytest.fixture(scope="module")
+def gen(gpt2_tokenizer):
+    cfg = Config(n_ctx=64, n_embd=64, n_layer=2, n_head=4, n_vocab=50257).validate()
+    params = M.init_params(cfg, jax.random.PRNGKey(0))
+    return Generator(cfg, params, gpt2_tokenizer, chunk=8)
+
+
+def test_same_seed_same_text_other_seed_other_text(gen):
+    opts = SamplingOptions(length=20, temperature=1.0, seed=7, stop_at_eot=False)
+    a = gen.generate(["Hello there", "def f(x):"], opts, return_tokens=True)
+    b = gen.generate(["Hello there", "def f(x):"], opts, return_tokens=True)
+    c = gen.generate(["Hello there", "def f(x):"], SamplingOptions(length=20, seed=8, stop_at_eot=False),
+                     return_tokens=True)
+    assert a == b and a != c
+    assert all(len(x) == 20 for x in a)
+
+
+def test_greedy_matches_step_by_step_full_forward(gen):
+    """The cached, chunked, compiled decode loop gives what recomputing the whole prefix gives."""
+    prompt = "The meaning of life is"
+    got = gen.generate([prompt], SamplingOptions(length=12, temperature=0.0, stop_at_eot=False),
+                       return_tokens=True)[0]
+    ids = gen.tok.encode(prompt)
+    want = []
+    for _ in range(12):
+        logits = M.forward(gen.params, jnp.asarray([ids + want]), gen.cfg)[0, -1]
+        want.append(int(jnp.argmax(logits)))
+    assert got == want
+
+
+def test_batched_prompts_of_different_lengths_match_alone(gen):
+    prompts = ["a", "a much longer prompt with many more tokens in it than the first"]
+    opts = SamplingOptions(length=10, temperature=0.0, stop_at_eot=False)
+    together = gen.generate(prompts, opts, return_tokens=True)
+    alone = [gen.generate([p], opts, return_tokens=True)[0] for p in prompts]
+    assert together == alone
+
+
+def test_top_k_one_is_greedy(gen):
+    g = gen.generate(["x = "], SamplingOptions(length=8, temperature=0.0, stop_at_eot=False), return_tokens=True)
+    k = gen.generate(["x = "], SamplingOptions(length=8, top_k=1, seed=3, stop_at_eot=False), return_tokens=True)
+    assert g == k
+
+
+def test_filters():
+    logits = jnp.log(jnp.array([[0.5, 0.25, 0.15, 0.1]]))
+    seen = jnp.zeros((1, 4), bool)
+    top2 = filter_logits(logits, seen, SamplingOptions(top_k=2))
+    assert np.isfinite(np.asarray(top2)).tolist() == [[True, True, False, False]]
+    nucleus = filter_logits(logits, seen, SamplingOptions(top_p=0.7))   # 0.5 + 0.25 reaches 0.7
+    assert np.isfinite(np.asarray(nucleus)).tolist() == [[True, True, False, False]]
+    tiny = filter_logits(logits, seen, SamplingOptions(top_p=0.01))     # always keeps the best one
+    assert np.isfinite(np.asarray(tiny)).tolist() == [[True, False, False, False]]
+    hot = filter_logits(jnp.array([[2.0, -2.0]]), jnp.array([[True, True]]),
+                        SamplingOptions(repetition_penalty=2.0, temperature=1.0))
+    np.testing.assert_allclose(hot, [[1.0, -4.0]])  # positive logits divided, negative multiplied
+    cold = filter_logits(logits, seen, SamplingOptions(temperature=0.5))
+    np.testing.assert_allclose(cold, logits / 0.5, rtol=1e-6)
+
+
+def test_repetition_penalty_changes_greedy_text(gen):
+    base = gen.generate(["the the the"], SamplingOptions(length=16, temperature=0.0, stop_at_eot=False),
+                        return_tokens=True)[0]
+    pen = gen.generate(["the the the"], SamplingOptions(length=16, temperature=0.0, repetition_penalty=5.0,
+                                                        stop_at_eot=False), return_tokens=True)[0]
+    assert base != pen
+    assert len(set(pen)) > len(set(base))
+
+
+def test_stops_at_end_of_text(gpt2_tokenizer):
+    cfg = Config(n_ctx=32, n_embd=16, n_layer=1, n_head=2, n_vocab=50257).validate()
+    params = M.init_params(cfg, jax.random.PRNGKey(0))
+    # Make <|endoftext|> the only token with a non-zero logit: greedy decoding must stop at once.
+    params["wte"] = jnp.zeros_like(params["wte"]).at[gpt2_tokenizer.eot_id].set(1.0)
+    params["ln_f"]["bias"] = jnp.ones_like(params["ln_f"]["bias"])
+    g = Generator(cfg, params, gpt2_tokenizer)
+    assert g.generate(["hi"], SamplingOptions(length=10, temperature=0.0)) == [""]
+
+
+def test_long_prompt_keeps_its_last_tokens_with_a_warning(gen):
+    long_prompt = " ".join(str(i) for i in range(200))
+    with pytest.warns(UserWarning, match="longer than the 64-token context"):
+        encoded, length = gen.encode_prompts([long_prompt], 10)
+    assert encoded[0] == gen.tok.encode(long_prompt)[-63:]
+    assert length == 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        out = gen.generate([long_prompt], SamplingOptions(length=10, stop_at_eot=False), return_tokens=True)
+    assert len(out[0]) == 1
+
+
+def test_streaming_pieces_add_up_to_the_text(gen):
+    pieces = {0: [], 1: []}
+    opts = SamplingOptions(length=30, seed=1, stop_at_eot=False)
+    texts = gen.generate(["Once upon", "In 1999"], opts, on_text=lambda i, t: pieces[i].append(t))
+    assert ["".join(pieces[i]) for i in (0, 1)] == texts
+    assert len(pieces[0]) > 1  # really streamed, in several chunks
+
+
+def test_bad_options_are_user_errors():
+    for bad in (dict(length=0), dict(temperature=-1), dict(top_p=0.0), dict(top_k=-1),
+                dict(repetition_penalty=0)):
+        with pytest.raises(UserError):
+            SamplingOptions(**bad).check()
+
+
+def test_banner_format():
+    assert format_sample(3, "hi") == "=" * 40 + " SAMPLE 3 " + "=" * 40 + "\nhi\n" + "=" * 80 + "\n"

@@ -1,0 +1,113 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from gpt2train import model as M
+from gpt2train.config import Config
+
+
+def cfg_(**kw):
+    base = dict(n_ctx=32, n_embd=64, n_layer=3, n_head=4, n_vocab=300, embed_dropout=0.0,
+                attn_dropout=0.0, res_dropout=0.0)
+    return Config(**{**base, **kw}).validate()
+
+
+@pytest.fixture(scope="module")
+def setup():
+    cfg = cfg_()
+    params = jax.jit(lambda: M.init_params(cfg, jax.random.PRNGKey(0)))()
+    toks = jax.random.randint(jax.random.PRNGKey(1), (3, 20), 0, cfg.n_vocab)
+    return cfg, params, toks
+
+
+def test_init_statistics_and_shapes():
+    cfg = cfg_(n_layer=8, n_embd=128, n_vocab=1000)
+    p = M.init_params(cfg, jax.random.PRNGKey(0))
+    assert p["wte"].shape == (1024, 128) and p["h"]["attn"]["c_attn"]["kernel"].shape == (8, 128, 384)
+    assert np.all(np.asarray(p["wte"][1000:]) == 0)  # padded rows inert
+    assert abs(float(p["h"]["mlp"]["c_fc"]["kernel"].std()) - 0.02) < 1e-3
+    assert abs(float(p["h"]["mlp"]["c_proj"]["kernel"].std()) - 0.02 / np.sqrt(16)) < 1e-3  # scale_by_depth
+    p2 = M.init_params(cfg_(n_layer=8, n_embd=128, n_vocab=1000, scale_by_in=True, scale_by_depth=False),
+                       jax.random.PRNGKey(0))
+    assert abs(float(p2["h"]["mlp"]["c_proj"]["kernel"].std()) - 1 / np.sqrt(512)) < 2e-3
+    assert M.count_params(p) == sum(x.size for x in jax.tree.leaves(p))
+
+
+def test_output_does_not_depend_on_future_tokens(setup):
+    cfg, params, toks = setup
+    base = M.forward(params, toks, cfg)
+    changed = toks.at[:, 12:].set((toks[:, 12:] + 7) % cfg.n_vocab)
+    other = M.forward(params, changed, cfg)
+    np.testing.assert_allclose(base[:, :12], other[:, :12], atol=1e-5)
+    assert not np.allclose(base[:, 12:], other[:, 12:], atol=1e-3)  # and the future does change
+
+
+def test_padded_logits_are_masked(setup):
+    cfg, params, toks = setup
+    logits = M.forward(params, toks, cfg)
+    assert logits.shape[-1] == cfg.padded_vocab > cfg.n_vocab
+    probs = jax.nn.softmax(logits, -1)
+    assert float(probs[..., cfg.n_vocab:].max()) == 0.0
+
+
+@pytest.mark.parametrize("precision, tol", [("float32", 2e-5), ("bfloat16", 0.1)])
+def test_kv_cache_decoding_matches_full_forward(precision, tol):
+    cfg = cfg_(precision=precision)
+    params = M.init_params(cfg, jax.random.PRNGKey(0))
+    toks = jax.random.randint(jax.random.PRNGKey(1), (2, 20), 0, cfg.n_vocab)
+    full = M.forward(params, toks, cfg)
+    cache = M.init_cache(cfg, 2, 24)
+    pad = jnp.zeros(2, jnp.int32)
+    step_logits = []
+    logits, cache = M.forward_cached(params, toks[:, :8], cache, 0, pad, cfg)  # prefill 8
+    step_logits.append(logits)
+    for t in range(8, 20):                                                    # then one at a time
+        logits, cache = M.forward_cached(params, toks[:, t:t + 1], cache, t, pad, cfg)
+        step_logits.append(logits)
+    decoded = jnp.concatenate(step_logits, axis=1)
+    v = cfg.n_vocab
+    np.testing.assert_allclose(decoded[..., :v], full[..., :v], atol=tol, rtol=tol)
+
+
+def test_left_padded_rows_match_unpadded(setup):
+    cfg, params, toks = setup
+    lengths = [20, 13, 5]
+    P = 20
+    batch = np.zeros((3, P), np.int32)
+    pad = np.array([P - n for n in lengths], np.int32)
+    for i, n in enumerate(lengths):
+        batch[i, P - n:] = np.asarray(toks[i, :n])
+    logits, _ = M.forward_cached(params, jnp.asarray(batch), M.init_cache(cfg, 3, P), 0, jnp.asarray(pad), cfg)
+    for i, n in enumerate(lengths):
+        alone = M.forward(params, toks[i:i + 1, :n], cfg)
+        np.testing.assert_allclose(logits[i, P - n:, :cfg.n_vocab], alone[0, :, :cfg.n_vocab], atol=2e-5)
+
+
+def test_dropout_only_with_key(setup):
+    cfg = cfg_(embed_dropout=0.1, attn_dropout=0.1, res_dropout=0.1)
+    _, params, toks = setup
+    a = M.forward(params, toks, cfg)
+    b = M.forward(params, toks, cfg)
+    np.testing.assert_array_equal(a, b)
+    c = M.forward(params, toks, cfg, key=jax.random.PRNGKey(3))
+    d = M.forward(params, toks, cfg, key=jax.random.PRNGKey(4))
+    assert not np.allclose(c, a) and not np.allclose(c, d)
+
+
+def test_bfloat16_close_to_float32(setup):
+    cfg, params, toks = setup
+    batch = jnp.concatenate([toks, toks[:, :1]], axis=1)
+    l32 = M.token_losses(params, batch, cfg).mean()
+    l16 = M.token_losses(params, batch, cfg.replace(precision="bfloat16")).mean()
+    assert abs(float(l32) - float(l16)) < 0.05
+    assert abs(float(l32) - np.log(cfg.n_vocab)) < 0.2  # an untrained model is near-uniform
+
+
+def test_remat_gives_identical_gradients(setup):
+    cfg, params, toks = setup
+    batch = jnp.concatenate([toks, toks[:, :1]], axis=1)
+    g = jax.grad(lambda p, c: M.token_losses(p, batch, c).mean())
+    a, b = g(params, cfg), g(params, cfg.replace(remat=True))
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        np.testing.assert_allclose(x, y, atol=1e-6)

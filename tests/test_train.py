@@ -1,0 +1,118 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from gpt2train.checkpoint import Checkpointer
+from gpt2train.errors import UserError
+from gpt2train.optimizers import make_optimizer
+from gpt2train.train import NonFiniteLoss, Trainer, init_state, make_train_step
+from conftest import tiny_config
+
+
+def losses(result):
+    return [h["loss"] for h in result.history]
+
+
+def test_tiny_model_overfits_small_text(tmp_path, gpt2_tokenizer):
+    text = ("The quick brown fox jumps over the lazy dog. Pack my box with five dozen liquor jugs. "
+            "How vexingly quick daft zebras jump! Sphinx of black quartz, judge my vow. ") * 2
+    (tmp_path / "tiny.txt").write_text(text)
+    cfg = tiny_config(tmp_path, data_path=str(tmp_path / "tiny.txt"), eval_data_path=None, eval_steps=0,
+                      max_steps=150, train_steps=150, iterations=50, warmup_steps=10, lr=3e-3,
+                      weight_decay=0.0, min_lr_ratio=1.0, n_ctx=32, train_batch_size=4)
+    result = Trainer(cfg, gpt2_tokenizer, progress=False, log=lambda *a, **k: None).run()
+    assert result.step == 150
+    assert losses(result)[0] > 9.0          # starts near ln(50257) = 10.8
+    assert np.mean(losses(result)[-10:]) < 0.1  # and memorises the text
+
+
+def test_resumed_run_matches_uninterrupted_run_step_for_step(tmp_path, gpt2_tokenizer):
+    # Dropout on, so the RNG stream must continue exactly too.
+    common = dict(max_steps=8, train_steps=4, checkpoint_every=4, embed_dropout=0.1, attn_dropout=0.1,
+                  res_dropout=0.1)
+    quiet = dict(progress=False, log=lambda *a, **k: None)
+    whole = Trainer(tiny_config(tmp_path / "a", **common), gpt2_tokenizer, **quiet).run()
+    cfg_b = tiny_config(tmp_path / "b", **common)
+    first = Trainer(cfg_b, gpt2_tokenizer, **quiet).run(until=3)     # stops mid-interval, saves step 3
+    assert first.step == 3
+    second = Trainer(cfg_b, gpt2_tokenizer, **quiet)
+    assert second.step == 3
+    rest = second.run()
+    assert rest.step == 8
+    np.testing.assert_allclose(losses(first) + losses(rest), losses(whole), rtol=0, atol=1e-6)
+    assert rest.eval_loss == pytest.approx(whole.eval_loss, abs=1e-6)
+    assert Checkpointer(cfg_b).latest_step() == 8
+    # Rerunning a finished run does nothing and keeps the state.
+    again = Trainer(cfg_b, gpt2_tokenizer, **quiet).run()
+    assert again.step == 8 and again.history == []
+
+
+def test_metrics_file_has_loss_lr_throughput(tmp_path, gpt2_tokenizer):
+    import json
+    cfg = tiny_config(tmp_path, max_steps=4, iterations=2, train_steps=2)
+    Trainer(cfg, gpt2_tokenizer, progress=False, log=lambda *a, **k: None).run()
+    lines = [json.loads(x) for x in (tmp_path / "model" / "metrics.jsonl").read_text().splitlines()]
+    train_lines = [x for x in lines if "tokens_per_s" in x]
+    assert [x["step"] for x in train_lines] == [2, 4]
+    for x in train_lines:
+        assert x["loss"] > 0 and x["ppl"] == pytest.approx(np.exp(x["loss"])) and 0 < x["mfu"] < 1
+        assert x["lr"] > 0 and x["grad_norm"] > 0 and x["tokens_per_s"] > 0
+    assert [x["step"] for x in lines if "eval_loss" in x] == [2, 4]
+    assert [x["step"] for x in lines if "first_step_s" in x] == [1]
+    assert list((tmp_path / "model" / "tensorboard").iterdir())
+
+
+def test_gradient_accumulation_equals_one_big_batch(tmp_path):
+    cfg = tiny_config(tmp_path, train_batch_size=8, grad_clip=0.0)
+    batch = jax.random.randint(jax.random.PRNGKey(0), (8, cfg.n_ctx + 1), 0, cfg.n_vocab)
+    out = {}
+    for accum in (1, 4):
+        c = cfg.replace(grad_accum_steps=accum)
+        tx = make_optimizer(c)
+        state = jax.jit(lambda: init_state(c, tx))()
+        new_state, metrics = jax.jit(make_train_step(c, tx))(state, batch)
+        out[accum] = (new_state["params"], metrics)
+    np.testing.assert_allclose(out[1][1]["loss"], out[4][1]["loss"], rtol=1e-5)
+    np.testing.assert_allclose(out[1][1]["grad_norm"], out[4][1]["grad_norm"], rtol=1e-4)
+    for a, b in zip(jax.tree.leaves(out[1][0]), jax.tree.leaves(out[4][0])):
+        np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+def test_nan_loss_stops_with_clear_error_and_keeps_good_checkpoint(tmp_path, gpt2_tokenizer):
+    cfg = tiny_config(tmp_path, max_steps=20, checkpoint_every=2, train_steps=2, lr=1e4, warmup_steps=0,
+                      grad_clip=0.0, opt_name="adafactor", beta1=0.0, weight_decay=0.0)
+    trainer = Trainer(cfg, gpt2_tokenizer, progress=False, log=lambda *a, **k: None)
+    with pytest.raises(NonFiniteLoss) as e:
+        trainer.run()
+    msg = str(e.value)
+    assert "loss became" in msg and "Lower lr" in msg
+    good = Checkpointer(cfg).latest_step()
+    if good is not None:  # whatever was saved holds finite parameters
+        state = Trainer(cfg, gpt2_tokenizer, progress=False, log=lambda *a, **k: None).state
+        assert all(bool(jnp.isfinite(x).all()) for x in jax.tree.leaves(state["params"]))
+
+
+def test_vocab_mismatch_and_missing_model_path(tmp_path, gpt2_tokenizer):
+    with pytest.raises(UserError, match="set n_vocab to 50257"):
+        Trainer(tiny_config(tmp_path, n_vocab=1000), gpt2_tokenizer)
+    with pytest.raises(UserError, match="model_path"):
+        Trainer(tiny_config(tmp_path, model_path=""), gpt2_tokenizer)
+
+
+def test_resume_with_other_shape_is_refused(tmp_path, gpt2_tokenizer):
+    quiet = dict(progress=False, log=lambda *a, **k: None)
+    Trainer(tiny_config(tmp_path, max_steps=2), gpt2_tokenizer, **quiet).run()
+    with pytest.raises(UserError, match="n_layer: checkpoint 2 vs config 3"):
+        Trainer(tiny_config(tmp_path, max_steps=4, n_layer=3), gpt2_tokenizer, **quiet)
+
+
+@pytest.mark.parametrize("opt", [dict(opt_name="adafactor", decay_type="pow"),
+                                 dict(opt_name="adafactor", decay_type="adam", beta1=0.9, weight_decay=0.01),
+                                 dict(opt_name="adam", weight_decay=0.0),
+                                 dict(opt_name="adamw", precision="bfloat16", grad_accum_steps=2)])
+def test_every_optimizer_lowers_the_loss(tmp_path, gpt2_tokenizer, opt):
+    cfg = tiny_config(tmp_path, max_steps=12, eval_steps=0, iterations=4, lr=3e-3, **opt)
+    result = Trainer(cfg, gpt2_tokenizer, progress=False, log=lambda *a, **k: None).run()
+    ls = losses(result)
+    assert np.mean(ls[-3:]) < ls[0] - 0.5
