@@ -29,7 +29,9 @@ class Checkpointer:
     def __init__(self, cfg: Config, *, create: bool = True):
         self.cfg = cfg
         self.dir = _ckpt_dir(cfg.model_path)
-        opts = ocp.CheckpointManagerOptions(max_to_keep=cfg.keep_checkpoints, create=create)
+        # cleanup_tmp_directories: a save killed half-way leaves a temporary directory; drop it.
+        opts = ocp.CheckpointManagerOptions(max_to_keep=cfg.keep_checkpoints, create=create,
+                                            cleanup_tmp_directories=create)
         self.manager = ocp.CheckpointManager(self.dir, options=opts)
 
     def latest_step(self) -> int | None:

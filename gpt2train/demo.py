@@ -20,11 +20,11 @@ from .config import load_config
 
 # The demo's config. configs/demo.json is this with the default working directory `demo_run`.
 DEMO_CONFIG = {
-    "model": "GPT2", "n_ctx": 128, "n_embd": 256, "n_layer": 4, "n_head": 4, "n_vocab": 4096,
+    "model": "GPT2", "n_ctx": 128, "n_embd": 128, "n_layer": 2, "n_head": 4, "n_vocab": 2048,
     "input": "text", "precision": "bfloat16",
-    "lr": 2e-3, "warmup_steps": 50, "opt_name": "adam", "weight_decay": 0.1,
+    "lr": 2e-3, "warmup_steps": 100, "opt_name": "adam", "weight_decay": 0.1,
     "beta1": 0.9, "beta2": 0.98, "epsilon": 1e-8, "grad_clip": 1.0, "min_lr_ratio": 0.1,
-    "train_steps": 100, "eval_steps": 8, "max_steps": 300, "iterations": 20,
+    "train_steps": 200, "eval_steps": 8, "max_steps": 1200, "iterations": 50,
     "embed_dropout": 0.0, "attn_dropout": 0.0, "res_dropout": 0.0,
     "scale_by_depth": True, "scale_by_in": False,
     "train_batch_size": 16, "eval_batch_size": 32, "predict_batch_size": 1, "seed": 0,
@@ -79,7 +79,7 @@ def build_corpus(workdir: Path, log=print) -> tuple[int, int]:
 
 
 def run_demo(workdir: str = "demo_run", *, steps: int | None = None, extra: dict | None = None,
-             log=print, sample_length: int = 200) -> dict:
+             log=print) -> dict:
     from .evaluate import evaluate_text
     from .generate import Generator, SamplingOptions, append_samples, format_sample
     from .inputs import expand_paths
@@ -119,7 +119,8 @@ def run_demo(workdir: str = "demo_run", *, steps: int | None = None, extra: dict
         f"{before['bits_per_byte']:.3f})")
 
     gen = Generator(cfg, trainer.state["params"], tok)
-    opts = SamplingOptions(length=sample_length, temperature=0.8, top_k=40, seed=cfg.seed)
+    length = cfg.n_ctx - len(tok.encode(PROMPT))  # as much as the context holds
+    opts = SamplingOptions(length=length, temperature=0.8, top_k=40, seed=cfg.seed)
     text = gen.generate([PROMPT], opts)[0]
     append_samples(cfg.resolved_predict_path, [PROMPT + text])
     log(format_sample(0, PROMPT + text), end="")

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import math
 
-import fsspec
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -19,23 +18,16 @@ import numpy as np
 from . import model
 from .config import Config
 from .errors import UserError
-from .inputs import expand_paths
+from .inputs import expand_paths, read_documents
 
 
-def read_documents(spec) -> list[str]:
-    docs = []
-    for path in expand_paths(spec):
-        with fsspec.open(path, "rb") as f:
-            docs.append(f.read().decode("utf-8", errors="replace"))
-    return docs
-
-
-def token_stream(docs: list[str], tokenizer) -> np.ndarray:
-    ids: list[int] = []
-    for doc_ids in tokenizer.encode_batch(docs):
-        ids.extend(doc_ids)
-        ids.append(tokenizer.eot_id)
-    return np.asarray(ids, np.int32)
+def token_stream(spec, tokenizer) -> tuple[np.ndarray, int]:
+    """All documents' tokens, each followed by <|endoftext|>, and the number of documents."""
+    docs = read_documents(expand_paths(spec), tokenizer)
+    if not docs:
+        raise UserError(f"the evaluation text {spec!r} is empty: give files with some text in them")
+    stream = np.concatenate([np.append(d, tokenizer.eot_id) for d in docs]).astype(np.int32)
+    return stream, len(docs)
 
 
 def windows(stream: np.ndarray, n_ctx: int) -> tuple[np.ndarray, np.ndarray]:
@@ -68,8 +60,7 @@ def score_windows(cfg: Config, params, wins: np.ndarray, mask: np.ndarray, batch
 
 
 def evaluate_text(cfg: Config, params, tokenizer, spec, batch_size: int | None = None) -> dict:
-    docs = read_documents(spec)
-    stream = token_stream(docs, tokenizer)
+    stream, n_docs = token_stream(spec, tokenizer)
     wins, mask = windows(stream, cfg.n_ctx)
     total = score_windows(cfg, params, wins, mask, batch_size or cfg.eval_batch_size)
     n_tokens = int(mask.sum())
@@ -78,4 +69,4 @@ def evaluate_text(cfg: Config, params, tokenizer, spec, batch_size: int | None =
     loss = total / n_tokens
     return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)),
             "bits_per_byte": total / math.log(2) / max(n_bytes, 1),
-            "tokens": n_tokens, "bytes": n_bytes, "documents": len(docs)}
+            "tokens": n_tokens, "bytes": n_bytes, "documents": n_docs}

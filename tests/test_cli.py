@@ -43,20 +43,49 @@ def trained(tmp_path_factory):
     return tmp, path, cfg, interrupted, resumed
 
 
-def test_sigterm_saves_and_rerun_resumes_exactly(trained, tmp_path):
+@pytest.fixture(scope="module")
+def reference(trained, tmp_path_factory):
+    """The per-step losses of the same config trained without interruption."""
+    tmp = tmp_path_factory.mktemp("ref")
+    cfg = trained[2]
+    straight = tiny_config(tmp, **{k: v for k, v in cfg.to_dict().items() if k not in ("model_path", "predict_path")})
+    ref = run("main.py", "--model", str(write_config(tmp / "ref.json", straight)))
+    assert ref.returncode == 0, ref.stderr
+    return step_losses(tmp / "model")
+
+
+def assert_same_curve(got, want):
+    assert sorted(want) == list(range(1, 41)) and sorted(got) == list(range(1, 41))
+    for step in want:
+        assert got[step] == pytest.approx(want[step], abs=1e-6), step
+
+
+def test_sigterm_saves_and_rerun_resumes_exactly(trained, reference):
     tmp, path, cfg, (code, err), resumed = trained
     assert code == 2 and "rerun the same command to resume" in err and "Traceback" not in err
     assert resumed.returncode == 0, resumed.stderr
     assert "resumed from" in resumed.stdout
-    # An uninterrupted run of the same config gives the same loss at every step.
-    straight = tiny_config(tmp_path, **{k: v for k, v in cfg.to_dict().items()
-                                        if k not in ("model_path", "predict_path")})
-    ref = run("main.py", "--model", str(write_config(tmp_path / "ref.json", straight)))
-    assert ref.returncode == 0, ref.stderr
-    got, want = step_losses(tmp / "model"), step_losses(tmp_path / "model")
-    assert sorted(want) == list(range(1, 41)) and sorted(got) == list(range(1, 41))
-    for step in want:
-        assert got[step] == pytest.approx(want[step], abs=1e-6), step
+    assert_same_curve(step_losses(tmp / "model"), reference)
+
+
+def test_sigkill_during_checkpointing_loses_only_unsaved_steps(trained, reference, tmp_path):
+    """A hard kill while saving every step: the rerun resumes from the last complete checkpoint
+    and reproduces the uninterrupted run's losses from there on."""
+    cfg = tiny_config(tmp_path, **{**{k: v for k, v in trained[2].to_dict().items()
+                                      if k not in ("model_path", "predict_path")}, "checkpoint_every": 1})
+    path = write_config(tmp_path / "c.json", cfg)
+    proc = subprocess.Popen([sys.executable, "main.py", "--model", str(path)], cwd=REPO, env=ENV,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    metrics = tmp_path / "model" / "metrics.jsonl"
+    while time.time() < deadline and (not metrics.exists() or len(step_losses(tmp_path / "model")) < 12):
+        time.sleep(0.05)
+    proc.kill()
+    proc.wait()
+    again = run("main.py", "--model", str(path))
+    assert again.returncode == 0, again.stderr
+    assert "resumed from" in again.stdout
+    assert_same_curve(step_losses(tmp_path / "model"), reference)
 
 
 def test_predict_text_writes_seed_banner_format(trained):
@@ -120,3 +149,39 @@ def test_keys_and_help():
     assert r.returncode == 0 and "scale_by_depth" in r.stdout and "eval_data_path" in r.stdout
     h = run("main.py", "--help")
     assert h.returncode == 0 and "--predict_text" in h.stdout and "--top_k" in h.stdout
+
+
+def test_interactive_prompt_in_a_terminal(trained):
+    """A real pseudo-terminal: prompt, streamed sample, prompt again, Ctrl-D ends."""
+    import pty
+    import select
+    tmp, path, cfg, _, _ = trained
+    pid, fd = pty.fork()
+    if pid == 0:  # child: become the generator
+        os.chdir(REPO)
+        os.execve(sys.executable, [sys.executable, "-m", "gpt2train", "generate", "--model", str(path),
+                                   "--length", "8", "--seed", "1"], ENV)
+    seen = b""
+
+    def read_until(marker: bytes, count: int, timeout: float = 120) -> None:
+        nonlocal seen
+        end = time.time() + timeout
+        while seen.count(marker) < count and time.time() < end:
+            ready, _, _ = select.select([fd], [], [], 0.5)
+            if ready:
+                try:
+                    seen += os.read(fd, 4096)
+                except OSError:
+                    break
+        assert seen.count(marker) >= count, seen.decode(errors="replace")
+
+    read_until(b"Model prompt >>> ", 1)
+    os.write(fd, b"def main():\n")
+    read_until(b"Model prompt >>> ", 2)
+    os.write(fd, b"\x04")  # Ctrl-D
+    _, status = os.waitpid(pid, 0)
+    os.close(fd)
+    text = seen.decode(errors="replace")
+    assert " SAMPLE 0 " in text and "=" * 80 in text
+    assert os.WEXITSTATUS(status) == 0
+    assert "SAMPLE 0" in (tmp / "predictions.txt").read_text()

@@ -7,7 +7,7 @@ import pytest
 
 from gpt2train import model as M
 from gpt2train.config import Config
-from gpt2train.evaluate import evaluate_text, token_stream, windows
+from gpt2train.evaluate import evaluate_text, windows
 from conftest import STDLIB
 
 
