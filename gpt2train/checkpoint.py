@@ -7,6 +7,7 @@ kill in the middle of a save leaves the previous checkpoints intact and readable
 from __future__ import annotations
 
 import logging
+import os
 
 import fsspec
 import jax
@@ -22,7 +23,9 @@ logging.getLogger("absl").setLevel(logging.WARNING)
 
 
 def _ckpt_dir(model_path: str) -> str:
-    return model_path.rstrip("/") + "/checkpoints"
+    path = model_path.rstrip("/") + "/checkpoints"
+    # Orbax needs absolute local paths; configs usually hold relative ones.
+    return path if "://" in path else os.path.abspath(path)
 
 
 class Checkpointer:

@@ -48,6 +48,14 @@ def test_resumed_run_matches_uninterrupted_run_step_for_step(tmp_path, gpt2_toke
     assert again.step == 8 and again.history == []
 
 
+def test_relative_model_path(tmp_path, gpt2_tokenizer, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = tiny_config(tmp_path, model_path="runs/rel", max_steps=2, train_steps=1)
+    Trainer(cfg, gpt2_tokenizer, progress=False, log=lambda *a, **k: None).run()
+    assert Trainer(cfg, gpt2_tokenizer, progress=False, log=lambda *a, **k: None).step == 2
+    assert (tmp_path / "runs" / "rel" / "checkpoints" / "2").is_dir()
+
+
 def test_metrics_file_has_loss_lr_throughput(tmp_path, gpt2_tokenizer):
     import json
     cfg = tiny_config(tmp_path, max_steps=4, iterations=2, train_steps=2)
