@@ -178,7 +178,8 @@ class Trainer:
         if threading.current_thread() is threading.main_thread():
             old_handlers = {s: signal.signal(s, self._request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
         bar = tqdm(total=cfg.max_steps, initial=start, disable=not self.progress, unit="step",
-                   dynamic_ncols=True, file=sys.stderr)
+                   dynamic_ncols=True, file=sys.stderr,
+                   mininterval=0.5 if sys.stderr.isatty() else 30)  # a log file needs few redraws
         pending = None          # (step, metrics on device) of the step launched before
         window_start = time.perf_counter()
         last_loss, eval_loss = None, None
