@@ -6,6 +6,7 @@ kill in the middle of a save leaves the previous checkpoints intact and readable
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 
@@ -51,10 +52,12 @@ class Checkpointer:
     def restore(self, abstract_state, step: int | None = None):
         """Return (state, data_state) of `step` (default: latest) shaped like abstract_state."""
         step = self.latest_step() if step is None else step
-        meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+        with _readable(self.dir, step):
+            meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
         check_compatible(self.cfg, meta["config"], self.dir)
-        restored = self.manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_state)))
+        with _readable(self.dir, step):
+            restored = self.manager.restore(step, args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract_state)))
         return restored.state, meta["data"]
 
     def close(self) -> None:
@@ -78,16 +81,33 @@ def load_params(cfg: Config, step: int | None = None):
         raise UserError(f"no checkpoint found in {_ckpt_dir(cfg.model_path)}: train first "
                         f"(python3 main.py --model <config>) or point model_path at a trained model")
     step = ckpt.latest_step() if step is None else step
-    meta = ckpt.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+    with _readable(ckpt.dir, step):
+        meta = ckpt.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
     check_compatible(cfg, meta["config"], ckpt.dir)
     sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     abstract = jax.eval_shape(lambda: model.init_params(cfg, jax.random.PRNGKey(0)))
     abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), abstract)
     item = {"params": abstract}
-    restored = ckpt.manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-        item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item), partial_restore=True)))
+    with _readable(ckpt.dir, step):
+        restored = ckpt.manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+            item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item), partial_restore=True)))
     ckpt.close()
     return restored.state["params"], step
+
+
+@contextlib.contextmanager
+def _readable(directory: str, step: int):
+    """Turn a damaged checkpoint (files deleted or corrupted by hand) into a clear error."""
+    try:
+        yield
+    except UserError:
+        raise
+    except Exception as e:  # Orbax/TensorStore raise many types; all mean "cannot read this step"
+        # Orbax's abandoned read tasks would log every missing array once more; one message is enough.
+        logging.getLogger("asyncio").setLevel(logging.CRITICAL)
+        raise UserError(f"the checkpoint of step {step} in {directory} cannot be read "
+                        f"({type(e).__name__}: {str(e)[:300]}). Move {directory}/{step} away to resume "
+                        f"from an earlier checkpoint, or use a new model_path.") from None
 
 
 def _exists(path: str) -> bool:

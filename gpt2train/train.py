@@ -118,7 +118,11 @@ class Trainer:
         self.train_step = jax.jit(make_train_step(cfg, self.tx), in_shardings=(rep, data),
                                   out_shardings=(rep, rep), donate_argnums=0)
         self.eval_step = jax.jit(make_eval_step(cfg), in_shardings=(rep, data), out_shardings=rep)
-        self.state = self._initial_state(rep)
+        try:
+            self.state = self._initial_state(rep)
+        except BaseException:
+            self.ckpt.close()  # release Orbax's background threads before the error propagates
+            raise
 
     # ------------------------------------------------------------------ state
     def _initial_state(self, sharding):

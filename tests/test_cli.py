@@ -49,7 +49,8 @@ def reference(trained, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("ref")
     cfg = trained[2]
     straight = tiny_config(tmp, **{k: v for k, v in cfg.to_dict().items() if k not in ("model_path", "predict_path")})
-    ref = run("main.py", "--model", str(write_config(tmp / "ref.json", straight)))
+    # Through the package's `train` subcommand this time: the same code path as main.py.
+    ref = run("-m", "gpt2train", "train", "--model", str(write_config(tmp / "ref.json", straight)))
     assert ref.returncode == 0, ref.stderr
     return step_losses(tmp / "model")
 
@@ -185,3 +186,18 @@ def test_interactive_prompt_in_a_terminal(trained):
     assert " SAMPLE 0 " in text and "=" * 80 in text
     assert os.WEXITSTATUS(status) == 0
     assert "SAMPLE 0" in (tmp / "predictions.txt").read_text()
+
+
+def test_tokenizer_subcommand(tmp_path):
+    from gpt2train.tokenizer import load_tokenizer
+    from conftest import STDLIB
+    r = run("-m", "gpt2train", "tokenizer", "--input", str(STDLIB / "json" / "*.py"), "--vocab_size", "400",
+            "--out", str(tmp_path / "enc"))
+    assert r.returncode == 0, r.stderr
+    tok = load_tokenizer(str(tmp_path / "enc"))
+    assert tok.n_vocab == 400 and tok.eot_id == 399
+    text = (STDLIB / "json" / "decoder.py").read_text()
+    assert tok.decode(tok.encode(text)) == text
+    bad = run("-m", "gpt2train", "tokenizer", "--input", str(tmp_path / "none*.txt"), "--vocab_size", "400",
+              "--out", str(tmp_path / "enc2"))
+    assert bad.returncode == 2 and "matches no files" in bad.stderr

@@ -108,6 +108,21 @@ def test_vocab_mismatch_and_missing_model_path(tmp_path, gpt2_tokenizer):
         Trainer(tiny_config(tmp_path, model_path=""), gpt2_tokenizer)
 
 
+def test_damaged_checkpoint_is_a_clear_error(tmp_path, gpt2_tokenizer):
+    import shutil
+    quiet = dict(progress=False, log=lambda *a, **k: None)
+    cfg = tiny_config(tmp_path, max_steps=2, train_steps=1)
+    Trainer(cfg, gpt2_tokenizer, **quiet).run()
+    state_dir = tmp_path / "model" / "checkpoints" / "2" / "state"
+    for child in state_dir.iterdir():  # the arrays are gone, the directory looks complete
+        if child.is_dir():
+            shutil.rmtree(child)
+        elif child.name != "_METADATA":
+            child.unlink()
+    with pytest.raises(UserError, match="checkpoint of step 2 .* cannot be read"):
+        Trainer(cfg, gpt2_tokenizer, **quiet)
+
+
 def test_resume_with_other_shape_is_refused(tmp_path, gpt2_tokenizer):
     quiet = dict(progress=False, log=lambda *a, **k: None)
     Trainer(tiny_config(tmp_path, max_steps=2), gpt2_tokenizer, **quiet).run()
