@@ -72,6 +72,7 @@ class Config:
     keep_checkpoints: int = _key(3, "how many recent checkpoints to keep")
     pad_vocab_to: int = _key(128, "pad the embedding rows to a multiple of this (logits masked); 1 = no padding")
     remat: bool = _key(False, "recompute block activations in the backward pass to save memory")
+    scan_unroll: int = _key(0, "layers per scan step: 1 compiles fastest, n_layer runs fastest (0: all if n_layer <= 12, else 1)")
 
     # ------------------------------------------------------------------
     @property
@@ -106,7 +107,8 @@ class Config:
                      "eval_batch_size", "predict_batch_size", "max_steps", "train_steps",
                      "iterations", "grad_accum_steps", "keep_checkpoints", "pad_vocab_to"):
             need(getattr(self, name) > 0, f"{name} must be positive, got {getattr(self, name)}")
-        for name in ("eval_steps", "warmup_steps", "checkpoint_every", "weight_decay", "grad_clip", "lr"):
+        for name in ("eval_steps", "warmup_steps", "checkpoint_every", "weight_decay", "grad_clip", "lr",
+                     "scan_unroll"):
             need(getattr(self, name) >= 0, f"{name} must be >= 0, got {getattr(self, name)}")
         if self.n_head > 0:
             need(self.n_embd % self.n_head == 0,

@@ -24,7 +24,7 @@ DEMO_CONFIG = {
     "input": "text", "precision": "bfloat16",
     "lr": 2e-3, "warmup_steps": 100, "opt_name": "adam", "weight_decay": 0.1,
     "beta1": 0.9, "beta2": 0.98, "epsilon": 1e-8, "grad_clip": 1.0, "min_lr_ratio": 0.1,
-    "train_steps": 200, "eval_steps": 8, "max_steps": 1200, "iterations": 50,
+    "train_steps": 200, "eval_steps": 8, "max_steps": 1600, "iterations": 50,
     "embed_dropout": 0.0, "attn_dropout": 0.0, "res_dropout": 0.0,
     "scale_by_depth": True, "scale_by_in": False,
     "train_batch_size": 16, "eval_batch_size": 32, "predict_batch_size": 1, "seed": 0,

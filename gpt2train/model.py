@@ -90,8 +90,11 @@ def layer_norm(x, p, dtype):
 
 
 def dense(x, p, dtype):
-    y = jnp.einsum("...i,io->...o", x, p["kernel"].astype(dtype), preferred_element_type=jnp.float32)
-    return (y + p["bias"]).astype(dtype)
+    # As a 2-D matmul over all tokens: XLA:CPU differentiates a batched [B, T, D] einsum into
+    # weight-gradient dots it runs ~30% slower than the same 2-D ones (measured at 4x256).
+    x2 = x.reshape(-1, x.shape[-1])
+    y = jnp.dot(x2, p["kernel"].astype(dtype), preferred_element_type=jnp.float32)
+    return (y + p["bias"]).astype(dtype).reshape(*x.shape[:-1], y.shape[-1])
 
 
 def dropout(x, rate: float, key):
@@ -153,6 +156,15 @@ def block(x, p, cfg: Config, dtype, key=None, cache=None):
 
 
 # ----------------------------------------------------------------------------- model
+def layer_unroll(cfg: Config) -> int:
+    """Layers per scan iteration. Unrolling lets XLA schedule across layers (measured on CPU:
+    ~17% faster steps at 2-4 layers, ~13% at 124M) at the cost of compile time that grows
+    with depth, so by default only models of up to 12 layers are fully unrolled."""
+    if cfg.scan_unroll > 0:
+        return min(cfg.scan_unroll, cfg.n_layer)
+    return cfg.n_layer if cfg.n_layer <= 12 else 1
+
+
 def embed(params, tokens, positions, cfg: Config, dtype, key=None):
     x = params["wte"][tokens] + params["wpe"][positions]
     return dropout(x.astype(dtype), cfg.embed_dropout, key)
@@ -161,7 +173,9 @@ def embed(params, tokens, positions, cfg: Config, dtype, key=None):
 def logits_from_hidden(params, x, cfg: Config):
     """Tied output head in float32 accumulation; padded vocabulary rows masked."""
     x = layer_norm(x, params["ln_f"], x.dtype)
-    logits = jnp.einsum("btd,vd->btv", x, params["wte"].astype(x.dtype), preferred_element_type=jnp.float32)
+    x2 = x.reshape(-1, x.shape[-1])  # 2-D for the same reason as in dense()
+    logits = jnp.einsum("nd,vd->nv", x2, params["wte"].astype(x.dtype), preferred_element_type=jnp.float32)
+    logits = logits.reshape(*x.shape[:-1], logits.shape[-1])
     if cfg.padded_vocab != cfg.n_vocab:
         valid = jnp.arange(cfg.padded_vocab) < cfg.n_vocab
         logits = jnp.where(valid, logits, MASKED)
@@ -186,7 +200,7 @@ def forward(params: Params, tokens: jax.Array, cfg: Config, *, key: jax.Array | 
 
     if cfg.remat:
         body = jax.checkpoint(body, policy=jax.checkpoint_policies.nothing_saveable)
-    x, _ = jax.lax.scan(body, x, (params["h"], jnp.arange(cfg.n_layer)))
+    x, _ = jax.lax.scan(body, x, (params["h"], jnp.arange(cfg.n_layer)), unroll=layer_unroll(cfg))
     return logits_from_hidden(params, x, cfg)
 
 
@@ -227,5 +241,5 @@ def forward_cached(params: Params, tokens: jax.Array, cache: dict, index, pad: j
         x, (k_cache, v_cache) = block(x, p, cfg, dtype, cache=(k_cache, v_cache, index, key_mask))
         return x, (k_cache, v_cache)
 
-    x, (k_all, v_all) = jax.lax.scan(body, x, (params["h"], cache["k"], cache["v"]))
+    x, (k_all, v_all) = jax.lax.scan(body, x, (params["h"], cache["k"], cache["v"]), unroll=layer_unroll(cfg))
     return logits_from_hidden(params, x, cfg), {"k": k_all, "v": v_all}

@@ -111,3 +111,15 @@ def test_remat_gives_identical_gradients(setup):
     a, b = g(params, cfg), g(params, cfg.replace(remat=True))
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
         np.testing.assert_allclose(x, y, atol=1e-6)
+
+
+def test_layer_unrolling_does_not_change_results(setup):
+    cfg, params, toks = setup
+    batch = jnp.concatenate([toks, toks[:, :1]], axis=1)
+    g = jax.value_and_grad(lambda p, c: M.token_losses(p, batch, c).mean())
+    results = [g(params, cfg.replace(scan_unroll=u)) for u in (1, 2, 3)]
+    assert M.layer_unroll(cfg) == 3 and M.layer_unroll(cfg.replace(n_layer=24)) == 1
+    for loss, grads in results[1:]:
+        np.testing.assert_allclose(loss, results[0][0], rtol=1e-6)
+        for x, y in zip(jax.tree.leaves(grads), jax.tree.leaves(results[0][1])):
+            np.testing.assert_allclose(x, y, atol=1e-6)
