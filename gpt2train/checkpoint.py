@@ -49,16 +49,22 @@ class Checkpointer:
     def wait(self) -> None:
         self.manager.wait_until_finished()
 
-    def restore(self, abstract_state, step: int | None = None):
-        """Return (state, data_state) of `step` (default: latest) shaped like abstract_state."""
-        step = self.latest_step() if step is None else step
+    def read_meta(self, step: int) -> dict:
+        """The step's metadata (data position, config), after checking the model shape fits."""
         with _readable(self.dir, step):
             meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
         check_compatible(self.cfg, meta["config"], self.dir)
+        return meta
+
+    def restore_state(self, step: int, args: ocp.args.CheckpointArgs):
         with _readable(self.dir, step):
-            restored = self.manager.restore(step, args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(abstract_state)))
-        return restored.state, meta["data"]
+            return self.manager.restore(step, args=ocp.args.Composite(state=args)).state
+
+    def restore(self, abstract_state, step: int | None = None):
+        """Return (state, data_state) of `step` (default: latest) shaped like abstract_state."""
+        step = self.latest_step() if step is None else step
+        meta = self.read_meta(step)
+        return self.restore_state(step, ocp.args.StandardRestore(abstract_state)), meta["data"]
 
     def close(self) -> None:
         self.manager.wait_until_finished()
@@ -81,18 +87,15 @@ def load_params(cfg: Config, step: int | None = None):
         raise UserError(f"no checkpoint found in {_ckpt_dir(cfg.model_path)}: train first "
                         f"(python3 main.py --model <config>) or point model_path at a trained model")
     step = ckpt.latest_step() if step is None else step
-    with _readable(ckpt.dir, step):
-        meta = ckpt.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
-    check_compatible(cfg, meta["config"], ckpt.dir)
+    ckpt.read_meta(step)
     sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     abstract = jax.eval_shape(lambda: model.init_params(cfg, jax.random.PRNGKey(0)))
     abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), abstract)
     item = {"params": abstract}
-    with _readable(ckpt.dir, step):
-        restored = ckpt.manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-            item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item), partial_restore=True)))
+    state = ckpt.restore_state(step, ocp.args.PyTreeRestore(
+        item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item), partial_restore=True))
     ckpt.close()
-    return restored.state["params"], step
+    return state["params"], step
 
 
 @contextlib.contextmanager

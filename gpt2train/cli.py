@@ -7,6 +7,7 @@ User mistakes (UserError) print one clear message and exit with status 2, never 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -105,7 +106,7 @@ def _prompts_from_args(args) -> list[str] | None:
 
 def cmd_generate(cfg, args, *, interactive_ok: bool = True) -> list[str]:
     from .checkpoint import load_params
-    from .generate import Generator, SamplingOptions, append_samples
+    from .generate import Generator, SamplingOptions
     from .tokenizer import load_tokenizer
     tok = load_tokenizer(cfg.encoder_path)
     params, step = load_params(cfg)
@@ -134,7 +135,7 @@ def sample_prompts(gen, prompts, opts, samples, cfg, *, stream=None) -> list[str
     for start in range(0, len(rows), cfg.predict_batch_size):
         chunk = rows[start:start + cfg.predict_batch_size]
         # Each batch gets its own seed offset so samples of one prompt differ but stay reproducible.
-        o = type(opts)(**{**opts.__dict__, "seed": opts.seed + start})
+        o = dataclasses.replace(opts, seed=opts.seed + start)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             texts = gen.generate([p for p, _ in chunk], o, on_text=stream)
@@ -163,9 +164,10 @@ def interactive(gen, opts, samples, cfg) -> list[str]:
             break
         prompt = prompt.rstrip("\n")
         if not prompt.strip():
-            print("Prompt should not be empty!") if tty else None
+            if tty:
+                print("Prompt should not be empty!")
             continue
-        if tty and samples == 1 and cfg.predict_batch_size >= 1:
+        if tty and samples == 1:
             # Stream the text as it is produced.
             from .generate import banner
             print(banner(0), flush=True)

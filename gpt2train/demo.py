@@ -14,7 +14,6 @@ import time
 import zlib
 from pathlib import Path
 
-import jax
 
 from .config import load_config
 
@@ -80,12 +79,11 @@ def build_corpus(workdir: Path, log=print) -> tuple[int, int]:
 
 def run_demo(workdir: str = "demo_run", *, steps: int | None = None, extra: dict | None = None,
              log=print) -> dict:
-    from .evaluate import evaluate_text
+    from .evaluate import evaluate_stream, token_stream
     from .generate import Generator, SamplingOptions, append_samples, format_sample
     from .inputs import expand_paths
-    from .model import init_params
     from .tokenizer import load_tokenizer, train_tokenizer
-    from .train import Trainer
+    from .train import Trainer, initial_params
 
     t0 = time.time()
     wd = Path(workdir)
@@ -105,15 +103,15 @@ def run_demo(workdir: str = "demo_run", *, steps: int | None = None, extra: dict
         log(f"training a {cfg.n_vocab}-token BPE vocabulary on the training files ...")
         tok = train_tokenizer(expand_paths(cfg.data_path), cfg.n_vocab, cfg.encoder_path)
 
-    untrained = init_params(cfg, jax.random.fold_in(jax.random.PRNGKey(cfg.seed), 0))
-    before = evaluate_text(cfg, untrained, tok, cfg.eval_data_path)
+    held_out, _ = token_stream(cfg.eval_data_path, tok)  # tokenized once, scored before and after
+    before = evaluate_stream(cfg, initial_params(cfg), tok, held_out)
     log(f"held-out before training: perplexity {before['perplexity']:.1f}, "
         f"{before['bits_per_byte']:.3f} bits/byte ({before['tokens']} tokens)")
 
     log(f"training {cfg.n_layer} layers x {cfg.n_embd} wide, context {cfg.n_ctx}, for {cfg.max_steps} steps ...")
     trainer = Trainer(cfg, tok, log=log)
     trainer.run()
-    after = evaluate_text(cfg, trainer.state["params"], tok, cfg.eval_data_path)
+    after = evaluate_stream(cfg, trainer.state["params"], tok, held_out)
     log(f"held-out after training:  perplexity {after['perplexity']:.2f}, "
         f"{after['bits_per_byte']:.3f} bits/byte (untrained: {before['perplexity']:.1f}, "
         f"{before['bits_per_byte']:.3f})")

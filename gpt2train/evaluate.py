@@ -46,21 +46,28 @@ def windows(stream: np.ndarray, n_ctx: int) -> tuple[np.ndarray, np.ndarray]:
 
 def score_windows(cfg: Config, params, wins: np.ndarray, mask: np.ndarray, batch_size: int) -> float:
     """Sum of token losses (nats) over the masked targets."""
-    losses_fn = jax.jit(lambda p, b: model.token_losses(p, b, cfg))
-    total = 0.0
+    @jax.jit
+    def masked_sum(p, b, m):
+        return jnp.sum(jnp.where(m, model.token_losses(p, b, cfg), 0.0))
+
+    totals = []
     for start in range(0, len(wins), batch_size):
         batch, m = wins[start:start + batch_size], mask[start:start + batch_size]
         short = batch_size - len(batch)
         if short:  # keep one compiled shape: pad the last batch with masked rows
             batch = np.concatenate([batch, np.zeros((short, batch.shape[1]), np.int32)])
             m = np.concatenate([m, np.zeros((short, m.shape[1]), bool)])
-        losses = losses_fn(params, jnp.asarray(batch))
-        total += float(jnp.sum(jnp.where(jnp.asarray(m), losses, 0.0)))
-    return total
+        totals.append(masked_sum(params, batch, m))
+    return float(np.sum(jax.device_get(totals)))  # one host sync for the whole pass
 
 
 def evaluate_text(cfg: Config, params, tokenizer, spec, batch_size: int | None = None) -> dict:
     stream, n_docs = token_stream(spec, tokenizer)
+    return {**evaluate_stream(cfg, params, tokenizer, stream, batch_size), "documents": n_docs}
+
+
+def evaluate_stream(cfg: Config, params, tokenizer, stream: np.ndarray, batch_size: int | None = None) -> dict:
+    """Loss, perplexity and bits per byte of an already tokenized stream (see token_stream)."""
     wins, mask = windows(stream, cfg.n_ctx)
     total = score_windows(cfg, params, wins, mask, batch_size or cfg.eval_batch_size)
     n_tokens = int(mask.sum())
@@ -69,4 +76,4 @@ def evaluate_text(cfg: Config, params, tokenizer, spec, batch_size: int | None =
     loss = total / n_tokens
     return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)),
             "bits_per_byte": total / math.log(2) / max(n_bytes, 1),
-            "tokens": n_tokens, "bytes": n_bytes, "documents": n_docs}
+            "tokens": n_tokens, "bytes": n_bytes}

@@ -8,6 +8,7 @@ reads the previous step's metrics while the current one runs.
 
 from __future__ import annotations
 
+import collections
 import math
 import signal
 import sys
@@ -31,15 +32,22 @@ from .metrics import MetricsWriter, peak_flops_per_device, train_flops_per_token
 from .optimizers import learning_rate_schedule, make_optimizer
 
 
+HISTORY_STEPS = 10_000  # per-step metrics kept in memory; a 500k-step run must not grow without bound
+
+
 class NonFiniteLoss(UserError):
     pass
 
 
+def initial_params(cfg: Config) -> model.Params:
+    """The parameters a run with this config starts from (step 0)."""
+    return model.init_params(cfg, jax.random.fold_in(jax.random.PRNGKey(cfg.seed), 0))
+
+
 def init_state(cfg: Config, tx: optax.GradientTransformation) -> dict:
-    key = jax.random.PRNGKey(cfg.seed)
-    params = model.init_params(cfg, jax.random.fold_in(key, 0))
+    params = initial_params(cfg)
     return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params),
-            "rng": jax.random.fold_in(key, 1)}
+            "rng": jax.random.fold_in(jax.random.PRNGKey(cfg.seed), 1)}
 
 
 def make_train_step(cfg: Config, tx: optax.GradientTransformation):
@@ -89,7 +97,7 @@ class RunResult:
     step: int
     last_loss: float | None
     eval_loss: float | None
-    history: list
+    history: list  # per-step metrics of this call, the last HISTORY_STEPS at most
 
 
 class Trainer:
@@ -165,10 +173,10 @@ class Trainer:
         cfg = self.cfg
         end = cfg.max_steps if until is None else min(until, cfg.max_steps)
         start = self.step
-        history: list = []
+        history: collections.deque = collections.deque(maxlen=HISTORY_STEPS)
         if start >= end:
             self.log(f"already at step {start} of max_steps ({cfg.max_steps}) in {cfg.model_path}; nothing to train")
-            return RunResult(start, None, None, history)
+            return RunResult(start, None, None, [])
         tokens_per_step = cfg.train_batch_size * cfg.n_ctx
         flops_per_step = train_flops_per_token(cfg) * tokens_per_step
         peak, peak_source = peak_flops_per_device(cfg)
@@ -273,7 +281,7 @@ class Trainer:
             self.metrics.close()
             for s, h in old_handlers.items():
                 signal.signal(s, h)
-        return RunResult(step, last_loss, eval_loss, history)
+        return RunResult(step, last_loss, eval_loss, list(history))
 
 
 class Interrupted(UserError):

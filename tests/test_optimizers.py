@@ -1,5 +1,4 @@
 import jax
-import numpy as np
 import pytest
 
 from gpt2train.config import Config
