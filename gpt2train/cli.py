@@ -196,12 +196,19 @@ def cmd_evaluate(cfg, data) -> dict:
 
 
 def cmd_tokenizer(args) -> None:
-    from .inputs import expand_paths
+    from .paths import expand_paths
     from .tokenizer import train_tokenizer
     files = expand_paths(args.input)
     tok = train_tokenizer(files, args.vocab_size, args.out)
     print(f"trained a {tok.n_vocab}-token BPE vocabulary on {len(files)} files; "
           f"wrote {args.out}/encoder.json and {args.out}/vocab.bpe")
+
+
+def cmd_encode(args) -> None:
+    from .encode import encode_corpus
+    encode_corpus(args.input, args.out, args.name, args.encoder_path, files_per=args.files_per,
+                  minimum_size=args.minimum_size, workers=args.workers,
+                  holdout_fraction=args.holdout_fraction, holdout_inputs=args.holdout_input)
 
 
 # ----------------------------------------------------------------------------- parsers
@@ -224,9 +231,21 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--json", action="store_true", help="print the result as JSON too")
 
     k = sub.add_parser("tokenizer", allow_abbrev=False, help="train a byte-level BPE vocabulary on text files")
-    k.add_argument("--input", required=True, help="files, directory, glob or comma list")
+    k.add_argument("--input", required=True, nargs="+", help="text or JSONL files, directories or globs")
     k.add_argument("--vocab_size", type=int, required=True)
     k.add_argument("--out", required=True, help="directory for encoder.json + vocab.bpe")
+
+    n = sub.add_parser("encode", allow_abbrev=False, help="text -> BPE tokens -> NAME_i.tfrecords (parallel, resumable)")
+    n.add_argument("--input", required=True, nargs="+", help="text or JSONL (a \"text\" field per line) files, directories or globs")
+    n.add_argument("--out", required=True, help="output directory (local or gs://)")
+    n.add_argument("--name", required=True, help="file-name prefix: NAME_0.tfrecords, NAME_1.tfrecords, ...")
+    n.add_argument("--encoder_path", required=True, help="directory with encoder.json and vocab.bpe")
+    n.add_argument("--files_per", type=int, default=100_000, help="documents per output file (default 100000)")
+    n.add_argument("--minimum_size", type=int, default=128, help="drop documents under this many tokens (default 128)")
+    n.add_argument("--workers", type=int, default=None, help="worker processes (default: one per core; 0 = in-process)")
+    held = n.add_mutually_exclusive_group()
+    held.add_argument("--holdout_fraction", type=float, default=0.0, help="share of documents written to OUT/eval/ instead")
+    held.add_argument("--holdout_input", nargs="+", help="inputs written to OUT/eval/ as the held-out set")
 
     sub.add_parser("keys", help="list every config key with its default and meaning")
 
@@ -245,10 +264,10 @@ def run_main(argv: list[str] | None = None) -> int:
         from .config import describe_keys
         print(describe_keys())
         return 0
-    if args.command == "tokenizer":
+    if args.command in ("tokenizer", "encode"):
         if rest:
             raise UserError(f"unexpected arguments: {' '.join(rest)}")
-        cmd_tokenizer(args)
+        (cmd_tokenizer if args.command == "tokenizer" else cmd_encode)(args)
         return 0
     if args.command == "demo":
         from .demo import run_demo

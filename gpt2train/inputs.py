@@ -26,9 +26,9 @@ from typing import Any
 
 import fsspec
 import numpy as np
-from fsspec.implementations.local import LocalFileSystem
 
 from gpt2train.errors import UserError
+from gpt2train.paths import expand_paths
 
 # ---------------------------------------------------------------- registry
 
@@ -53,51 +53,6 @@ def get_input(name: str) -> InputFactory:
         known = ", ".join(repr(n) for n in sorted(_INPUTS))
         raise UserError(f'unknown input {name!r}: set "input" in the config to one of {known}')
     return _INPUTS[name]
-
-
-# ---------------------------------------------------------------- paths
-
-
-def _split_spec(spec: str | Sequence[str]) -> list[str]:
-    items = [spec] if isinstance(spec, str) else list(spec)
-    return [part.strip() for item in items for part in item.split(",") if part.strip()]
-
-
-def _is_hidden(path: str, root: str) -> bool:
-    relative = path[len(root) :].strip("/")
-    return any(part.startswith(".") for part in relative.split("/"))
-
-
-def _files_under(fs, directory: str) -> list[str]:
-    directory = directory.rstrip("/")
-    return sorted(p for p in fs.find(directory) if not _is_hidden(p, directory))
-
-
-def _expand_one(item: str) -> list[str]:
-    fs, path = fsspec.core.url_to_fs(item)
-    if any(c in path for c in "*?["):
-        matches = sorted(fs.glob(path))
-    else:
-        matches = [path] if fs.exists(path) else []
-    files = []
-    for match in matches:
-        files.extend(_files_under(fs, match) if fs.isdir(match) else [match])
-    # Local paths stay plain paths; others get their protocol back (gs://...).
-    return files if isinstance(fs, LocalFileSystem) else [fs.unstrip_protocol(f) for f in files]
-
-
-def expand_paths(spec: str | Sequence[str]) -> list[str]:
-    """Files named by a path, directory (recursive, hidden files skipped), glob, comma list or list."""
-    items = _split_spec(spec)
-    if not items:
-        raise UserError(f"no data files given ({spec!r}): set a file, directory or glob")
-    files: list[str] = []
-    for item in items:
-        found = _expand_one(item)
-        if not found:
-            raise UserError(f"{item!r} matches no files: check the path (a file, a directory or a glob)")
-        files.extend(found)
-    return list(dict.fromkeys(files))  # drop repeats, keep order
 
 
 # ---------------------------------------------------------------- sources

@@ -170,9 +170,11 @@ def _chunks(text: str, size: int = 1 << 20) -> Iterator[str]:
 
 
 def _corpus(files: Sequence[str]) -> Iterator[str]:
-    for path in files:
-        fs, fs_path = fsspec.core.url_to_fs(path)
-        yield from _chunks(_read_text(fs, fs_path, path))
+    """Text of every document (plain files and JSONL lines), cut into pieces."""
+    from gpt2train.text_sources import iter_documents
+
+    for _, text in iter_documents(files):
+        yield from _chunks(text)
 
 
 def _train_hf(texts: Iterable[str], n_learned: int, min_frequency: int):
