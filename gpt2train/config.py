@@ -72,6 +72,13 @@ class Config:
     keep_checkpoints: int = _key(3, "how many recent checkpoints to keep")
     pad_vocab_to: int = _key(128, "pad the embedding rows to a multiple of this (logits masked); 1 = no padding")
     remat: bool = _key(False, "recompute block activations in the backward pass to save memory")
+    long_data_path: Any = _key(None, "long documents (.tfrecords) for the openwebtext_long and openwebtext_longbiased inputs")
+    long_eval_data_path: Any = _key(None, "held-out long documents for openwebtext_long (default: eval_data_path)")
+    data_weights: Any = _key(None, "tfrecords input: one sampling weight per data_path entry (a mixture)")
+    stitch: int = _key(0, "documents joined per window group (0: enough minimum_size documents for one window)")
+    minimum_size: int = _key(128, "smallest document (tokens) in the records; sets stitch when stitch is 0")
+    skip_corrupt_records: bool = _key(False, "skip (and count) damaged records instead of stopping")
+    prefetch: int = _key(4, "batches read ahead in a background thread (0: read in the training loop)")
     scan_unroll: int = _key(0, "layers per scan step: 1 compiles fastest, n_layer runs fastest (0: all if n_layer <= 12, else 1)")
 
     # ------------------------------------------------------------------
@@ -125,6 +132,11 @@ class Config:
             need(self.train_batch_size % self.grad_accum_steps == 0,
                  f"train_batch_size ({self.train_batch_size}) must be divisible by "
                  f"grad_accum_steps ({self.grad_accum_steps})")
+        need(self.stitch >= 0 and self.minimum_size >= 0 and self.prefetch >= 0,
+             "stitch, minimum_size and prefetch must be >= 0")
+        if self.data_weights is not None:
+            need(isinstance(self.data_weights, list) and all(isinstance(w, (int, float)) for w in self.data_weights),
+                 f"data_weights must be a list of numbers, got {self.data_weights!r}")
         if problems:
             raise UserError("invalid config:\n  - " + "\n  - ".join(problems))
         return self
@@ -141,7 +153,7 @@ def nearest_key(name: str) -> str | None:
 def _coerce(name: str, value: Any) -> Any:
     """Convert a JSON or command-line value to the key's type, or explain why it cannot be."""
     default = FIELDS[name].default
-    if name in ("data_path", "eval_data_path"):
+    if name in ("data_path", "eval_data_path", "long_data_path", "long_eval_data_path"):
         return value
     try:
         if isinstance(default, bool):

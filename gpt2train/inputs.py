@@ -228,3 +228,7 @@ def text_input(cfg, split: str, tokenizer, *, process_index: int = 0, process_co
         name=f"{path_key} {spec!r}",
         batch_key=batch_key,
     )
+
+
+# The .tfrecords inputs register themselves on import; their module builds on this one.
+from gpt2train import record_windows  # noqa: E402,F401

@@ -27,6 +27,7 @@ from .checkpoint import Checkpointer
 from .config import Config
 from .errors import UserError
 from .inputs import get_input
+from .prefetch import Prefetched
 from .mesh import batch_sharding, check_batch, make_mesh, replicated
 from .metrics import MetricsWriter, peak_flops_per_device, train_flops_per_token
 from .optimizers import learning_rate_schedule, make_optimizer
@@ -112,11 +113,14 @@ class Trainer:
         check_batch("train_batch_size", cfg.train_batch_size // cfg.grad_accum_steps, self.mesh)
         self.tx = make_optimizer(cfg)
         make_source = get_input(cfg.input)
-        self.train_data = make_source(cfg, "train", tokenizer)
+        hosts = {"process_index": jax.process_index(), "process_count": jax.process_count()}
+        self.train_data = make_source(cfg, "train", tokenizer, **hosts)
+        if cfg.prefetch:
+            self.train_data = Prefetched(self.train_data, cfg.prefetch)
         self.eval_data = None
         if cfg.eval_steps > 0 and cfg.eval_data_path:
             check_batch("eval_batch_size", cfg.eval_batch_size, self.mesh)
-            self.eval_data = make_source(cfg, "eval", tokenizer)
+            self.eval_data = make_source(cfg, "eval", tokenizer, **hosts)
         self.metrics = MetricsWriter(cfg.model_path)
         self.ckpt = Checkpointer(cfg)
         self._stop_signal = None
@@ -149,6 +153,8 @@ class Trainer:
         return int(self.state["step"])
 
     def _put(self, batch: np.ndarray):
+        if jax.process_count() > 1:  # each host holds its own rows of the global batch
+            return jax.make_array_from_process_local_data(self._batch_sharding, batch)
         return jax.device_put(batch, self._batch_sharding)
 
     # ------------------------------------------------------------------ pieces
@@ -279,6 +285,8 @@ class Trainer:
             bar.close()
             self.ckpt.wait()  # never leave a save half-written behind an exception
             self.metrics.close()
+            if isinstance(self.train_data, Prefetched):
+                self.train_data.close()
             for s, h in old_handlers.items():
                 signal.signal(s, h)
         return RunResult(step, last_loss, eval_loss, list(history))
