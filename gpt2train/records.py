@@ -51,10 +51,17 @@ def _field(number: int, payload: bytes) -> bytes:
 
 
 def _packed_varints(values: np.ndarray) -> bytes:
-    values = np.asarray(values, dtype=np.int64)
-    if len(values) and values.min() >= 0 and values.max() < 128:
-        return values.astype(np.uint8).tobytes()  # the common case of small ids, fast
-    return b"".join(_varint(int(v)) for v in values)
+    """Varints of many int64s at once: 7-bit groups, low first, high bit set on all but the last."""
+    values = np.asarray(values, dtype=np.int64).view(np.uint64)
+    if not len(values):
+        return b""
+    shifts = np.arange(10, dtype=np.uint64) * np.uint64(7)
+    groups = ((values[:, None] >> shifts) & np.uint64(0x7F)).astype(np.uint8)  # [n, 10]
+    lengths = 1 + sum((values >= np.uint64(1 << (7 * k))).astype(np.int64) for k in range(1, 10))
+    keep = np.arange(10)[None, :] < lengths[:, None]
+    more = np.arange(10)[None, :] < (lengths - 1)[:, None]
+    groups[more] |= 0x80
+    return groups[keep].tobytes()
 
 
 def encode_example(tokens: Sequence[int] | np.ndarray, name: bytes | str = b"") -> bytes:
@@ -110,14 +117,22 @@ def _fields(buf: memoryview) -> Iterator[tuple[int, int, object]]:
 
 
 def _unpack_varints(buf: memoryview) -> np.ndarray:
+    """Packed varints decoded all at once (documents hold thousands of ids)."""
     raw = np.frombuffer(buf, dtype=np.uint8)
     if not len(raw) or raw.max() < 0x80:
         return raw.astype(np.int64)
-    values, pos = [], 0
-    while pos < len(buf):
-        value, pos = _read_varint(buf, pos)
-        values.append(value - (1 << 64) if value >= 1 << 63 else value)
-    return np.array(values, dtype=np.int64)
+    if raw[-1] >= 0x80:
+        raise _Malformed("truncated varint")
+    ends = np.flatnonzero(raw < 0x80)
+    starts = np.concatenate([[0], ends[:-1] + 1])
+    lengths = ends - starts + 1
+    if lengths.max() > 10:
+        raise _Malformed("varint longer than 10 bytes")
+    values = np.zeros(len(ends), dtype=np.uint64)
+    for k in range(int(lengths.max())):
+        rows = np.flatnonzero(lengths > k)
+        values[rows] |= (raw[starts[rows] + k] & np.uint8(0x7F)).astype(np.uint64) << np.uint64(7 * k)
+    return values.view(np.int64)
 
 
 def _int64_list(buf: memoryview) -> np.ndarray:
