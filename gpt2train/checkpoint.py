@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 
 import fsspec
 import jax
@@ -16,6 +15,7 @@ import orbax.checkpoint as ocp
 
 from .config import Config
 from .errors import UserError
+from .paths import checkpoint_dir
 
 # Keys that fix the parameter shapes: a checkpoint only fits a config that agrees on them.
 SHAPE_KEYS = ("n_ctx", "n_embd", "n_layer", "n_head", "n_vocab", "pad_vocab_to")
@@ -24,9 +24,7 @@ logging.getLogger("absl").setLevel(logging.WARNING)
 
 
 def _ckpt_dir(model_path: str) -> str:
-    path = model_path.rstrip("/") + "/checkpoints"
-    # Orbax needs absolute local paths; configs usually hold relative ones.
-    return path if "://" in path else os.path.abspath(path)
+    return checkpoint_dir(model_path)
 
 
 class Checkpointer:

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .config import Config
+from .paths import local_path
 
 # Dense bf16 peak per chip, from the vendors' data sheets.
 ACCELERATOR_PEAK_FLOPS = {
@@ -80,8 +81,9 @@ class MetricsWriter:
         if self.enabled:
             try:
                 from tensorboardX import SummaryWriter
-                if "://" not in model_path or model_path.startswith("file://"):
-                    self._tb = SummaryWriter(os.path.join(model_path, "tensorboard"))
+                local = local_path(model_path)
+                if local is not None:  # TensorBoard files only locally; JSONL goes anywhere
+                    self._tb = SummaryWriter(os.path.join(local, "tensorboard"))
             except ImportError:  # TensorBoard files are a convenience, JSONL is the record
                 self._tb = None
 

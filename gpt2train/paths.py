@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 
 import fsspec
@@ -51,3 +52,35 @@ def expand_paths(spec: str | Sequence[str]) -> list[str]:
             raise UserError(f"{item!r} matches no files: check the path (a file, a directory or a glob)")
         files.extend(found)
     return list(dict.fromkeys(files))  # drop repeats, keep order
+
+
+def is_url(path: str) -> bool:
+    return "://" in str(path)
+
+
+def local_path(path: str) -> str | None:
+    """The absolute local path of a plain path or file:// URL; None for other filesystems."""
+    path = str(path)
+    if path.startswith("file://"):
+        path = path[len("file://") :]
+    elif is_url(path):
+        return None
+    return os.path.abspath(path)
+
+
+# Filesystems Orbax writes checkpoints to itself (through TensorStore / etils epath).
+CHECKPOINT_PROTOCOLS = ("gs://", "s3://")
+
+
+def checkpoint_dir(model_path: str) -> str:
+    """Where Orbax keeps a run's checkpoints: an absolute local path or a gs:// (s3://) URL."""
+    path = model_path.rstrip("/") + "/checkpoints"
+    local = local_path(path)
+    if local is not None:
+        return local  # Orbax needs absolute local paths; configs usually hold relative ones
+    if path.startswith(CHECKPOINT_PROTOCOLS):
+        return path
+    raise UserError(
+        f"model_path {model_path!r}: checkpoints can be written to a local directory, gs:// or s3://, "
+        "not this filesystem; point model_path at one of those"
+    )

@@ -121,7 +121,7 @@ class Trainer:
         if cfg.eval_steps > 0 and cfg.eval_data_path:
             check_batch("eval_batch_size", cfg.eval_batch_size, self.mesh)
             self.eval_data = make_source(cfg, "eval", tokenizer, **hosts)
-        self.metrics = MetricsWriter(cfg.model_path)
+        self.metrics = MetricsWriter(cfg.model_path, enabled=jax.process_index() == 0)  # one writer per run
         self.ckpt = Checkpointer(cfg)
         self._stop_signal = None
 
