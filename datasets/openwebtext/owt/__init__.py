@@ -1,0 +1,1 @@
+"""OpenWebText-style corpus building: URLs -> pages -> main text -> deduplicated text files."""
