@@ -92,3 +92,16 @@ def test_command_line_errors_are_one_line(tmp_path):
     assert proc.returncode != 0
     assert 'bad.jsonl, line 2: expected a JSON object with a "text" field' in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_tokenizer_trains_on_the_same_inputs(tmp_path):
+    from gpt2train.cli import run_main
+    from gpt2train.tokenizer import load_tokenizer
+    src = corpus(tmp_path)
+    assert run_main(["tokenizer", "--input", str(src / "docs.jsonl"), str(src / "*.txt"), "--vocab_size", "400",
+                     "--out", str(tmp_path / "vocab")]) == 0
+    tok = load_tokenizer(str(tmp_path / "vocab"))
+    assert tok.n_vocab == 400
+    text = "the quick brown fox jumps over the lazy dog"  # from the JSONL documents: merged into few tokens
+    assert len(tok.encode(text)) < 0.7 * len(text.encode())
+    assert tok.decode(tok.encode(text)) == text
