@@ -39,8 +39,9 @@ class Checkpointer:
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
-    def save(self, step: int, state, data_state: dict) -> None:
-        meta = {"data": data_state, "config": self.cfg.to_dict()}
+    def save(self, step: int, state, data_state: dict, *, kind: str = "training") -> None:
+        """kind "training": a full training state; "pretrained": {"params"} only (a model to start from)."""
+        meta = {"data": data_state, "config": self.cfg.to_dict(), "kind": kind}
         self.manager.save(step, args=ocp.args.Composite(
             state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
 
@@ -77,23 +78,28 @@ def check_compatible(cfg: Config, saved: dict, where: str) -> None:
                         + "; ".join(diffs) + "). Use a new model_path, or the config it was trained with.")
 
 
+    def restore_params(self, step: int, sharding=None):
+        """Only the parameters of a step (of either kind of checkpoint)."""
+        from . import model
+        sharding = sharding or jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        abstract = jax.eval_shape(lambda: model.init_params(self.cfg, jax.random.PRNGKey(0)))
+        abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), abstract)
+        item = {"params": abstract}
+        return self.restore_state(step, ocp.args.PyTreeRestore(
+            item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item), partial_restore=True))["params"]
+
+
 def load_params(cfg: Config, step: int | None = None):
     """Just the parameters of the latest (or given) checkpoint, for generation and evaluation."""
-    from . import model
     ckpt = Checkpointer(cfg, create=False) if _exists(cfg.model_path) else None
     if ckpt is None or ckpt.latest_step() is None:
         raise UserError(f"no checkpoint found in {_ckpt_dir(cfg.model_path)}: train first "
                         f"(python3 main.py --model <config>) or point model_path at a trained model")
     step = ckpt.latest_step() if step is None else step
     ckpt.read_meta(step)
-    sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    abstract = jax.eval_shape(lambda: model.init_params(cfg, jax.random.PRNGKey(0)))
-    abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), abstract)
-    item = {"params": abstract}
-    state = ckpt.restore_state(step, ocp.args.PyTreeRestore(
-        item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item), partial_restore=True))
+    params = ckpt.restore_params(step)
     ckpt.close()
-    return state["params"], step
+    return params, step
 
 
 @contextlib.contextmanager

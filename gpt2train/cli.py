@@ -180,7 +180,7 @@ def interactive(gen, opts, samples, cfg) -> list[str]:
     return out
 
 
-def cmd_evaluate(cfg, data) -> dict:
+def cmd_evaluate(cfg, data, stride=None) -> dict:
     from .checkpoint import load_params
     from .evaluate import evaluate_text
     from .tokenizer import load_tokenizer
@@ -189,7 +189,7 @@ def cmd_evaluate(cfg, data) -> dict:
         raise UserError("nothing to evaluate: pass --data FILES or set eval_data_path in the config")
     tok = load_tokenizer(cfg.encoder_path)
     params, step = load_params(cfg)
-    result = {"step": step, **evaluate_text(cfg, params, tok, spec)}
+    result = {"step": step, **evaluate_text(cfg, params, tok, spec, stride=stride)}
     print(f"step {step}: loss {result['loss']:.4f}  perplexity {result['perplexity']:.3f}  "
           f"bits/byte {result['bits_per_byte']:.4f}  ({result['tokens']} tokens, {result['bytes']} bytes)")
     return result
@@ -229,6 +229,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--model", required=True, help="JSON config of the trained model")
     e.add_argument("--data", help="files, directory or glob (default: eval_data_path)")
     e.add_argument("--json", action="store_true", help="print the result as JSON too")
+    e.add_argument("--stride", type=int, default=None,
+                   help="sliding windows of n_ctx tokens moved by STRIDE; only new tokens are scored")
 
     k = sub.add_parser("tokenizer", allow_abbrev=False, help="train a byte-level BPE vocabulary on text files")
     k.add_argument("--input", required=True, nargs="+", help="text or JSONL files, directories or globs")
@@ -247,6 +249,14 @@ def build_parser() -> argparse.ArgumentParser:
     held.add_argument("--holdout_fraction", type=float, default=0.0, help="share of documents written to OUT/eval/ instead")
     held.add_argument("--holdout_input", nargs="+", help="inputs written to OUT/eval/ as the held-out set")
 
+    w = sub.add_parser("download", allow_abbrev=False, help="fetch a pretrained GPT-2 or convert a checkpoint directory")
+    w.add_argument("source", help="124M 355M 774M 1558M (117M, 345M), encoder, or a directory (HF or OpenAI format)")
+    w.add_argument("--out", default="models", help="where models go (default: models)")
+
+    x = sub.add_parser("export", allow_abbrev=False, help="write a trained model in Hugging Face format")
+    x.add_argument("--model", required=True, help="JSON config of the trained model")
+    x.add_argument("--out", required=True, help="directory for config.json, model.safetensors, tokenizer files")
+
     sub.add_parser("keys", help="list every config key with its default and meaning")
 
     d = sub.add_parser("demo", allow_abbrev=False, help="the built-in demo: train on Python's standard library, then sample")
@@ -264,6 +274,12 @@ def run_main(argv: list[str] | None = None) -> int:
         from .config import describe_keys
         print(describe_keys())
         return 0
+    if args.command == "download":
+        if rest:
+            raise UserError(f"unexpected arguments: {' '.join(rest)}")
+        from .download import download
+        download(args.source, args.out)
+        return 0
     if args.command in ("tokenizer", "encode"):
         if rest:
             raise UserError(f"unexpected arguments: {' '.join(rest)}")
@@ -280,8 +296,14 @@ def run_main(argv: list[str] | None = None) -> int:
         cmd_train(cfg)
     elif args.command == "generate":
         cmd_generate(cfg, args)
+    elif args.command == "export":
+        from .checkpoint import load_params
+        from .pretrained import export_hf
+        params, step = load_params(cfg)
+        export_hf(params, cfg, args.out, cfg.encoder_path or None)
+        print(f"exported step {step} of {cfg.model_path} to {args.out} (Hugging Face GPT-2 format)")
     elif args.command == "evaluate":
-        result = cmd_evaluate(cfg, args.data)
+        result = cmd_evaluate(cfg, args.data, args.stride)
         if args.json:
             print(json.dumps(result))
     return 0

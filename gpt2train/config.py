@@ -72,6 +72,7 @@ class Config:
     keep_checkpoints: int = _key(3, "how many recent checkpoints to keep")
     pad_vocab_to: int = _key(128, "pad the embedding rows to a multiple of this (logits masked); 1 = no padding")
     remat: bool = _key(False, "recompute block activations in the backward pass to save memory")
+    init_from: str = _key("", "start training from a pretrained model: 124M/355M/774M/1558M or a checkpoint directory")
     long_data_path: Any = _key(None, "long documents (.tfrecords) for the openwebtext_long and openwebtext_longbiased inputs")
     long_eval_data_path: Any = _key(None, "held-out long documents for openwebtext_long (default: eval_data_path)")
     data_weights: Any = _key(None, "tfrecords input: one sampling weight per data_path entry (a mixture)")

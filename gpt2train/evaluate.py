@@ -18,7 +18,8 @@ import numpy as np
 from . import model
 from .config import Config
 from .errors import UserError
-from .inputs import expand_paths, read_documents
+from .inputs import read_documents
+from .paths import expand_paths
 
 
 def token_stream(spec, tokenizer) -> tuple[np.ndarray, int]:
@@ -44,6 +45,31 @@ def windows(stream: np.ndarray, n_ctx: int) -> tuple[np.ndarray, np.ndarray]:
     return padded[idx], mask
 
 
+def sliding_windows(stream: np.ndarray, n_ctx: int, stride: int) -> tuple[np.ndarray, np.ndarray]:
+    """Windows the way HF documents GPT-2 perplexity: each sees up to n_ctx tokens starting
+    `stride` after the previous one, and scores only targets the previous windows did not
+    (inside a window the first token is context only). Returns (windows, target mask)."""
+    if not 1 <= stride <= n_ctx:
+        raise UserError(f"--stride {stride} must be between 1 and n_ctx ({n_ctx})")
+    n = len(stream)
+    if n < 2:
+        raise UserError("the evaluation text is empty: give files with some text in them")
+    starts, prev_end = [], 0
+    for begin in range(0, n, stride):
+        end = min(begin + n_ctx, n)
+        starts.append((begin, prev_end, end))
+        prev_end = end
+        if end == n:
+            break
+    padded = np.zeros(starts[-1][0] + n_ctx + 1, np.int32)
+    padded[:n] = stream
+    wins = np.stack([padded[b : b + n_ctx + 1] for b, _, _ in starts])
+    positions = np.array([b for b, _, _ in starts])[:, None] + np.arange(1, n_ctx + 1)[None, :]
+    lower = np.array([max(p, b + 1) for b, p, _ in starts])[:, None]
+    upper = np.array([e for _, _, e in starts])[:, None]
+    return wins, (positions >= lower) & (positions < upper)
+
+
 def score_windows(cfg: Config, params, wins: np.ndarray, mask: np.ndarray, batch_size: int) -> float:
     """Sum of token losses (nats) over the masked targets."""
     @jax.jit
@@ -61,14 +87,18 @@ def score_windows(cfg: Config, params, wins: np.ndarray, mask: np.ndarray, batch
     return float(np.sum(jax.device_get(totals)))  # one host sync for the whole pass
 
 
-def evaluate_text(cfg: Config, params, tokenizer, spec, batch_size: int | None = None) -> dict:
+def evaluate_text(cfg: Config, params, tokenizer, spec, batch_size: int | None = None, stride: int | None = None) -> dict:
     stream, n_docs = token_stream(spec, tokenizer)
-    return {**evaluate_stream(cfg, params, tokenizer, stream, batch_size), "documents": n_docs}
+    return {**evaluate_stream(cfg, params, tokenizer, stream, batch_size, stride), "documents": n_docs}
 
 
-def evaluate_stream(cfg: Config, params, tokenizer, stream: np.ndarray, batch_size: int | None = None) -> dict:
-    """Loss, perplexity and bits per byte of an already tokenized stream (see token_stream)."""
-    wins, mask = windows(stream, cfg.n_ctx)
+def evaluate_stream(cfg: Config, params, tokenizer, stream: np.ndarray, batch_size: int | None = None,
+                    stride: int | None = None) -> dict:
+    """Loss, perplexity and bits per byte of an already tokenized stream (see token_stream).
+
+    Without a stride, consecutive windows score every target once with the context its window
+    gives; with one, sliding windows give each target up to n_ctx - stride tokens more context."""
+    wins, mask = windows(stream, cfg.n_ctx) if stride is None else sliding_windows(stream, cfg.n_ctx, stride)
     total = score_windows(cfg, params, wins, mask, batch_size or cfg.eval_batch_size)
     n_tokens = int(mask.sum())
     targets = wins[:, 1:][mask]

@@ -140,13 +140,28 @@ class Trainer:
     def _initial_state(self, sharding):
         abstract = jax.eval_shape(lambda: init_state(self.cfg, self.tx))
         latest = self.ckpt.latest_step()
+        if latest is not None and self.ckpt.read_meta(latest).get("kind") == "pretrained":
+            # A converted pretrained model: its weights, a fresh optimizer, step 0.
+            self.log(f"starting from the pretrained model in {self.ckpt.dir}")
+            return self._state_from_params(self.ckpt.restore_params(latest), sharding)
         if latest is not None:
             abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), abstract)
             state, data_state = self.ckpt.restore(abstract, latest)
             self.train_data.restore(data_state)
             self.log(f"resumed from {self.ckpt.dir} at step {latest}")
             return state
+        if self.cfg.init_from:
+            from .pretrained import fit, load_pretrained
+            pre = load_pretrained(self.cfg.init_from)
+            self.log(f"initialised from the pretrained model {pre.source}")
+            return self._state_from_params(fit(pre, self.cfg), sharding)
         return jax.jit(lambda: init_state(self.cfg, self.tx), out_shardings=sharding)()
+
+    def _state_from_params(self, params, sharding):
+        def build(p):
+            return {"step": jnp.zeros((), jnp.int32), "params": p, "opt_state": self.tx.init(p),
+                    "rng": jax.random.fold_in(jax.random.PRNGKey(self.cfg.seed), 1)}
+        return jax.jit(build, out_shardings=sharding)(jax.tree.map(jnp.asarray, params))
 
     @property
     def step(self) -> int:
