@@ -93,6 +93,11 @@ def make_eval_step(cfg: Config):
     return eval_step
 
 
+@jax.jit
+def _all_finite(tree) -> jax.Array:
+    return jnp.all(jnp.stack([jnp.isfinite(x).all() for x in jax.tree.leaves(tree)]))
+
+
 @dataclass
 class RunResult:
     step: int
@@ -183,6 +188,13 @@ class Trainer:
         return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0))}
 
     def save(self) -> None:
+        # The last update can overflow after a finite loss was reported: never save such a state.
+        if not bool(_all_finite(self.state["params"])):
+            good = self.ckpt.latest_step()
+            raise NonFiniteLoss(
+                f"the parameters became non-finite at step {self.step}; this state was not saved. The last good "
+                f"checkpoint is step {good} in {self.ckpt.dir}. Lower lr (now {self.cfg.lr}), raise "
+                "warmup_steps, or set grad_clip, then rerun to resume.")
         self.ckpt.save(self.step, self.state, self.train_data.state())
 
     def _request_stop(self, signum, _frame):

@@ -94,7 +94,7 @@ def test_nan_loss_stops_with_clear_error_and_keeps_good_checkpoint(tmp_path, gpt
     with pytest.raises(NonFiniteLoss) as e:
         trainer.run()
     msg = str(e.value)
-    assert "loss became" in msg and "Lower lr" in msg
+    assert ("loss became" in msg or "parameters became non-finite" in msg) and "Lower lr" in msg
     good = Checkpointer(cfg).latest_step()
     if good is not None:  # whatever was saved holds finite parameters
         state = Trainer(cfg, gpt2_tokenizer, progress=False, log=lambda *a, **k: None).state
