@@ -65,6 +65,16 @@ class Checkpointer:
         meta = self.read_meta(step)
         return self.restore_state(step, ocp.args.StandardRestore(abstract_state)), meta["data"]
 
+    def restore_params(self, step: int, sharding=None):
+        """Only the parameters of a step (of either kind of checkpoint)."""
+        from . import model
+        sharding = sharding or jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        abstract = jax.eval_shape(lambda: model.init_params(self.cfg, jax.random.PRNGKey(0)))
+        abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), abstract)
+        item = {"params": abstract}
+        return self.restore_state(step, ocp.args.PyTreeRestore(
+            item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item), partial_restore=True))["params"]
+
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
@@ -76,17 +86,6 @@ def check_compatible(cfg: Config, saved: dict, where: str) -> None:
     if diffs:
         raise UserError(f"the checkpoint in {where} was trained with another model shape ("
                         + "; ".join(diffs) + "). Use a new model_path, or the config it was trained with.")
-
-
-    def restore_params(self, step: int, sharding=None):
-        """Only the parameters of a step (of either kind of checkpoint)."""
-        from . import model
-        sharding = sharding or jax.sharding.SingleDeviceSharding(jax.devices()[0])
-        abstract = jax.eval_shape(lambda: model.init_params(self.cfg, jax.random.PRNGKey(0)))
-        abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), abstract)
-        item = {"params": abstract}
-        return self.restore_state(step, ocp.args.PyTreeRestore(
-            item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item), partial_restore=True))["params"]
 
 
 def load_params(cfg: Config, step: int | None = None):

@@ -55,7 +55,10 @@ def download_file(repo: str, filename: str, cache_dir: str | None = None) -> str
         path = hub.hf_hub_download(repo, filename, cache_dir=cache_dir)
     except (RepositoryNotFoundError, EntryNotFoundError) as e:
         raise UserError(f"{repo}/{filename} is not on the hub ({type(e).__name__}): check the model name") from None
-    except (LocalEntryNotFoundError, OSError) as e:
+    except Exception as e:  # the HTTP library's connection errors have no common base with OSError
+        if not isinstance(e, (LocalEntryNotFoundError, OSError)) and not any(
+                word in type(e).__name__ for word in ("Connect", "Timeout", "Network", "Offline")):
+            raise
         endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
         raise UserError(f"cannot download {repo}/{filename} from {endpoint} ({type(e).__name__}): you seem to be "
                         "offline. Connect, set HF_ENDPOINT to a reachable mirror, or pass a local checkpoint "
