@@ -68,9 +68,10 @@ class Checkpointer:
     def restore_params(self, step: int, sharding=None):
         """Only the parameters of a step (of either kind of checkpoint)."""
         from . import model
-        sharding = sharding or jax.sharding.SingleDeviceSharding(jax.devices()[0])
         abstract = jax.eval_shape(lambda: model.init_params(self.cfg, jax.random.PRNGKey(0)))
-        abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), abstract)
+        if sharding is None:
+            sharding = jax.tree.map(lambda _: jax.sharding.SingleDeviceSharding(jax.devices()[0]), abstract)
+        abstract = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh), abstract, sharding)
         item = {"params": abstract}
         return self.restore_state(step, ocp.args.PyTreeRestore(
             item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item), partial_restore=True))["params"]
@@ -88,15 +89,16 @@ def check_compatible(cfg: Config, saved: dict, where: str) -> None:
                         + "; ".join(diffs) + "). Use a new model_path, or the config it was trained with.")
 
 
-def load_params(cfg: Config, step: int | None = None):
-    """Just the parameters of the latest (or given) checkpoint, for generation and evaluation."""
+def load_params(cfg: Config, step: int | None = None, sharding=None):
+    """Just the parameters of the latest (or given) checkpoint, for generation and evaluation
+    (on one device, or with `sharding`, a tree of shardings such as the mesh's)."""
     ckpt = Checkpointer(cfg, create=False) if _exists(cfg.model_path) else None
     if ckpt is None or ckpt.latest_step() is None:
         raise UserError(f"no checkpoint found in {_ckpt_dir(cfg.model_path)}: train first "
                         f"(python3 main.py --model <config>) or point model_path at a trained model")
     step = ckpt.latest_step() if step is None else step
     ckpt.read_meta(step)
-    params = ckpt.restore_params(step)
+    params = ckpt.restore_params(step, sharding)
     ckpt.close()
     return params, step
 

@@ -13,6 +13,7 @@ import os
 import sys
 import warnings
 
+from .distributed import add_flags as add_distributed_flags
 from .errors import UserError
 
 EXIT_USER_ERROR = 2
@@ -69,6 +70,11 @@ def check_tpu(requested: str | None) -> None:
                         f"(found: {', '.join(sorted(platforms))}); run on the TPU VM, or drop --tpu")
 
 
+def join_hosts(args) -> None:
+    from .distributed import initialize
+    initialize(args.coordinator_address, args.num_processes, args.process_id)
+
+
 # ----------------------------------------------------------------------------- commands
 def cmd_train(cfg, log=print) -> dict:
     from .tokenizer import load_tokenizer
@@ -106,10 +112,11 @@ def _prompts_from_args(args) -> list[str] | None:
 
 def cmd_generate(cfg, args, *, interactive_ok: bool = True) -> list[str]:
     from .checkpoint import load_params
+    from .mesh import param_shardings
     from .generate import Generator, SamplingOptions
     from .tokenizer import load_tokenizer
     tok = load_tokenizer(cfg.encoder_path)
-    params, step = load_params(cfg)
+    params, step = load_params(cfg, sharding=param_shardings(cfg))
     gen = Generator(cfg, params, tok)
     opts = SamplingOptions(length=args.length or cfg.n_ctx // 2, temperature=args.temperature,
                            top_k=args.top_k, top_p=args.top_p,
@@ -182,13 +189,14 @@ def interactive(gen, opts, samples, cfg) -> list[str]:
 
 def cmd_evaluate(cfg, data, stride=None) -> dict:
     from .checkpoint import load_params
+    from .mesh import param_shardings
     from .evaluate import evaluate_text
     from .tokenizer import load_tokenizer
     spec = data or cfg.eval_data_path
     if not spec:
         raise UserError("nothing to evaluate: pass --data FILES or set eval_data_path in the config")
     tok = load_tokenizer(cfg.encoder_path)
-    params, step = load_params(cfg)
+    params, step = load_params(cfg, sharding=param_shardings(cfg))
     result = {"step": step, **evaluate_text(cfg, params, tok, spec, stride=stride)}
     print(f"step {step}: loss {result['loss']:.4f}  perplexity {result['perplexity']:.3f}  "
           f"bits/byte {result['bits_per_byte']:.4f}  ({result['tokens']} tokens, {result['bytes']} bytes)")
@@ -220,6 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train (or resume) from a JSON config", allow_abbrev=False)
     t.add_argument("--model", required=True, help="JSON config")
     t.add_argument("--tpu", help="TPU name (fails clearly when no TPU is present)")
+    add_distributed_flags(t)
 
     g = sub.add_parser("generate", allow_abbrev=False, help="sample from a trained model")
     g.add_argument("--model", required=True, help="JSON config of the trained model")
@@ -257,6 +266,11 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--model", required=True, help="JSON config of the trained model")
     x.add_argument("--out", required=True, help="directory for config.json, model.safetensors, tokenizer files")
 
+    m = sub.add_parser("memory", allow_abbrev=False, help="memory per device and step time of a config on a mesh")
+    m.add_argument("--model", help="JSON config (its mesh_data, mesh_fsdp, batch, n_ctx, remat, opt_name, precision)")
+    m.add_argument("--devices", type=int, default=None, help="number of devices (default: this machine's)")
+    m.add_argument("--sheet", help="write the scale sheet for 124M..1558M to this Markdown file instead")
+
     sub.add_parser("keys", help="list every config key with its default and meaning")
 
     d = sub.add_parser("demo", allow_abbrev=False, help="the built-in demo: train on Python's standard library, then sample")
@@ -273,6 +287,15 @@ def run_main(argv: list[str] | None = None) -> int:
     if args.command == "keys":
         from .config import describe_keys
         print(describe_keys())
+        return 0
+    if args.command == "memory" and (args.sheet or not args.model):
+        if not args.sheet:
+            raise UserError("give --model CONFIG (one config) or --sheet FILE (the scale sheet)")
+        from .memory import sheet_markdown
+        import fsspec
+        with fsspec.open(args.sheet, "w") as f:
+            f.write(sheet_markdown())
+        print(f"wrote {args.sheet}")
         return 0
     if args.command == "download":
         if rest:
@@ -292,10 +315,15 @@ def run_main(argv: list[str] | None = None) -> int:
     overrides = parse_overrides(rest)
     cfg = load(args, overrides)
     if args.command == "train":
+        join_hosts(args)
         check_tpu(args.tpu)
         cmd_train(cfg)
     elif args.command == "generate":
         cmd_generate(cfg, args)
+    elif args.command == "memory":
+        import jax
+        from .memory import report
+        print(report(cfg, args.devices or jax.device_count()))
     elif args.command == "export":
         from .checkpoint import load_params
         from .pretrained import export_hf
@@ -334,7 +362,9 @@ def seed_main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", required=True, help="JSON config (see configs/)")
     p.add_argument("--tpu", help="TPU name (fails clearly when no TPU is present)")
     add_sampling_flags(p)
+    add_distributed_flags(p)
     args, rest = p.parse_known_args(argv)
+    join_hosts(args)
     training = args.predict_text is None and args.predict_file is None and args.prompts is None
     if training and args.seed is not None:  # when training, --seed is the config's seed
         rest += ["--seed", str(args.seed)]

@@ -20,6 +20,7 @@ from .errors import UserError
 OPTIMIZERS = ("adam", "adamw", "adafactor")
 PRECISIONS = ("float32", "bfloat16")
 DECAY_TYPES = ("pow", "adam")
+REMAT_POLICIES = ("nothing_saveable", "dots_saveable", "dots_with_no_batch_dims_saveable")
 
 
 def _key(default, doc: str, seed: bool = False):
@@ -72,6 +73,9 @@ class Config:
     keep_checkpoints: int = _key(3, "how many recent checkpoints to keep")
     pad_vocab_to: int = _key(128, "pad the embedding rows to a multiple of this (logits masked); 1 = no padding")
     remat: bool = _key(False, "recompute block activations in the backward pass to save memory")
+    mesh_data: int = _key(0, "devices along the data axis of the mesh (0: all devices not used by mesh_fsdp)")
+    mesh_fsdp: int = _key(1, "devices parameters and optimizer state are sharded over (FSDP); 1 = replicated")
+    remat_policy: str = _key("nothing_saveable", "with remat: what a block keeps for backward (nothing_saveable, dots_saveable, dots_with_no_batch_dims_saveable)")
     init_from: str = _key("", "start training from a pretrained model: 124M/355M/774M/1558M or a checkpoint directory")
     long_data_path: Any = _key(None, "long documents (.tfrecords) for the openwebtext_long and openwebtext_longbiased inputs")
     long_eval_data_path: Any = _key(None, "held-out long documents for openwebtext_long (default: eval_data_path)")
@@ -133,6 +137,7 @@ class Config:
             need(self.train_batch_size % self.grad_accum_steps == 0,
                  f"train_batch_size ({self.train_batch_size}) must be divisible by "
                  f"grad_accum_steps ({self.grad_accum_steps})")
+        need(self.remat_policy in REMAT_POLICIES, f"remat_policy must be one of {REMAT_POLICIES}, got {self.remat_policy!r}")
         need(self.stitch >= 0 and self.minimum_size >= 0 and self.prefetch >= 0,
              "stitch, minimum_size and prefetch must be >= 0")
         if self.data_weights is not None:

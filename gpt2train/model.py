@@ -199,7 +199,7 @@ def forward(params: Params, tokens: jax.Array, cfg: Config, *, key: jax.Array | 
         return x, None
 
     if cfg.remat:
-        body = jax.checkpoint(body, policy=jax.checkpoint_policies.nothing_saveable)
+        body = jax.checkpoint(body, policy=getattr(jax.checkpoint_policies, cfg.remat_policy))
     x, _ = jax.lax.scan(body, x, (params["h"], jnp.arange(cfg.n_layer)), unroll=layer_unroll(cfg))
     return logits_from_hidden(params, x, cfg)
 

@@ -28,7 +28,7 @@ from .config import Config
 from .errors import UserError
 from .inputs import get_input
 from .prefetch import Prefetched
-from .mesh import batch_sharding, check_batch, make_mesh, replicated
+from .mesh import batch_sharding, check_batch, mesh_for, replicated, state_shardings
 from .metrics import MetricsWriter, peak_flops_per_device, train_flops_per_token
 from .optimizers import learning_rate_schedule, make_optimizer
 
@@ -107,15 +107,17 @@ class RunResult:
 
 
 class Trainer:
-    def __init__(self, cfg: Config, tokenizer, *, progress: bool = True, log=print):
+    def __init__(self, cfg: Config, tokenizer, *, progress: bool = True, log=print, devices=None):
         if not cfg.model_path:
             raise UserError("model_path is empty: set it in the config to the directory for checkpoints")
         self.cfg, self.tokenizer, self.progress, self.log = cfg, tokenizer, progress, log
+        if jax.process_index() != 0:  # one host speaks for the run
+            self.progress, self.log = False, lambda *a, **k: None
         if tokenizer.n_vocab != cfg.n_vocab:
             raise UserError(f"n_vocab is {cfg.n_vocab} in the config but the tokenizer in "
                             f"{cfg.encoder_path} has {tokenizer.n_vocab} tokens; set n_vocab to {tokenizer.n_vocab}")
-        self.mesh = make_mesh()
-        check_batch("train_batch_size", cfg.train_batch_size // cfg.grad_accum_steps, self.mesh)
+        self.mesh = mesh_for(cfg, devices)
+        check_batch("train_batch_size / grad_accum_steps", cfg.train_batch_size // cfg.grad_accum_steps, self.mesh)
         self.tx = make_optimizer(cfg)
         make_source = get_input(cfg.input)
         hosts = {"process_index": jax.process_index(), "process_count": jax.process_count()}
@@ -132,11 +134,14 @@ class Trainer:
 
         rep, data = replicated(self.mesh), batch_sharding(self.mesh)
         self._batch_sharding = data
-        self.train_step = jax.jit(make_train_step(cfg, self.tx), in_shardings=(rep, data),
-                                  out_shardings=(rep, rep), donate_argnums=0)
-        self.eval_step = jax.jit(make_eval_step(cfg), in_shardings=(rep, data), out_shardings=rep)
+        # Parameters and optimizer state sharded along fsdp (replicated when it is 1).
+        state_sh = state_shardings(self.mesh, jax.eval_shape(lambda: init_state(cfg, self.tx)))
+        self.state_shardings = state_sh
+        self.train_step = jax.jit(make_train_step(cfg, self.tx), in_shardings=(state_sh, data),
+                                  out_shardings=(state_sh, rep), donate_argnums=0)
+        self.eval_step = jax.jit(make_eval_step(cfg), in_shardings=(state_sh["params"], data), out_shardings=rep)
         try:
-            self.state = self._initial_state(rep)
+            self.state = self._initial_state(state_sh)
         except BaseException:
             self.ckpt.close()  # release Orbax's background threads before the error propagates
             raise
@@ -148,9 +153,9 @@ class Trainer:
         if latest is not None and self.ckpt.read_meta(latest).get("kind") == "pretrained":
             # A converted pretrained model: its weights, a fresh optimizer, step 0.
             self.log(f"starting from the pretrained model in {self.ckpt.dir}")
-            return self._state_from_params(self.ckpt.restore_params(latest), sharding)
+            return self._state_from_params(self.ckpt.restore_params(latest, sharding["params"]), sharding)
         if latest is not None:
-            abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), abstract)
+            abstract = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh), abstract, sharding)
             state, data_state = self.ckpt.restore(abstract, latest)
             self.train_data.restore(data_state)
             self.log(f"resumed from {self.ckpt.dir} at step {latest}")

@@ -1,0 +1,46 @@
+"""Joining several processes (hosts) into one JAX program.
+
+`jax.distributed.initialize` must run before anything touches a device. It is called when
+the command line names a coordinator (GPU clusters, or two processes on one machine), or when
+the environment shows a multi-host launch that JAX discovers by itself: a TPU pod slice
+(several TPU workers), SLURM or Open MPI with more than one task.
+"""
+
+from __future__ import annotations
+
+import os
+
+from gpt2train.errors import UserError
+
+
+def _launched_by_cluster() -> bool:
+    tpu_hosts = os.environ.get("TPU_WORKER_HOSTNAMES", "")
+    return ("," in tpu_hosts or int(os.environ.get("SLURM_NTASKS", "1")) > 1
+            or int(os.environ.get("OMPI_COMM_WORLD_SIZE", "1")) > 1)
+
+
+def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
+               process_id: int | None = None) -> bool:
+    """Join the multi-host program if there is one; returns whether it did."""
+    import jax
+
+    explicit = [coordinator_address, num_processes, process_id]
+    if any(v is not None for v in explicit):
+        if any(v is None for v in explicit):
+            raise UserError("--coordinator_address, --num_processes and --process_id go together: give all three "
+                            "(e.g. --coordinator_address 10.0.0.1:1234 --num_processes 2 --process_id 0)")
+        if not 0 <= process_id < num_processes:
+            raise UserError(f"--process_id {process_id} must be between 0 and --num_processes - 1 ({num_processes - 1})")
+        jax.distributed.initialize(coordinator_address, num_processes, process_id)
+        return True
+    if _launched_by_cluster():
+        jax.distributed.initialize()  # TPU pods, SLURM and Open MPI describe themselves
+        return True
+    return False
+
+
+def add_flags(parser) -> None:
+    g = parser.add_argument_group("several hosts (TPU pods discover these themselves)")
+    g.add_argument("--coordinator_address", help="host:port of process 0, reachable from every process")
+    g.add_argument("--num_processes", type=int, help="number of processes (hosts) in the run")
+    g.add_argument("--process_id", type=int, help="this process's index, 0 .. num_processes - 1")
