@@ -80,7 +80,7 @@ class Generator:
     """Holds parameters and compiled programs; `generate` turns prompts into continuations."""
 
     def __init__(self, cfg: Config, params, tokenizer, *, chunk: int = 32):
-        self.cfg, self.params, self.tok, self.chunk = cfg, params, tokenizer, chunk
+        self.cfg, self.params, self.tok, self.chunk = cfg, model.decode_params(params), tokenizer, chunk
         self._prefill = jax.jit(functools.partial(self._prefill_fn, cfg=cfg))
         self._decode = jax.jit(self._decode_fn, static_argnames=("opts", "steps"), donate_argnums=(1,))
 

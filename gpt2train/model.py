@@ -215,31 +215,43 @@ def token_losses(params: Params, batch: jax.Array, cfg: Config, *, key=None) -> 
 
 # ----------------------------------------------------------------------------- decoding
 def init_cache(cfg: Config, batch: int, length: int) -> dict:
-    """Preallocated key/value cache [L, B, length, H, Dh] in the compute dtype."""
-    shape = (cfg.n_layer, batch, length, cfg.n_head, cfg.head_dim)
+    """Preallocated key/value caches, one [B, length, H, Dh] array per layer in the compute dtype.
+
+    Separate arrays (not one stacked [L, ...] array) let each decode step update every layer's
+    cache in place; a stacked cache would be rewritten whole at every token."""
+    shape = (batch, length, cfg.n_head, cfg.head_dim)
     dtype = compute_dtype(cfg)
-    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+    return {"k": [jnp.zeros(shape, dtype) for _ in range(cfg.n_layer)],
+            "v": [jnp.zeros(shape, dtype) for _ in range(cfg.n_layer)]}
+
+
+def decode_params(params: Params) -> Params:
+    """The parameters with the stacked blocks split into one pytree per layer, for decoding:
+    each layer's weights are then their own buffers, read in place at every token instead of
+    being sliced out of the stack (a copy) inside the compiled step."""
+    n_layer = jax.tree.leaves(params["h"])[0].shape[0]
+    layers = [jax.tree.map(lambda a, i=i: a[i], params["h"]) for i in range(n_layer)]
+    return {**{k: v for k, v in params.items() if k != "h"}, "layers": layers}
 
 
 def forward_cached(params: Params, tokens: jax.Array, cache: dict, index, pad: jax.Array, cfg: Config):
     """Run tokens [B, T] occupying cache slots index..index+T-1; return (logits, cache).
 
-    pad [B]: how many left-padding slots each row has (its real tokens start at slot pad[b]);
-    positions count from there, and padding slots are never attended to.
+    params: as from decode_params. pad [B]: how many left-padding slots each row has (its real
+    tokens start at slot pad[b]); positions count from there, and padding slots are never
+    attended to.
     """
     dtype = compute_dtype(cfg)
     B, T = tokens.shape
-    S = cache["k"].shape[2]
+    S = cache["k"][0].shape[1]
     slots = index + jnp.arange(T)                                      # [T]
     positions = jnp.maximum(slots[None, :] - pad[:, None], 0)          # [B, T]
     key_slots = jnp.arange(S)
     key_mask = (key_slots[None, None, :] <= slots[None, :, None]) & (key_slots[None, None, :] >= pad[:, None, None])
     x = embed(params, tokens, positions, cfg, dtype)
-
-    def body(x, layer):
-        p, k_cache, v_cache = layer
+    new_k, new_v = [], []
+    for p, k_cache, v_cache in zip(params["layers"], cache["k"], cache["v"]):
         x, (k_cache, v_cache) = block(x, p, cfg, dtype, cache=(k_cache, v_cache, index, key_mask))
-        return x, (k_cache, v_cache)
-
-    x, (k_all, v_all) = jax.lax.scan(body, x, (params["h"], cache["k"], cache["v"]), unroll=layer_unroll(cfg))
-    return logits_from_hidden(params, x, cfg), {"k": k_all, "v": v_all}
+        new_k.append(k_cache)
+        new_v.append(v_cache)
+    return logits_from_hidden(params, x, cfg), {"k": new_k, "v": new_v}

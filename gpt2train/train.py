@@ -206,8 +206,9 @@ class Trainer:
         self._stop_signal = signum
 
     # ------------------------------------------------------------------ loop
-    def run(self, until: int | None = None) -> RunResult:
-        """Train to max_steps (or stop early at step `until`, saving a checkpoint there)."""
+    def run(self, until: int | None = None, until_seconds: float | None = None) -> RunResult:
+        """Train to max_steps (or stop early at step `until`, or after `until_seconds` of training
+        not counting the first, compiling step; a checkpoint is saved where it stops)."""
         cfg = self.cfg
         end = cfg.max_steps if until is None else min(until, cfg.max_steps)
         start = self.step
@@ -274,6 +275,7 @@ class Trainer:
 
         step = start
         window: list = []
+        deadline = None
         try:
             while step < end:
                 batch = self._put(self.train_data.next_batch())
@@ -289,7 +291,10 @@ class Trainer:
                     compile_s = time.perf_counter() - window_start
                     self.metrics.write({"step": step, **first, "first_step_s": compile_s})
                     window, window_start = [], time.perf_counter()
-                is_end = step == end or self._stop_signal is not None
+                    if until_seconds is not None:
+                        deadline = window_start + until_seconds
+                out_of_time = deadline is not None and time.perf_counter() >= deadline
+                is_end = step == end or self._stop_signal is not None or out_of_time
                 do_eval = self.eval_data is not None and (step % cfg.train_steps == 0 or is_end)
                 do_save = step % ckpt_every == 0 or is_end
                 if step % cfg.iterations == 0 or do_eval or do_save or is_end:
@@ -311,6 +316,8 @@ class Trainer:
                     self.ckpt.wait()
                     raise Interrupted(f"stopped by signal {self._stop_signal} at step {step}; "
                                       f"checkpoint saved in {self.ckpt.dir}: rerun the same command to resume")
+                if out_of_time:
+                    break
             if pending is not None:
                 record(*settle(pending))
         finally:

@@ -14,8 +14,11 @@ from gpt2train.generate import Generator, SamplingOptions, filter_logits, format
 @pytest.fixture(scope="module")
 def gen(gpt2_tokenizer):
     cfg = Config(n_ctx=64, n_embd=64, n_layer=2, n_head=4, n_vocab=50257).validate()
-    params = M.init_params(cfg, jax.random.PRNGKey(0))
-    return Generator(cfg, params, gpt2_tokenizer, chunk=8)
+    return Generator(cfg, stacked_params(cfg), gpt2_tokenizer, chunk=8)
+
+
+def stacked_params(cfg):
+    return M.init_params(cfg, jax.random.PRNGKey(0))
 
 
 def test_same_seed_same_text_other_seed_other_text(gen):
@@ -36,7 +39,7 @@ def test_greedy_matches_step_by_step_full_forward(gen):
     ids = gen.tok.encode(prompt)
     want = []
     for _ in range(12):
-        logits = M.forward(gen.params, jnp.asarray([ids + want]), gen.cfg)[0, -1]
+        logits = M.forward(stacked_params(gen.cfg), jnp.asarray([ids + want]), gen.cfg)[0, -1]
         want.append(int(jnp.argmax(logits)))
     assert got == want
 

@@ -60,10 +60,11 @@ def test_kv_cache_decoding_matches_full_forward(precision, tol):
     cache = M.init_cache(cfg, 2, 24)
     pad = jnp.zeros(2, jnp.int32)
     step_logits = []
-    logits, cache = M.forward_cached(params, toks[:, :8], cache, 0, pad, cfg)  # prefill 8
+    dec = M.decode_params(params)
+    logits, cache = M.forward_cached(dec, toks[:, :8], cache, 0, pad, cfg)  # prefill 8
     step_logits.append(logits)
     for t in range(8, 20):                                                    # then one at a time
-        logits, cache = M.forward_cached(params, toks[:, t:t + 1], cache, t, pad, cfg)
+        logits, cache = M.forward_cached(dec, toks[:, t:t + 1], cache, t, pad, cfg)
         step_logits.append(logits)
     decoded = jnp.concatenate(step_logits, axis=1)
     v = cfg.n_vocab
@@ -78,7 +79,8 @@ def test_left_padded_rows_match_unpadded(setup):
     pad = np.array([P - n for n in lengths], np.int32)
     for i, n in enumerate(lengths):
         batch[i, P - n:] = np.asarray(toks[i, :n])
-    logits, _ = M.forward_cached(params, jnp.asarray(batch), M.init_cache(cfg, 3, P), 0, jnp.asarray(pad), cfg)
+    logits, _ = M.forward_cached(M.decode_params(params), jnp.asarray(batch), M.init_cache(cfg, 3, P), 0,
+                                 jnp.asarray(pad), cfg)
     for i, n in enumerate(lengths):
         alone = M.forward(params, toks[i:i + 1, :n], cfg)
         np.testing.assert_allclose(logits[i, P - n:, :cfg.n_vocab], alone[0, :, :cfg.n_vocab], atol=2e-5)

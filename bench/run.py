@@ -1,0 +1,404 @@
+"""Every benchmark in one run, side by side with the PyTorch reference; a JSON + Markdown report.
+
+    python bench/run.py                  # full suite (~15 minutes on 2 cores)
+    python bench/run.py --quick          # fewer repeats, shorter time-to-quality
+    python bench/run.py --smoke          # toy sizes, seconds: checks the suite itself (CI)
+    python bench/run.py --only train,generate --out bench/results
+
+Figures are medians of --repeats timed runs after a warm-up (which compiles). Ours and the
+reference alternate inside each benchmark, so load on the machine hits both alike; ratios are
+only meaningful within one report. See bench/README.md for what each benchmark measures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import platform
+import statistics
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "bench"))
+ENCODER = REPO.parent / "shared" / "encoder"
+
+SIZES = {  # name: (n_layer, n_embd, n_head, n_vocab, batch, n_ctx)
+    "full": {"train_small": (4, 128, 4, 50257, 12, 64), "train_124M": (12, 768, 12, 50257, 4, 256),
+             "gen": (12, 768, 12, 50257), "eval": (12, 768, 12, 50257, 8, 1024)},
+    "smoke": {"train_small": (2, 32, 2, 50257, 4, 16), "train_124M": (2, 64, 4, 50257, 2, 32),
+              "gen": (2, 64, 4, 50257), "eval": (2, 64, 4, 50257, 2, 64)},
+}
+
+
+def config(L, D, H, V, B=1, T=1024, **kw):
+    from gpt2train.config import Config
+    return Config(n_layer=L, n_embd=D, n_head=H, n_vocab=V, train_batch_size=B, eval_batch_size=B, n_ctx=T,
+                  embed_dropout=0.0, attn_dropout=0.0, res_dropout=0.0, **kw).validate()
+
+
+def timed(fn) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def alternate(fns: dict, repeats: int) -> dict:
+    """Median seconds of each function, run in turns after one warm-up call each."""
+    for fn in fns.values():
+        fn()
+    times = {k: [] for k in fns}
+    for _ in range(repeats):
+        for k, fn in fns.items():
+            times[k].append(timed(fn))
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+# ---------------------------------------------------------------- machine
+
+
+def machine() -> dict:
+    import jax
+    cpu = platform.processor()
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    versions = {"python": platform.python_version(), "jax": jax.__version__, "numpy": np.__version__}
+    for name in ("torch", "transformers"):
+        try:
+            versions[name] = __import__(name).__version__
+        except ImportError:
+            versions[name] = None
+    return {"cpu": cpu, "cores": os.cpu_count(), "load_1min": os.getloadavg()[0], "versions": versions,
+            "platform": jax.devices()[0].platform}
+
+
+def bandwidth_gb_s(size_mb: int) -> float:
+    """Memory bandwidth: bytes read + written by a large array copy, best of five."""
+    a = np.ones(size_mb * 2**20 // 8)
+    b = np.empty_like(a)
+    best = min(timed(lambda: np.copyto(b, a)) for _ in range(5))
+    return 2 * a.nbytes / best / 1e9
+
+
+# ---------------------------------------------------------------- training
+
+
+def bench_train(shape, repeats: int, reference: bool) -> dict:
+    import jax
+    import jax.numpy as jnp
+
+    from gpt2train.metrics import peak_flops_per_device, train_flops_per_token
+    from gpt2train.optimizers import make_optimizer
+    from gpt2train.train import init_state, make_train_step
+
+    L, D, H, V, B, T = shape
+    fns, compile_s, mfu = {}, {}, {}
+    batch_np = np.random.default_rng(0).integers(0, V, (B, T + 1))
+    for precision in ("float32", "bfloat16"):
+        cfg = config(L, D, H, V, B, T, precision=precision, opt_name="adamw", weight_decay=0.01)
+        tx = make_optimizer(cfg)
+        state = [jax.jit(lambda cfg=cfg, tx=tx: init_state(cfg, tx))()]
+        step = jax.jit(make_train_step(cfg, tx), donate_argnums=0)
+        batch = jnp.asarray(batch_np, jnp.int32)
+        t = time.perf_counter()
+        compiled = step.lower(state[0], batch).compile()
+        compile_s[precision] = time.perf_counter() - t
+
+        def run(compiled=compiled, state=state, batch=batch):
+            state[0], m = compiled(state[0], batch)
+            jax.block_until_ready(m)
+
+        fns[f"ours_{precision}"] = run
+        peak, _ = peak_flops_per_device(cfg)
+        mfu[precision] = (train_flops_per_token(cfg) * B * T, peak)
+    if reference:
+        fns["reference"] = torch_train_step(L, D, H, V, B, T)
+    secs = alternate(fns, repeats)
+    out = {"shape": {"n_layer": L, "n_embd": D, "n_head": H, "n_vocab": V, "batch": B, "n_ctx": T},
+           "compile_s": compile_s}
+    for k, s in secs.items():
+        out[f"{k}_tok_s"] = B * T / s
+    for precision, (flops, peak) in mfu.items():
+        out[f"mfu_{precision}"] = flops / secs[f"ours_{precision}"] / peak
+        out[f"peak_gflops_{precision}"] = peak / 1e9
+    if reference:
+        out["ratio_f32"] = out["ours_float32_tok_s"] / out["reference_tok_s"]
+        out["ratio_bf16"] = out["ours_bfloat16_tok_s"] / out["reference_tok_s"]
+    out["bf16_over_f32"] = out["ours_bfloat16_tok_s"] / out["ours_float32_tok_s"]
+    return out
+
+
+def torch_model(L, D, H, V, T):
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+    torch.manual_seed(0)
+    return GPT2LMHeadModel(GPT2Config(n_layer=L, n_embd=D, n_head=H, vocab_size=V, n_positions=T, resid_pdrop=0,
+                                      embd_pdrop=0, attn_pdrop=0))
+
+
+def torch_train_step(L, D, H, V, B, T):
+    import torch
+    model = torch_model(L, D, H, V, T)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.01)
+    x = torch.randint(0, V, (B, T))
+
+    def step():
+        model(x, labels=x).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    return step
+
+
+# ---------------------------------------------------------------- generation
+
+
+def bench_generate(shape, batches, new_tokens: int, repeats: int, reference: bool, bandwidth: float) -> dict:
+    import jax
+
+    from gpt2train.generate import Generator, SamplingOptions
+    from gpt2train.model import count_params
+    from gpt2train.tokenizer import load_tokenizer
+    from gpt2train.train import initial_params
+
+    L, D, H, V = shape
+    T = 1024 if D >= 768 else 256
+    cfg = config(L, D, H, V, 1, T)
+    params = initial_params(cfg)
+    tok = load_tokenizer(str(ENCODER))
+    prompt_ids = np.random.default_rng(0).integers(0, V, 20).tolist()
+    prompt = tok.decode(prompt_ids)
+    gen = Generator(cfg, params, tok)
+    opts = SamplingOptions(length=new_tokens, temperature=0.0, stop_at_eot=False)
+    ref = torch_model(L, D, H, V, T).eval() if reference else None
+    out = {"shape": {"n_layer": L, "n_embd": D, "n_vocab": V}, "prompt_tokens": 20, "new_tokens": new_tokens}
+    weight_bytes = count_params(params) * 4
+    for b in batches:
+        fns = {"ours": lambda b=b: gen.generate([prompt] * b, opts, return_tokens=True)}
+        if ref is not None:
+            import torch
+            ids = torch.tensor([tok.encode(prompt)] * b)
+
+            def hf(ids=ids):
+                with torch.no_grad():
+                    ref.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                                 pad_token_id=0, attention_mask=torch.ones_like(ids))
+            fns["reference"] = hf
+        secs = alternate(fns, repeats)
+        row = {f"{k}_tok_s": b * new_tokens / s for k, s in secs.items()}
+        if ref is not None:
+            row["ratio"] = row["ours_tok_s"] / row["reference_tok_s"]
+        if b == 1:
+            limit = bandwidth * 1e9 / weight_bytes
+            row["bandwidth_limit_tok_s"] = limit
+            row["fraction_of_bandwidth_limit"] = row["ours_tok_s"] / limit
+        out[f"batch_{b}"] = row
+    return out
+
+
+# ---------------------------------------------------------------- evaluation
+
+
+def bench_eval(shape, repeats: int, reference: bool) -> dict:
+    import jax
+    import jax.numpy as jnp
+
+    from gpt2train import model
+    from gpt2train.train import initial_params
+
+    L, D, H, V, B, T = shape
+    cfg = config(L, D, H, V, B, T)
+    params = initial_params(cfg)
+    tokens = np.random.default_rng(0).integers(0, V, (B, T + 1))
+    batch = jnp.asarray(tokens, jnp.int32)
+    loss = jax.jit(lambda p, b: model.token_losses(p, b, cfg).mean())
+    fns = {"ours": lambda: jax.block_until_ready(loss(params, batch))}
+    if reference:
+        import torch
+        ref = torch_model(L, D, H, V, T).eval()
+        x = torch.tensor(tokens[:, :-1])
+
+        def hf():
+            with torch.no_grad():
+                ref(x, labels=x)
+        fns["reference"] = hf
+    secs = alternate(fns, repeats)
+    out = {"shape": {"n_layer": L, "n_embd": D, "batch": B, "n_ctx": T}}
+    out.update({f"{k}_tok_s": B * T / s for k, s in secs.items()})
+    if reference:
+        out["ratio"] = out["ours_tok_s"] / out["reference_tok_s"]
+    return out
+
+
+# ---------------------------------------------------------------- data and time-to-quality
+
+
+def bench_data(megabytes: float) -> dict:
+    import shutil
+
+    from data_speed import build_corpus, pipeline_tokens_per_s
+
+    from gpt2train.encode import encode_corpus
+    work = pathlib.Path(tempfile.mkdtemp(prefix="bench_data_"))
+    try:
+        size = build_corpus(work / "text", megabytes)
+        s = encode_corpus(str(work / "text"), str(work / "records"), "bench", str(ENCODER), files_per=50,
+                          minimum_size=16, workers=2, progress=False, log=lambda *_: None)
+        files = [str(f) for f in sorted((work / "records").glob("*.tfrecords"))]
+        return {"corpus_mb": size / 1e6, "encode_mb_s": s.mb_per_s, "encode_workers": 2, "tokens": s.tokens,
+                "pipeline_tok_s_ctx128_b16": pipeline_tokens_per_s(files, 128, 16, seconds=3.0),
+                "pipeline_tok_s_ctx1024_b8": pipeline_tokens_per_s(files, 1024, 8, seconds=3.0)}
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def bench_time_to_quality(seconds: float, smoke: bool) -> dict:
+    """Held-out bits per byte the demo recipe reaches after `seconds` of training."""
+    from gpt2train.demo import build_corpus, demo_config_dict
+    from gpt2train.config import Config
+    from gpt2train.evaluate import evaluate_stream, token_stream
+    from gpt2train.paths import expand_paths
+    from gpt2train.tokenizer import train_tokenizer
+    from gpt2train.train import Trainer
+
+    work = pathlib.Path(tempfile.mkdtemp(prefix="bench_ttq_"))
+    values = demo_config_dict(str(work))
+    if smoke:
+        values.update(n_layer=1, n_embd=32, n_head=2, n_vocab=300, n_ctx=32, eval_steps=0)
+    values.update(max_steps=10**6, train_steps=10**6, eval_steps=0, checkpoint_every=10**6)
+    cfg = Config(**values).validate()
+    build_corpus(work, log=lambda *_: None)
+    train_files = expand_paths(cfg.data_path)
+    if smoke:
+        train_files = train_files[:20]
+        cfg = cfg.replace(data_path=train_files)
+    tok = train_tokenizer(train_files, cfg.n_vocab, cfg.encoder_path)
+    held_out, _ = token_stream(cfg.eval_data_path, tok)
+    if smoke:
+        held_out = held_out[:5000]
+    trainer = Trainer(cfg, tok, progress=False, log=lambda *a, **k: None)
+    result = trainer.run(until_seconds=seconds)
+    after = evaluate_stream(cfg, trainer.state["params"], tok, held_out)
+    return {"seconds": seconds, "steps": result.step, "tokens_trained": result.step * cfg.train_batch_size * cfg.n_ctx,
+            "heldout_bits_per_byte": after["bits_per_byte"], "heldout_perplexity": after["perplexity"],
+            "recipe": {k: values[k] for k in ("n_layer", "n_embd", "n_vocab", "n_ctx", "train_batch_size", "lr")}}
+
+
+# ---------------------------------------------------------------- report
+
+
+def markdown(report: dict) -> str:
+    m = report["machine"]
+    lines = [f"# Benchmark report ({report['mode']})", "",
+             f"{m['cpu']}, {m['cores']} cores, load {m['load_1min']:.2f} at start; "
+             + ", ".join(f"{k} {v}" for k, v in m["versions"].items() if v)
+             + f"; memory bandwidth {report['bandwidth_gb_s']:.1f} GB/s; total {report['seconds']:.0f} s.", ""]
+    r = report["results"]
+    for name in ("train_small", "train_124M"):
+        if name in r:
+            t = r[name]
+            ref = t.get("reference_tok_s")
+            lines += [f"## Training, {name[6:]} ({t['shape']})", "",
+                      "| | tokens/s | vs reference | MFU | compile |", "| --- | --- | --- | --- | --- |"]
+            for p in ("float32", "bfloat16"):
+                ratio = f"{t[f'ours_{p}_tok_s'] / ref:.2f}x" if ref else "n/a"
+                lines.append(f"| ours {p} | {t[f'ours_{p}_tok_s']:,.0f} | {ratio} | {t[f'mfu_{p}']:.1%} of "
+                             f"{t[f'peak_gflops_{p}']:.0f} GFLOP/s | {t['compile_s'][p]:.1f} s |")
+            if ref:
+                lines.append(f"| HF GPT-2 + torch AdamW | {ref:,.0f} | 1.00x | | |")
+            lines += [f"\nbf16 / f32: {t['bf16_over_f32']:.2f}x", ""]
+    if "generate" in r:
+        g = r["generate"]
+        lines += [f"## Generation ({g['shape']}, greedy, {g['prompt_tokens']}-token prompt + {g['new_tokens']} new)",
+                  "", "| batch | ours tokens/s | HF generate tokens/s | ratio | bandwidth limit |", "| --- | --- | --- | --- | --- |"]
+        for key, row in g.items():
+            if key.startswith("batch_"):
+                lim = (f"{row['bandwidth_limit_tok_s']:.1f} tok/s ({row['fraction_of_bandwidth_limit']:.0%} reached)"
+                       if "bandwidth_limit_tok_s" in row else "")
+                lines.append(f"| {key[6:]} | {row['ours_tok_s']:.1f} | {row.get('reference_tok_s', float('nan')):.1f} | "
+                             f"{row.get('ratio', float('nan')):.2f}x | {lim} |")
+        lines.append("")
+    if "eval" in r:
+        e = r["eval"]
+        lines += [f"## Evaluation, forward only ({e['shape']})", "",
+                  f"ours {e['ours_tok_s']:,.0f} tokens/s; HF {e.get('reference_tok_s', float('nan')):,.0f}; "
+                  f"ratio {e.get('ratio', float('nan')):.2f}x", ""]
+    if "data" in r:
+        d = r["data"]
+        lines += ["## Data", "", f"encode {d['encode_mb_s']:.2f} MB/s ({d['encode_workers']} workers, "
+                  f"{d['corpus_mb']:.0f} MB); record input pipeline {d['pipeline_tok_s_ctx128_b16']:,.0f} tokens/s "
+                  f"(ctx 128 x 16), {d['pipeline_tok_s_ctx1024_b8']:,.0f} tokens/s (ctx 1024 x 8)", ""]
+    if "ttq" in r:
+        q = r["ttq"]
+        lines += ["## Time to quality", "", f"demo recipe {q['recipe']}: {q['steps']} steps in {q['seconds']:.0f} s -> "
+                  f"held-out {q['heldout_bits_per_byte']:.3f} bits/byte (perplexity {q['heldout_perplexity']:.1f})", ""]
+    lines += ["FLOPs per token: 6N + 12 L T D (N = parameters in matmuls, the tied head once); MFU is against this",
+              "machine's matmul peak measured in the same precision (gpt2train/metrics.py)."]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--quick", action="store_true")
+    mode.add_argument("--smoke", action="store_true")
+    p.add_argument("--only", default="train,generate,eval,data,ttq", help="comma list of benchmarks")
+    p.add_argument("--out", default=str(REPO / "bench" / "results"))
+    p.add_argument("--no-reference", action="store_true", help="skip the PyTorch side (no torch installed)")
+    args = p.parse_args(argv)
+    mode_name = "smoke" if args.smoke else "quick" if args.quick else "full"
+    sizes = SIZES["smoke" if args.smoke else "full"]
+    repeats = 1 if args.smoke else 3 if args.quick else 5
+    reference = not args.no_reference
+    if reference:
+        try:
+            import torch  # noqa: F401
+            import transformers  # noqa: F401
+        except ImportError:
+            reference = False
+    only = set(args.only.split(","))
+    start = time.time()
+    report = {"mode": mode_name, "machine": machine(), "bandwidth_gb_s": bandwidth_gb_s(64 if args.smoke else 1024),
+              "results": {}}
+    r = report["results"]
+
+    def log(msg):
+        print(f"[{time.time() - start:6.0f} s] {msg}", flush=True)
+    if "train" in only:
+        for name in ("train_small", "train_124M"):
+            log(f"training {name}")
+            r[name] = bench_train(sizes[name], repeats, reference)
+    if "generate" in only:
+        log("generation")
+        new = 8 if args.smoke else 200
+        r["generate"] = bench_generate(sizes["gen"], (1, 8) if not args.smoke else (1, 2), new, max(1, repeats // 2),
+                                       reference, report["bandwidth_gb_s"])
+    if "eval" in only:
+        log("evaluation")
+        r["eval"] = bench_eval(sizes["eval"], repeats, reference)
+    if "data" in only:
+        log("data")
+        r["data"] = bench_data(0.3 if args.smoke else 10 if args.quick else 50)
+    if "ttq" in only:
+        log("time to quality")
+        r["ttq"] = bench_time_to_quality(3 if args.smoke else 60 if args.quick else 120, args.smoke)
+    report["seconds"] = time.time() - start
+    out = pathlib.Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "report.json").write_text(json.dumps(report, indent=1))
+    (out / "report.md").write_text(markdown(report))
+    print(markdown(report))
+    return report
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,31 @@
+"""The benchmark suite runs end to end at toy sizes and writes a complete report (no timing
+assertions: figures live in the report, never in tests)."""
+
+import json
+import math
+import subprocess
+import sys
+
+from conftest import REPO
+
+
+def test_smoke_suite_writes_a_complete_report(tmp_path):
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "run.py"), "--smoke", "--out", str(tmp_path)],
+                          cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["mode"] == "smoke" and report["machine"]["cores"] >= 1 and report["bandwidth_gb_s"] > 0
+    r = report["results"]
+    for name in ("train_small", "train_124M"):
+        for key in ("ours_float32_tok_s", "ours_bfloat16_tok_s", "reference_tok_s", "mfu_float32", "ratio_f32"):
+            assert math.isfinite(r[name][key]) and r[name][key] > 0, (name, key)
+        assert r[name]["compile_s"]["float32"] > 0
+    for batch in ("batch_1", "batch_2"):
+        assert r["generate"][batch]["ours_tok_s"] > 0 and r["generate"][batch]["reference_tok_s"] > 0
+    assert 0 < r["generate"]["batch_1"]["fraction_of_bandwidth_limit"]
+    assert r["eval"]["ratio"] > 0
+    assert r["data"]["encode_mb_s"] > 0 and r["data"]["tokens"] > 0 and r["data"]["pipeline_tok_s_ctx128_b16"] > 0
+    q = r["ttq"]
+    assert q["steps"] > 1 and 0 < q["heldout_bits_per_byte"] < 10
+    md = (tmp_path / "report.md").read_text()
+    assert "## Training" in md and "## Generation" in md and "## Time to quality" in md
