@@ -5,6 +5,7 @@ import json
 import sys
 
 import jax
+import numpy as np
 
 sys.path.insert(0, sys.argv[1])  # tests/ (conftest helpers)
 from conftest import tiny_config  # noqa: E402
@@ -25,6 +26,14 @@ def main(tmp: str, encoder: str) -> None:
         result = trainer.run()
         params = trainer.state["params"]
         mu = trainer.state["opt_state"][1][0].mu if hasattr(trainer.state["opt_state"][1][0], "mu") else None
+        if (data, fsdp) in ((1, 1), (1, 8)):  # evaluation and generation on the same mesh
+            from gpt2train.evaluate import evaluate_stream
+            from gpt2train.generate import Generator, SamplingOptions
+            stream = np.array(tok.encode("def main(argv):\n    return argv[0]\n" * 20), np.int32)
+            ev = evaluate_stream(cfg, params, tok, stream)
+            greedy = Generator(cfg, params, tok).generate(
+                ["import os"], SamplingOptions(length=6, temperature=0.0, stop_at_eot=False), return_tokens=True)[0]
+            out[f"use_{data}x{fsdp}"] = {"eval_loss": ev["loss"], "greedy": greedy}
         out[f"{data}x{fsdp}"] = {
             "losses": [h["loss"] for h in result.history],
             "wte": str(params["wte"].sharding.spec),

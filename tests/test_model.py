@@ -110,9 +110,11 @@ def test_remat_gives_identical_gradients(setup):
     cfg, params, toks = setup
     batch = jnp.concatenate([toks, toks[:, :1]], axis=1)
     g = jax.grad(lambda p, c: M.token_losses(p, batch, c).mean())
-    a, b = g(params, cfg), g(params, cfg.replace(remat=True))
-    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
-        np.testing.assert_allclose(x, y, atol=1e-6)
+    a = g(params, cfg)
+    for policy in ("nothing_saveable", "dots_saveable"):
+        b = g(params, cfg.replace(remat=True, remat_policy=policy))
+        for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+            np.testing.assert_allclose(x, y, atol=1e-6)
 
 
 def test_layer_unrolling_does_not_change_results(setup):

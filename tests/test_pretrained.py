@@ -164,3 +164,23 @@ def test_shape_mismatches_are_named(tmp_path):
         load_pretrained(str(tmp_path / "hf"))
     with pytest.raises(UserError, match="holds no GPT-2 checkpoint"):
         load_pretrained(str(tmp_path))
+
+
+def test_download_converts_a_local_directory_into_a_ready_config(tmp_path):
+    from gpt2train.cli import run_main
+    from gpt2train.config import load_config
+    from gpt2train.checkpoint import load_params
+    hf = random_hf(2, 32, 2, 50257, 48, seed=7)
+    hf.save_pretrained(tmp_path / "my-gpt2")
+    for ours, theirs in (("encoder.json", "vocab.json"), ("vocab.bpe", "merges.txt")):
+        (tmp_path / "my-gpt2" / theirs).write_bytes((ENCODER_DIR / ours).read_bytes())
+    assert run_main(["download", str(tmp_path / "my-gpt2"), "--out", str(tmp_path / "models")]) == 0
+    cfg = load_config(str(tmp_path / "models" / "my-gpt2" / "config.json"))
+    assert (cfg.n_embd, cfg.n_ctx, cfg.encoder_path) == (32, 48, str(tmp_path / "models" / "my-gpt2" / "encoder"))
+    params, step = load_params(cfg)
+    tokens = np.random.default_rng(3).integers(0, 50257, (1, 48))
+    ours = np.asarray(M.forward(params, jnp.asarray(tokens), cfg))[..., :50257]
+    np.testing.assert_allclose(ours, hf_logits(hf, tokens)[0], atol=1e-4, rtol=0)
+    with pytest.raises(UserError, match="already holds a model"):
+        from gpt2train.download import download
+        download(str(tmp_path / "my-gpt2"), str(tmp_path / "models"), log=lambda *_: None)

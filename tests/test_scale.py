@@ -37,6 +37,9 @@ def test_meshes_give_one_devices_losses_with_sharded_state(tmp_path):
         assert out[mesh]["wte"] == "P('fsdp', None)" and out[mesh]["c_fc"] == "P(None, None, 'fsdp')"
         assert out[mesh]["mu_wte"] == "P('fsdp', None)"  # optimizer state sharded like its parameter
         assert out[mesh]["wte_shard_shape"] == [50304 // fsdp, 64]
+    # Evaluation and generation run on the mesh with sharded parameters and agree with one device.
+    assert out["use_1x8"]["greedy"] == out["use_1x1"]["greedy"]
+    assert out["use_1x8"]["eval_loss"] == pytest.approx(out["use_1x1"]["eval_loss"], abs=1e-4)
 
 
 def free_port() -> int:
