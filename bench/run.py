@@ -13,6 +13,7 @@ only meaningful within one report. See bench/README.md for what each benchmark m
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import json
 import os
 import pathlib
@@ -27,6 +28,8 @@ import numpy as np
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "bench"))
 ENCODER = REPO.parent / "shared" / "encoder"
+
+from reference import Reference, available as reference_available  # noqa: E402
 
 SIZES = {  # name: (n_layer, n_embd, n_head, n_vocab, batch, n_ctx)
     "full": {"train_small": (4, 128, 4, 50257, 12, 64), "train_124M": (12, 768, 12, 50257, 4, 256),
@@ -43,9 +46,10 @@ def config(L, D, H, V, B=1, T=1024, **kw):
 
 
 def timed(fn) -> float:
+    """Seconds one call takes; a function that times itself (the reference process) returns them."""
     t = time.perf_counter()
-    fn()
-    return time.perf_counter() - t
+    own = fn()
+    return own if isinstance(own, float) else time.perf_counter() - t
 
 
 def alternate(fns: dict, repeats: int) -> dict:
@@ -73,13 +77,13 @@ def machine() -> dict:
     except OSError:
         pass
     versions = {"python": platform.python_version(), "jax": jax.__version__, "numpy": np.__version__}
-    for name in ("torch", "transformers"):
+    for name in ("torch", "transformers"):  # versions only: torch is never imported in this process
         try:
-            versions[name] = __import__(name).__version__
-        except ImportError:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
             versions[name] = None
     return {"cpu": cpu, "cores": os.cpu_count(), "load_1min": os.getloadavg()[0], "versions": versions,
-            "platform": jax.devices()[0].platform}
+            "platform": jax.devices()[0].platform, "glibc_tunables": os.environ.get("GLIBC_TUNABLES", "")}
 
 
 def bandwidth_gb_s(size_mb: int) -> float:
@@ -93,7 +97,7 @@ def bandwidth_gb_s(size_mb: int) -> float:
 # ---------------------------------------------------------------- training
 
 
-def bench_train(shape, repeats: int, reference: bool) -> dict:
+def bench_train(shape, repeats: int, ref) -> dict:
     import jax
     import jax.numpy as jnp
 
@@ -121,8 +125,8 @@ def bench_train(shape, repeats: int, reference: bool) -> dict:
         fns[f"ours_{precision}"] = run
         peak, _ = peak_flops_per_device(cfg)
         mfu[precision] = (train_flops_per_token(cfg) * B * T, peak)
-    if reference:
-        fns["reference"] = torch_train_step(L, D, H, V, B, T)
+    if ref is not None:
+        fns["reference"] = ref.workload("train", L, D, H, V, B, T)
     secs = alternate(fns, repeats)
     out = {"shape": {"n_layer": L, "n_embd": D, "n_head": H, "n_vocab": V, "batch": B, "n_ctx": T},
            "compile_s": compile_s}
@@ -131,38 +135,17 @@ def bench_train(shape, repeats: int, reference: bool) -> dict:
     for precision, (flops, peak) in mfu.items():
         out[f"mfu_{precision}"] = flops / secs[f"ours_{precision}"] / peak
         out[f"peak_gflops_{precision}"] = peak / 1e9
-    if reference:
+    if ref is not None:
         out["ratio_f32"] = out["ours_float32_tok_s"] / out["reference_tok_s"]
         out["ratio_bf16"] = out["ours_bfloat16_tok_s"] / out["reference_tok_s"]
     out["bf16_over_f32"] = out["ours_bfloat16_tok_s"] / out["ours_float32_tok_s"]
     return out
 
 
-def torch_model(L, D, H, V, T):
-    import torch
-    from transformers import GPT2Config, GPT2LMHeadModel
-    torch.manual_seed(0)
-    return GPT2LMHeadModel(GPT2Config(n_layer=L, n_embd=D, n_head=H, vocab_size=V, n_positions=T, resid_pdrop=0,
-                                      embd_pdrop=0, attn_pdrop=0))
-
-
-def torch_train_step(L, D, H, V, B, T):
-    import torch
-    model = torch_model(L, D, H, V, T)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.01)
-    x = torch.randint(0, V, (B, T))
-
-    def step():
-        model(x, labels=x).loss.backward()
-        opt.step()
-        opt.zero_grad()
-    return step
-
-
 # ---------------------------------------------------------------- generation
 
 
-def bench_generate(shape, batches, new_tokens: int, repeats: int, reference: bool, bandwidth: float) -> dict:
+def bench_generate(shape, batches, new_tokens: int, repeats: int, ref, bandwidth: float) -> dict:
     import jax
 
     from gpt2train.generate import Generator, SamplingOptions
@@ -179,20 +162,12 @@ def bench_generate(shape, batches, new_tokens: int, repeats: int, reference: boo
     prompt = tok.decode(prompt_ids)
     gen = Generator(cfg, params, tok)
     opts = SamplingOptions(length=new_tokens, temperature=0.0, stop_at_eot=False)
-    ref = torch_model(L, D, H, V, T).eval() if reference else None
     out = {"shape": {"n_layer": L, "n_embd": D, "n_vocab": V}, "prompt_tokens": 20, "new_tokens": new_tokens}
     weight_bytes = count_params(params) * 4
     for b in batches:
         fns = {"ours": lambda b=b: gen.generate([prompt] * b, opts, return_tokens=True)}
         if ref is not None:
-            import torch
-            ids = torch.tensor([tok.encode(prompt)] * b)
-
-            def hf(ids=ids):
-                with torch.no_grad():
-                    ref.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-                                 pad_token_id=0, attention_mask=torch.ones_like(ids))
-            fns["reference"] = hf
+            fns["reference"] = ref.workload("generate", L, D, H, V, T, [tok.encode(prompt)] * b, new_tokens)
         secs = alternate(fns, repeats)
         row = {f"{k}_tok_s": b * new_tokens / s for k, s in secs.items()}
         if ref is not None:
@@ -208,7 +183,7 @@ def bench_generate(shape, batches, new_tokens: int, repeats: int, reference: boo
 # ---------------------------------------------------------------- evaluation
 
 
-def bench_eval(shape, repeats: int, reference: bool) -> dict:
+def bench_eval(shape, repeats: int, ref) -> dict:
     import jax
     import jax.numpy as jnp
 
@@ -222,19 +197,12 @@ def bench_eval(shape, repeats: int, reference: bool) -> dict:
     batch = jnp.asarray(tokens, jnp.int32)
     loss = jax.jit(lambda p, b: model.token_losses(p, b, cfg).mean())
     fns = {"ours": lambda: jax.block_until_ready(loss(params, batch))}
-    if reference:
-        import torch
-        ref = torch_model(L, D, H, V, T).eval()
-        x = torch.tensor(tokens[:, :-1])
-
-        def hf():
-            with torch.no_grad():
-                ref(x, labels=x)
-        fns["reference"] = hf
+    if ref is not None:
+        fns["reference"] = ref.workload("eval", L, D, H, V, B, T)  # the same tokens: same seed and shape
     secs = alternate(fns, repeats)
     out = {"shape": {"n_layer": L, "n_embd": D, "batch": B, "n_ctx": T}}
     out.update({f"{k}_tok_s": B * T / s for k, s in secs.items()})
-    if reference:
+    if ref is not None:
         out["ratio"] = out["ours_tok_s"] / out["reference_tok_s"]
     return out
 
@@ -347,6 +315,9 @@ def markdown(report: dict) -> str:
 
 
 def main(argv=None) -> dict:
+    if argv is None:  # measure what users get: the entry points keep XLA's buffers mapped (host_memory.py)
+        from gpt2train.host_memory import reexec_with_resident_heap
+        reexec_with_resident_heap()
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--quick", action="store_true")
@@ -358,13 +329,7 @@ def main(argv=None) -> dict:
     mode_name = "smoke" if args.smoke else "quick" if args.quick else "full"
     sizes = SIZES["smoke" if args.smoke else "full"]
     repeats = 1 if args.smoke else 3 if args.quick else 5
-    reference = not args.no_reference
-    if reference:
-        try:
-            import torch  # noqa: F401
-            import transformers  # noqa: F401
-        except ImportError:
-            reference = False
+    ref = Reference() if not args.no_reference and reference_available() else None
     only = set(args.only.split(","))
     start = time.time()
     report = {"mode": mode_name, "machine": machine(), "bandwidth_gb_s": bandwidth_gb_s(64 if args.smoke else 1024),
@@ -376,21 +341,23 @@ def main(argv=None) -> dict:
     if "train" in only:
         for name in ("train_small", "train_124M"):
             log(f"training {name}")
-            r[name] = bench_train(sizes[name], repeats, reference)
+            r[name] = bench_train(sizes[name], repeats, ref)
     if "generate" in only:
         log("generation")
         new = 8 if args.smoke else 200
         r["generate"] = bench_generate(sizes["gen"], (1, 8) if not args.smoke else (1, 2), new, max(1, repeats // 2),
-                                       reference, report["bandwidth_gb_s"])
+                                       ref, report["bandwidth_gb_s"])
     if "eval" in only:
         log("evaluation")
-        r["eval"] = bench_eval(sizes["eval"], repeats, reference)
+        r["eval"] = bench_eval(sizes["eval"], repeats, ref)
     if "data" in only:
         log("data")
         r["data"] = bench_data(0.3 if args.smoke else 10 if args.quick else 50)
     if "ttq" in only:
         log("time to quality")
         r["ttq"] = bench_time_to_quality(3 if args.smoke else 60 if args.quick else 120, args.smoke)
+    if ref is not None:
+        ref.close()
     report["seconds"] = time.time() - start
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -351,6 +351,9 @@ def guarded(fn, argv=None) -> int:
 
 
 def main(argv: list[str] | None = None) -> None:
+    if argv is None:  # the real command line (the `gpt2train` script), not a call from Python
+        from .host_memory import reexec_with_resident_heap
+        reexec_with_resident_heap()
     sys.exit(guarded(run_main, argv))
 
 
