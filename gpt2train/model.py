@@ -127,16 +127,20 @@ def attention(x, p, cfg: Config, dtype, key=None, cache=None):
     q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
     new_cache = None
     if cache is not None:
-        # Caches are [B, H, S, Dh]: head-major, so the score and value products read them as
-        # they lie (a [B, S, H, Dh] cache was transposed, i.e. copied whole, at every token).
+        # Caches are [B * H, S, Dh]: head-major, so the score and value products read them as
+        # they lie (a [B, S, H, Dh] cache was transposed, i.e. copied whole, at every token), and
+        # with batch and heads folded into one axis (with a separate batch axis of size 1, XLA
+        # duplicated the in-place update and copied every cache at every token).
         k_cache, v_cache, index, key_mask = cache
-        k_cache = jax.lax.dynamic_update_slice(k_cache, k.transpose(0, 2, 1, 3).astype(k_cache.dtype), (0, 0, index, 0))
-        v_cache = jax.lax.dynamic_update_slice(v_cache, v.transpose(0, 2, 1, 3).astype(v_cache.dtype), (0, 0, index, 0))
-        scores = jnp.einsum("bthd,bhsd->bhts", q, k_cache.astype(dtype), preferred_element_type=jnp.float32)
+        heads = lambda a: a.transpose(0, 2, 1, 3).reshape(B * H, T, Dh)  # noqa: E731
+        k_cache = jax.lax.dynamic_update_slice(k_cache, heads(k).astype(k_cache.dtype), (0, index, 0))
+        v_cache = jax.lax.dynamic_update_slice(v_cache, heads(v).astype(v_cache.dtype), (0, index, 0))
+        scores = jnp.einsum("ntd,nsd->nts", heads(q), k_cache.astype(dtype), preferred_element_type=jnp.float32)
+        scores = scores.reshape(B, H, T, -1)
         # A finite floor: padding rows see no key at all and must not turn into NaN.
         scores = jnp.where(key_mask[:, None, :, :], scores / math.sqrt(Dh), -1e30)
-        probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
-        out = jnp.einsum("bhts,bhsd->bthd", probs, v_cache.astype(dtype))
+        probs = jax.nn.softmax(scores, axis=-1).astype(dtype).reshape(B * H, T, -1)
+        out = jnp.einsum("nts,nsd->ntd", probs, v_cache.astype(dtype)).reshape(B, H, T, Dh).transpose(0, 2, 1, 3)
         new_cache = (k_cache, v_cache)
     elif key is not None and cfg.attn_dropout > 0:
         out = _attend_train(q, k, v, cfg.attn_dropout, key)
@@ -220,11 +224,11 @@ def token_losses(params: Params, batch: jax.Array, cfg: Config, *, key=None) -> 
 
 # ----------------------------------------------------------------------------- decoding
 def init_cache(cfg: Config, batch: int, length: int) -> dict:
-    """Preallocated key/value caches, one [B, H, length, Dh] array per layer in the compute dtype.
+    """Preallocated key/value caches, one [B * H, length, Dh] array per layer in the compute dtype.
 
     Separate arrays (not one stacked [L, ...] array) let each decode step update every layer's
     cache in place; a stacked cache would be rewritten whole at every token."""
-    shape = (batch, cfg.n_head, length, cfg.head_dim)
+    shape = (batch * cfg.n_head, length, cfg.head_dim)
     dtype = compute_dtype(cfg)
     return {"k": [jnp.zeros(shape, dtype) for _ in range(cfg.n_layer)],
             "v": [jnp.zeros(shape, dtype) for _ in range(cfg.n_layer)]}
@@ -248,7 +252,7 @@ def forward_cached(params: Params, tokens: jax.Array, cache: dict, index, pad: j
     """
     dtype = compute_dtype(cfg)
     B, T = tokens.shape
-    S = cache["k"][0].shape[2]
+    S = cache["k"][0].shape[1]
     slots = index + jnp.arange(T)                                      # [T]
     positions = jnp.maximum(slots[None, :] - pad[:, None], 0)          # [B, T]
     key_slots = jnp.arange(S)
