@@ -80,9 +80,19 @@ class Generator:
     """Holds parameters and compiled programs; `generate` turns prompts into continuations."""
 
     def __init__(self, cfg: Config, params, tokenizer, *, chunk: int = 32):
-        self.cfg, self.params, self.tok, self.chunk = cfg, model.decode_params(params), tokenizer, chunk
+        self.cfg, self.tok, self.chunk = cfg, tokenizer, chunk
+        self._transposed, self._params = False, model.decode_params(params)
         self._prefill = jax.jit(functools.partial(self._prefill_fn, cfg=cfg))
         self._decode = jax.jit(self._decode_fn, static_argnames=("opts", "steps"), donate_argnums=(1,))
+
+    def params_for(self, batch: int):
+        """Decode parameters for a batch size: batch 1 reads kernels transposed (faster matrix-vector
+        products). One layout is held at a time, converted in place when the batch size asks for
+        the other, so memory stays at one copy of the weights."""
+        if (batch == 1) != self._transposed:
+            self._params = {**self._params, "layers": _relayout(self._params["layers"])}
+            self._transposed = batch == 1
+        return self._params
 
     # -------------------------------------------------------------- compiled pieces
     @staticmethod
@@ -153,14 +163,15 @@ class Generator:
             pad[i] = P - len(ids)
             seen[i, ids] = True
         cache = model.init_cache(self.cfg, B, total)
-        logits, cache = self._prefill(self.params, jnp.asarray(tokens), jnp.asarray(pad), cache)
+        params = self.params_for(B)
+        logits, cache = self._prefill(params, jnp.asarray(tokens), jnp.asarray(pad), cache)
         carry = (cache, logits, jnp.int32(P), jnp.asarray(seen), jnp.zeros((B,), bool), jnp.asarray(pad))
         key = jax.random.PRNGKey(opts.seed)
         produced = [[] for _ in range(B)]
         emitted = [""] * B
         finished = [False] * B
         for _ in range(calls):
-            carry, toks = self._decode(self.params, carry, key, opts=opts, steps=steps_per_call)
+            carry, toks = self._decode(params, carry, key, opts=opts, steps=steps_per_call)
             toks = np.asarray(toks)
             for i in range(B):
                 for t in toks[i]:
@@ -186,6 +197,21 @@ class Generator:
                 if len(text) > len(emitted[i]):
                     on_text(i, text[len(emitted[i]):])
         return texts
+
+
+@functools.partial(jax.jit, donate_argnums=0)  # the layers are the generator's own copies
+def _relayout(layers):
+    """Swap every layer kernel between [in, out] (`kernel`) and [out, in] (`kernel_t`)."""
+    def swap(d):
+        if not isinstance(d, dict):
+            return d
+        if "kernel" in d:
+            return {"kernel_t": d["kernel"].T, "bias": d["bias"]}
+        if "kernel_t" in d:
+            return {"kernel": d["kernel_t"].T, "bias": d["bias"]}
+        return d
+    return [jax.tree.map(swap, layer, is_leaf=lambda d: isinstance(d, dict) and ("kernel" in d or "kernel_t" in d))
+            for layer in layers]
 
 
 def banner(i: int) -> str:

@@ -93,7 +93,11 @@ def dense(x, p, dtype):
     # As a 2-D matmul over all tokens: XLA:CPU differentiates a batched [B, T, D] einsum into
     # weight-gradient dots it runs ~30% slower than the same 2-D ones (measured at 4x256).
     x2 = x.reshape(-1, x.shape[-1])
-    y = jnp.dot(x2, p["kernel"].astype(dtype), preferred_element_type=jnp.float32)
+    if "kernel_t" in p:  # [out, in], for batch-1 decoding (see decode_params)
+        y = jax.lax.dot_general(x2, p["kernel_t"].astype(dtype), (((1,), (1,)), ((), ())),
+                                preferred_element_type=jnp.float32)
+    else:
+        y = jnp.dot(x2, p["kernel"].astype(dtype), preferred_element_type=jnp.float32)
     return (y + p["bias"]).astype(dtype).reshape(*x.shape[:-1], y.shape[-1])
 
 
@@ -237,7 +241,10 @@ def init_cache(cfg: Config, batch: int, length: int) -> dict:
 def decode_params(params: Params) -> Params:
     """The parameters with the stacked blocks split into one pytree per layer, for decoding:
     each layer's weights are then their own buffers, read in place at every token instead of
-    being sliced out of the stack (a copy) inside the compiled step."""
+    being sliced out of the stack (a copy) inside the compiled step. A layer may carry
+    `kernel_t` ([out, in]) instead of `kernel`: XLA:CPU's matrix-vector product reads that
+    layout faster (a 12-layer 124M weight stream 15% faster at batch 1, measured), while
+    several rows at once are faster with [in, out] kernels (generate.Generator.params_for)."""
     n_layer = jax.tree.leaves(params["h"])[0].shape[0]
     layers = [jax.tree.map(lambda a, i=i: a[i], params["h"]) for i in range(n_layer)]
     return {**{k: v for k, v in params.items() if k != "h"}, "layers": layers}
