@@ -1,5 +1,6 @@
 """Training-step speed of this trainer against HF transformers' GPT-2 on PyTorch, side by side
-in one process (these machines are noisy: compare figures from the same run only).
+in one run (these machines are noisy: compare figures from the same run only); the reference
+runs in its own process (bench/reference.py).
 
     python bench/train_speed.py            # the demo shape, a 4x256 shape and the 124M shape
     python bench/train_speed.py --quick    # the two small shapes only
@@ -20,7 +21,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from reference import Reference, available as reference_available
 from gpt2train.config import Config
+from gpt2train.host_memory import reexec_with_resident_heap
 from gpt2train.metrics import peak_flops_per_device, train_flops_per_token
 from gpt2train.optimizers import make_optimizer
 from gpt2train.train import init_state, make_train_step
@@ -57,27 +60,20 @@ def ours(cfg: Config, steps: int) -> float:
 
 
 def reference(cfg: Config, steps: int) -> float | None:
-    try:
-        import torch
-        from transformers import GPT2Config, GPT2LMHeadModel
-    except ImportError:
+    """The PyTorch step's median seconds, run in its own process (see bench/reference.py)."""
+    if not reference_available():
         return None
-    torch.manual_seed(0)
-    hf = GPT2LMHeadModel(GPT2Config(n_layer=cfg.n_layer, n_embd=cfg.n_embd, n_head=cfg.n_head,
-                                    vocab_size=cfg.n_vocab, n_positions=cfg.n_ctx, resid_pdrop=0,
-                                    embd_pdrop=0, attn_pdrop=0, bos_token_id=0, eos_token_id=0))
-    opt = torch.optim.AdamW(hf.parameters(), lr=1e-4)
-    x = torch.randint(0, cfg.n_vocab, (cfg.train_batch_size, cfg.n_ctx))
-
-    def step():
-        hf(x, labels=x).loss.backward()
-        opt.step()
-        opt.zero_grad()
-
-    return median_seconds(step, steps)
+    ref = Reference()
+    try:
+        step = ref.workload("train", cfg.n_layer, cfg.n_embd, cfg.n_head, cfg.n_vocab, cfg.train_batch_size, cfg.n_ctx)
+        step()  # warm-up
+        return statistics.median(step() for _ in range(steps))
+    finally:
+        ref.close()
 
 
 def main() -> None:
+    reexec_with_resident_heap()  # as the entry points do (gpt2train/host_memory.py)
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="skip the 124M shape")
     p.add_argument("--steps", type=int, default=5)
