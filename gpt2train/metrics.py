@@ -100,6 +100,29 @@ class MetricsWriter:
                     self._tb.add_scalar(k, v, clean["step"])
             self._tb.flush()
 
+    def forget_after(self, step: int) -> int:
+        """Drop records of steps after `step` (a run killed after its last checkpoint logged steps
+        that the resumed run does again); returns how many were dropped. Other records stay."""
+        if not self.enabled:
+            return 0
+        fs, path = fsspec.core.url_to_fs(self.path)
+        if not fs.exists(path):
+            return 0
+        with fs.open(path, "r") as f:
+            lines = f.read().splitlines()
+
+        def later(line):
+            try:
+                return json.loads(line).get("step", -1) > step
+            except (ValueError, AttributeError):
+                return False  # not ours to judge: keep it
+        kept = [line for line in lines if not later(line)]
+        if len(kept) != len(lines):
+            with fs.open(path + ".tmp", "w") as f:  # then a rename: a kill here keeps the old file
+                f.write("".join(line + "\n" for line in kept))
+            fs.mv(path + ".tmp", path)
+        return len(lines) - len(kept)
+
     def close(self) -> None:
         if self._tb is not None:
             self._tb.close()

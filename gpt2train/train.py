@@ -159,6 +159,9 @@ class Trainer:
             state, data_state = self.ckpt.restore(abstract, latest)
             self.train_data.restore(data_state)
             self.log(f"resumed from {self.ckpt.dir} at step {latest}")
+            dropped = self.metrics.forget_after(latest)
+            if dropped:
+                self.log(f"dropped {dropped} metrics records of steps after {latest} (they will be trained again)")
             return state
         if self.cfg.init_from:
             from .pretrained import fit, load_pretrained

@@ -71,6 +71,21 @@ def test_metrics_file_has_loss_lr_throughput(tmp_path, gpt2_tokenizer):
     assert list((tmp_path / "model" / "tensorboard").iterdir())
 
 
+def test_resume_after_a_hard_kill_keeps_one_metrics_record_per_step(tmp_path, gpt2_tokenizer):
+    """A run killed after its last checkpoint has logged steps it will train again on resume."""
+    import json
+    quiet = dict(progress=False, log=lambda *a, **k: None)
+    cfg = tiny_config(tmp_path, max_steps=6, iterations=1, train_steps=2, checkpoint_every=2, eval_steps=0)
+    Trainer(cfg, gpt2_tokenizer, **quiet).run(until=2)
+    path = tmp_path / "model" / "metrics.jsonl"
+    with path.open("a") as f:  # what a SIGKILL at step 3 leaves behind: a record past the checkpoint
+        f.write(json.dumps({"step": 3, "loss": 99.0, "tokens_per_s": 1.0}) + "\n")
+    Trainer(cfg, gpt2_tokenizer, **quiet).run()
+    steps = [json.loads(x)["step"] for x in path.read_text().splitlines() if "tokens_per_s" in x]
+    assert steps == sorted(set(steps)) and 2 in steps and steps[-1] == 6  # one record per step, in order
+    assert all(json.loads(x).get("loss") != 99.0 for x in path.read_text().splitlines())
+
+
 def test_gradient_accumulation_equals_one_big_batch(tmp_path):
     cfg = tiny_config(tmp_path, train_batch_size=8, grad_clip=0.0)
     batch = jax.random.randint(jax.random.PRNGKey(0), (8, cfg.n_ctx + 1), 0, cfg.n_vocab)
