@@ -110,7 +110,8 @@ class Generator:
             tok = jnp.where(done, eot, tok)
             if opts.stop_at_eot:
                 done = done | (tok == eot)
-            seen = seen.at[jnp.arange(tok.shape[0]), tok].set(True)
+            if opts.repetition_penalty != 1.0:  # only the penalty reads it
+                seen = seen.at[jnp.arange(tok.shape[0]), tok].set(True)
             logits, cache = model.forward_cached(params, tok[:, None], cache, index, pad, cfg)
             return (cache, logits[:, -1], index + 1, seen, done, pad), tok
 
