@@ -195,15 +195,21 @@ def bench_eval(shape, repeats: int, ref) -> dict:
     params = initial_params(cfg)
     tokens = np.random.default_rng(0).integers(0, V, (B, T + 1))
     batch = jnp.asarray(tokens, jnp.int32)
-    loss = jax.jit(lambda p, b: model.token_losses(p, b, cfg).mean())
-    fns = {"ours": lambda: jax.block_until_ready(loss(params, batch))}
+    fns, losses = {}, {}
+    for name, precision in (("ours", "float32"), ("ours_bf16", "bfloat16")):
+        c = cfg.replace(precision=precision)
+        loss = jax.jit(lambda p, b, c=c: model.token_losses(p, b, c).mean())
+        losses[name] = float(loss(params, batch))
+        fns[name] = lambda loss=loss: jax.block_until_ready(loss(params, batch))
     if ref is not None:
         fns["reference"] = ref.workload("eval", L, D, H, V, B, T)  # the same tokens: same seed and shape
     secs = alternate(fns, repeats)
-    out = {"shape": {"n_layer": L, "n_embd": D, "batch": B, "n_ctx": T}}
+    out = {"shape": {"n_layer": L, "n_embd": D, "batch": B, "n_ctx": T},
+           "loss_float32": losses["ours"], "loss_bfloat16": losses["ours_bf16"]}
     out.update({f"{k}_tok_s": B * T / s for k, s in secs.items()})
     if ref is not None:
         out["ratio"] = out["ours_tok_s"] / out["reference_tok_s"]
+        out["ratio_bf16"] = out["ours_bf16_tok_s"] / out["reference_tok_s"]
     return out
 
 
@@ -299,7 +305,10 @@ def markdown(report: dict) -> str:
         e = r["eval"]
         lines += [f"## Evaluation, forward only ({e['shape']})", "",
                   f"ours {e['ours_tok_s']:,.0f} tokens/s; HF {e.get('reference_tok_s', float('nan')):,.0f}; "
-                  f"ratio {e.get('ratio', float('nan')):.2f}x", ""]
+                  f"ratio {e.get('ratio', float('nan')):.2f}x", "",
+                  f"ours with `precision: bfloat16` {e['ours_bf16_tok_s']:,.0f} tokens/s, "
+                  f"{e.get('ratio_bf16', float('nan')):.2f}x the float32 reference (loss {e['loss_bfloat16']:.4f} "
+                  f"against {e['loss_float32']:.4f} in float32)", ""]
     if "data" in r:
         d = r["data"]
         lines += ["## Data", "", f"encode {d['encode_mb_s']:.2f} MB/s ({d['encode_workers']} workers, "
