@@ -351,8 +351,8 @@ def guarded(fn, argv=None) -> int:
 
 
 def main(argv: list[str] | None = None) -> None:
-    if argv is None:  # the real command line (the `gpt2train` script), not a call from Python
-        from .host_memory import reexec_with_resident_heap
+    if argv is None and os.path.basename(sys.argv[0]).startswith("gpt2train"):  # the `gpt2train` script,
+        from .host_memory import reexec_with_resident_heap                      # not a notebook or a test
         reexec_with_resident_heap()
     sys.exit(guarded(run_main, argv))
 
