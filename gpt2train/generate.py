@@ -81,7 +81,7 @@ class Generator:
 
     def __init__(self, cfg: Config, params, tokenizer, *, chunk: int = 32):
         self.cfg, self.tok, self.chunk = cfg, tokenizer, chunk
-        self._transposed, self._params = False, model.decode_params(params)
+        self._params = model.decode_params(params)
         self._prefill = jax.jit(functools.partial(self._prefill_fn, cfg=cfg))
         self._decode = jax.jit(self._decode_fn, static_argnames=("opts", "steps"), donate_argnums=(1,))
 
@@ -89,9 +89,9 @@ class Generator:
         """Decode parameters for a batch size: batch 1 reads kernels transposed (faster matrix-vector
         products). One layout is held at a time, converted in place when the batch size asks for
         the other, so memory stays at one copy of the weights."""
-        if (batch == 1) != self._transposed:
+        transposed = "kernel_t" in self._params["layers"][0]["mlp"]["c_fc"]
+        if (batch == 1) != transposed:
             self._params = {**self._params, "layers": _relayout(self._params["layers"])}
-            self._transposed = batch == 1
         return self._params
 
     # -------------------------------------------------------------- compiled pieces
@@ -203,16 +203,13 @@ class Generator:
 @functools.partial(jax.jit, donate_argnums=0)  # the layers are the generator's own copies
 def _relayout(layers):
     """Swap every layer kernel between [in, out] (`kernel`) and [out, in] (`kernel_t`)."""
-    def swap(d):
-        if not isinstance(d, dict):
-            return d
-        if "kernel" in d:
-            return {"kernel_t": d["kernel"].T, "bias": d["bias"]}
-        if "kernel_t" in d:
-            return {"kernel": d["kernel_t"].T, "bias": d["bias"]}
-        return d
-    return [jax.tree.map(swap, layer, is_leaf=lambda d: isinstance(d, dict) and ("kernel" in d or "kernel_t" in d))
-            for layer in layers]
+    def swap(tree):
+        if "kernel" in tree:
+            return {"kernel_t": tree["kernel"].T, "bias": tree["bias"]}
+        if "kernel_t" in tree:
+            return {"kernel": tree["kernel_t"].T, "bias": tree["bias"]}
+        return {k: swap(v) if isinstance(v, dict) else v for k, v in tree.items()}
+    return [swap(layer) for layer in layers]
 
 
 def banner(i: int) -> str:

@@ -23,9 +23,13 @@ TUNABLES = ("glibc.malloc.arena_max=1", "glibc.malloc.mmap_max=0", f"glibc.mallo
 SWITCH = "GPT2TRAIN_MALLOC"
 
 
+def supported() -> bool:
+    """Linux with glibc: the only place these tunables mean anything."""
+    return sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
+
+
 def wanted() -> bool:
-    return (os.environ.get(SWITCH, "resident") != "system" and sys.platform.startswith("linux")
-            and platform.libc_ver()[0] == "glibc")
+    return os.environ.get(SWITCH, "resident") != "system" and supported()
 
 
 def environment(env: dict | None = None) -> dict:

@@ -2,6 +2,7 @@
 temporary buffers mapped, so repeated steps stop faulting them in (gpt2train/host_memory.py)."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -10,8 +11,7 @@ import pytest
 from conftest import REPO
 from gpt2train import host_memory
 
-pytestmark = pytest.mark.skipif(not host_memory.wanted() and host_memory.SWITCH not in __import__("os").environ,
-                                reason="needs Linux with glibc")
+pytestmark = pytest.mark.skipif(not host_memory.supported(), reason="needs Linux with glibc")
 
 # A jitted function whose 64 MB temporary is far above glibc's mmap threshold; the page faults
 # of three calls after a warm-up are counted in the process itself.
@@ -32,7 +32,7 @@ print(json.dumps({"faults": resource.getrusage(resource.RUSAGE_SELF).ru_minflt -
 
 
 def probe(**env):
-    base = {k: v for k, v in __import__("os").environ.items() if k not in ("GLIBC_TUNABLES", host_memory.SWITCH)}
+    base = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", host_memory.SWITCH)}
     out = subprocess.run([sys.executable, "-c", PROBE], cwd=REPO, env={**base, **env}, capture_output=True,
                          text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
