@@ -124,3 +124,15 @@ def test_bad_options_are_user_errors():
 
 def test_banner_format():
     assert format_sample(3, "hi") == "=" * 40 + " SAMPLE 3 " + "=" * 40 + "\nhi\n" + "=" * 80 + "\n"
+
+
+def test_first_argmax_and_gumbel_draw_match_jax():
+    from gpt2train.generate import first_argmax
+    x = jnp.array([[1.0, 3.0, 3.0, 2.0], [-jnp.inf, -jnp.inf, 0.5, 0.5], [0.0, 0.0, 0.0, 0.0]])
+    assert first_argmax(x).tolist() == jnp.argmax(x, axis=-1).tolist() == [1, 2, 0]  # ties: the first
+    for i in range(5):  # sampling draws exactly the tokens jax.random.categorical would
+        key = jax.random.PRNGKey(i)
+        logits = (3 * jax.random.normal(key, (8, 500))).at[:, :50].set(-jnp.inf)
+        want = jax.random.categorical(jax.random.fold_in(key, 1), logits, axis=-1)
+        got = first_argmax(logits + jax.random.gumbel(jax.random.fold_in(key, 1), logits.shape))
+        assert got.tolist() == want.tolist()
