@@ -158,3 +158,45 @@ def test_sliced_output_head_gives_the_same_losses_and_gradients(setup, monkeypat
     g_direct = jax.grad(lambda p: direct(p).mean())(params)
     for a, b in zip(jax.tree.leaves(g_sliced), jax.tree.leaves(g_direct)):
         np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+def test_bfloat16_gradients_follow_float32(setup):
+    # The bf16 matmuls carry their own backward (both products in bf16, f32 accumulation):
+    # every parameter's gradient must still point where float32's does.
+    cfg, params, toks = setup
+    grad = lambda c: jax.grad(lambda p: M.token_losses(p, toks, c).mean())(params)  # noqa: E731
+    g32, g16 = grad(cfg), grad(cfg.replace(precision="bfloat16"))
+    for path, a in jax.tree_util.tree_leaves_with_path(g32):
+        assert _at(g16, path).dtype == jnp.float32
+        a, b = np.asarray(a), np.asarray(_at(g16, path))
+        assert b.shape == a.shape
+        if np.linalg.norm(a) > 1e-6:
+            cos = float(np.sum(a * b) / (np.linalg.norm(a) * np.linalg.norm(b)))
+            assert cos > 0.99, (jax.tree_util.keystr(path), cos)
+            assert abs(np.linalg.norm(b) / np.linalg.norm(a) - 1) < 0.05, jax.tree_util.keystr(path)
+
+
+def _at(tree, path):
+    for k in path:
+        tree = tree[k.key] if hasattr(k, "key") else tree[k.idx]
+    return tree
+
+
+@pytest.mark.parametrize("fn, w_shape, ref", [
+    (M._low_precision_matmul, (24, 40), lambda x, w: x @ w),
+    (M._low_precision_head, (40, 24), lambda x, w: x @ w.T),
+])
+def test_low_precision_products_have_the_gradients_of_the_plain_product(fn, w_shape, ref):
+    kx, kw, kg = jax.random.split(jax.random.PRNGKey(3), 3)
+    x = jax.random.normal(kx, (16, 24)).astype(jnp.bfloat16)
+    w = jax.random.normal(kw, w_shape)
+    g = jax.random.normal(kg, (16, 40))
+    y, vjp = jax.vjp(fn, x, w)
+    dx, dw = vjp(g)
+    x32 = x.astype(jnp.float32)
+    y_ref, vjp_ref = jax.vjp(ref, x32, w.astype(jnp.bfloat16).astype(jnp.float32))
+    dx_ref, dw_ref = vjp_ref(g.astype(jnp.bfloat16).astype(jnp.float32))
+    assert y.dtype == jnp.float32 and dx.dtype == jnp.bfloat16 and dw.dtype == jnp.float32
+    np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(np.asarray(dx, np.float32), dx_ref, rtol=1e-2, atol=2e-2)  # dx rounded to bf16
+    np.testing.assert_allclose(dw, dw_ref, rtol=1e-5, atol=1e-4)  # bf16 inputs, f32 accumulation
