@@ -334,8 +334,8 @@ TARGETS = [
     ("train_small", "ratio_f32", "training small, float32 vs reference", 1.0, "per-op overhead at tiny shapes"),
     ("train_124M", "ratio_f32", "training 124M, float32 vs reference", 1.2, "matmul efficiency (MFU near 70% already)"),
     ("train_124M", "bf16_over_f32", "training 124M, bfloat16 vs our float32", 1.5,
-     "XLA:CPU converts bf16 dots whose left operand does not contract over its last axis to f32: "
-     "every weight-gradient product"),
+     "what bf16 does not speed up: the f32 optimizer update, attention's backward (still f32), "
+     "elementwise work and gaps between operations (README)"),
     ("generate", "batch_1.ratio", "generation batch 1 vs reference", 2.0, "weight streaming of the matrix-vector products"),
     ("generate", "batch_1.fraction_of_bandwidth_limit", "generation batch 1, fraction of the bandwidth limit", 0.8,
      "streaming rate of XLA:CPU's matrix-vector products (everything else: 0.66 ms of a ~17 ms token)"),
