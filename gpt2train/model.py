@@ -92,26 +92,26 @@ def layer_norm(x, p, dtype):
 @jax.custom_vjp
 def _low_precision_matmul(x, w):
     """x [N, K] (bfloat16) times the float32 kernel w [K, M] cast to x's dtype, accumulated in
-    float32. Its own gradient so that both backward products run in x's dtype: automatic
+    float32. Its own gradient so that the data-gradient product runs in x's dtype: automatic
     differentiation multiplies the float32 output's cotangent by the bfloat16 kernel, which
-    promotes the data-gradient product to float32, and writes the weight gradient as x^T g,
-    a product XLA:CPU runs in bfloat16 only when its left operand contracts over its last
-    axis (x.T is kept from the forward pass for that; an in-graph transpose is folded away)."""
+    promotes that product to float32. The weight gradient x^T g stays a float32 product:
+    XLA:CPU runs a bfloat16 dot natively only when its left operand contracts over its last
+    axis, and a transposed copy of x is folded back by XLA after the pass that would have
+    converted the dot, which leaves a bfloat16 product some shapes cannot run at all."""
     return jax.lax.dot_general(x, w.astype(x.dtype), (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
 
 
 def _low_precision_matmul_fwd(x, w):
     wc = w.astype(x.dtype)
     y = jax.lax.dot_general(x, wc, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
-    return y, (x.T, wc)
+    return y, (x, wc)
 
 
 def _low_precision_matmul_bwd(residuals, g):
-    x_t, wc = residuals
-    g = g.astype(wc.dtype)
-    dx = jax.lax.dot_general(g, wc, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
-    dw = jax.lax.dot_general(x_t, g, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
-    return dx.astype(x_t.dtype), dw
+    x, wc = residuals
+    dx = jax.lax.dot_general(g.astype(wc.dtype), wc, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+    dw = jax.lax.dot_general(x.astype(jnp.float32), g, (((0,), (0,)), ((), ())))
+    return dx.astype(x.dtype), dw
 
 
 _low_precision_matmul.defvjp(_low_precision_matmul_fwd, _low_precision_matmul_bwd)
@@ -119,23 +119,22 @@ _low_precision_matmul.defvjp(_low_precision_matmul_fwd, _low_precision_matmul_bw
 
 @jax.custom_vjp
 def _low_precision_head(x, wte):
-    """Logits x [N, D] (bfloat16) times wte [V, D]^T in float32 accumulation; the backward
-    products run in bfloat16 for the reasons given at _low_precision_matmul."""
+    """Logits x [N, D] (bfloat16) times wte [V, D]^T in float32 accumulation; the data-gradient
+    product runs in bfloat16 for the reasons given at _low_precision_matmul."""
     return jax.lax.dot_general(x, wte.astype(x.dtype), (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
 
 
 def _low_precision_head_fwd(x, wte):
     wc = wte.astype(x.dtype)
     y = jax.lax.dot_general(x, wc, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
-    return y, (x.T, wc)
+    return y, (x, wc)
 
 
 def _low_precision_head_bwd(residuals, g):
-    x_t, wc = residuals
-    g = g.astype(wc.dtype)
-    dx = jax.lax.dot_general(g, wc, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
-    dw_t = jax.lax.dot_general(x_t, g, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
-    return dx.astype(x_t.dtype), dw_t.T
+    x, wc = residuals
+    dx = jax.lax.dot_general(g.astype(wc.dtype), wc, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+    dw = jax.lax.dot_general(g, x.astype(jnp.float32), (((0,), (0,)), ((), ())))
+    return dx.astype(x.dtype), dw
 
 
 _low_precision_head.defvjp(_low_precision_head_fwd, _low_precision_head_bwd)
