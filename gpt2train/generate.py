@@ -110,12 +110,14 @@ class Generator:
         logits, cache = model.forward_cached(params, tokens, cache, 0, pad, cfg)
         return logits[:, -1], cache
 
-    def _decode_fn(self, params, carry, key, opts: SamplingOptions, steps: int):
-        """`steps` decode steps in one program. carry = (cache, logits, index, seen, done, pad)."""
+    def _decode_fn(self, params, carry, key, n, opts: SamplingOptions, steps: int):
+        """`n` (traced, at most `steps`) decode steps in one program; carry = (cache, logits, index,
+        seen, done, pad). The count is traced so that one compiled program also runs the last,
+        shorter call: no step is computed past the requested length, and nothing recompiles."""
         cfg, eot = self.cfg, self.tok.eot_id
 
-        def one(carry, _):
-            cache, logits, index, seen, done, pad = carry
+        def one(i, state):
+            (cache, logits, index, seen, done, pad), toks = state
             tok = sample_token(logits, seen, jax.random.fold_in(key, index), opts)
             tok = jnp.where(done, eot, tok)
             if opts.stop_at_eot:
@@ -123,10 +125,10 @@ class Generator:
             if opts.repetition_penalty != 1.0:  # only the penalty reads it
                 seen = seen.at[jnp.arange(tok.shape[0]), tok].set(True)
             logits, cache = model.forward_cached(params, tok[:, None], cache, index, pad, cfg)
-            return (cache, logits[:, -1], index + 1, seen, done, pad), tok
+            return (cache, logits[:, -1], index + 1, seen, done, pad), toks.at[:, i].set(tok)
 
-        carry, toks = jax.lax.scan(one, carry, None, length=steps)
-        return carry, toks.T
+        toks = jnp.zeros((carry[1].shape[0], steps), jnp.int32)
+        return jax.lax.fori_loop(0, n, one, (carry, toks))
 
     # -------------------------------------------------------------- host side
     def encode_prompts(self, prompts: list[str], length: int) -> tuple[list[list[int]], int]:
@@ -165,7 +167,7 @@ class Generator:
         P = max(P, longest)
         steps_per_call = min(self.chunk, length)
         calls = -(-length // steps_per_call)
-        total = P + calls * steps_per_call
+        total = P + length
         tokens = np.zeros((B, P), np.int32)
         pad = np.zeros((B,), np.int32)
         seen = np.zeros((B, self.cfg.padded_vocab), bool)
@@ -181,9 +183,10 @@ class Generator:
         produced = [[] for _ in range(B)]
         emitted = [""] * B
         finished = [False] * B
-        for _ in range(calls):
-            carry, toks = self._decode(params, carry, key, opts=opts, steps=steps_per_call)
-            toks = np.asarray(toks)
+        for call in range(calls):
+            n = min(steps_per_call, length - call * steps_per_call)
+            carry, toks = self._decode(params, carry, key, jnp.int32(n), opts=opts, steps=steps_per_call)
+            toks = np.asarray(toks)[:, :n]
             for i in range(B):
                 for t in toks[i]:
                     if finished[i] or len(produced[i]) >= length:

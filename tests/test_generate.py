@@ -42,6 +42,8 @@ def test_greedy_matches_step_by_step_full_forward(gen):
         logits = M.forward(stacked_params(gen.cfg), jnp.asarray([ids + want]), gen.cfg)[0, -1]
         want.append(int(jnp.argmax(logits)))
     assert got == want
+    # 12 tokens in calls of 8: the shorter last call ran the same compiled program (a traced count).
+    assert gen._decode._cache_size() == 1
 
 
 def test_batched_prompts_of_different_lengths_match_alone(gen):
