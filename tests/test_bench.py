@@ -23,10 +23,12 @@ def test_smoke_suite_writes_a_complete_report(tmp_path):
     for batch in ("batch_1", "batch_2"):
         assert r["generate"][batch]["ours_tok_s"] > 0 and r["generate"][batch]["reference_tok_s"] > 0
     assert 0 < r["generate"]["batch_1"]["fraction_of_bandwidth_limit"]
+    assert all(r["generate"][b]["weight_products_ms"] > 0 and r["generate"][b]["ceiling_ratio"] > 0
+               for b in ("batch_1", "batch_2"))
     assert r["eval"]["ratio"] > 0 and r["eval"]["ours_bf16_tok_s"] > 0
     assert abs(r["eval"]["loss_bfloat16"] - r["eval"]["loss_float32"]) < 0.05
     assert r["data"]["encode_mb_s"] > 0 and r["data"]["tokens"] > 0 and r["data"]["pipeline_tok_s_ctx128_b16"] > 0
     q = r["ttq"]
     assert q["steps"] > 1 and 0 < q["heldout_bits_per_byte"] < 10
     md = (tmp_path / "report.md").read_text()
-    assert "## Training" in md and "## Generation" in md and "## Time to quality" in md
+    assert "## Training" in md and "## Generation" in md and "ceiling tokens/s" in md and "## Time to quality" in md
