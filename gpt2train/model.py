@@ -95,20 +95,21 @@ def _contract(a, b, a_axis: int, b_axis: int):
 
 
 def _outer_product_sum(a, b):
-    """a^T b for a [M, P], b [M, Q] in bfloat16: [P, Q] accumulated in float32.
+    """a^T b over the M axis: a [..., M, P], b [..., M, Q] -> [..., P, Q], accumulated in float32.
 
     XLA:CPU runs a bfloat16 product natively only when its left operand contracts over its
     last axis; a plain transposed copy of `a` is folded back into the product by XLA (after
     the pass that would have kept it in bfloat16), leaving a float32 product or one some
-    shapes cannot run. So the M rows are visited in another order -- (M/2, 2) instead of
-    (2, M/2) -- in both operands: not a transpose XLA can fold, and the same sum."""
-    M, P = a.shape
-    Q = b.shape[1]
-    if M % 2:
-        return _contract(a.astype(jnp.float32), b.astype(jnp.float32), 0, 0)
-    at = a.reshape(2, M // 2, P).transpose(2, 1, 0).reshape(P, M)
-    bp = b.reshape(2, M // 2, Q).transpose(1, 0, 2).reshape(M, Q)
-    return _contract(at, bp, 1, 0)
+    shapes cannot run. So in bfloat16 the M rows are visited in another order -- (M/2, 2)
+    instead of (2, M/2) -- in both operands: not a transpose XLA can fold, and the same sum.
+    Other dtypes, and an odd M, multiply in float32."""
+    *lead, M, P = a.shape
+    if a.dtype != jnp.bfloat16 or M % 2:
+        return jnp.einsum("...mp,...mq->...pq", a.astype(jnp.float32), b.astype(jnp.float32))
+    n, Q = len(lead), b.shape[-1]
+    at = a.reshape(*lead, 2, M // 2, P).transpose(*range(n), n + 2, n + 1, n).reshape(*lead, P, M)
+    bp = b.reshape(*lead, 2, M // 2, Q).transpose(*range(n), n + 1, n, n + 2).reshape(*lead, M, Q)
+    return jnp.einsum("...pm,...mq->...pq", at, bp, preferred_element_type=jnp.float32)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
@@ -117,7 +118,7 @@ def _low_precision_matmul(x, w, transposed: bool = False):
     cast to x's dtype, accumulated in float32. Its own gradient so that both gradient products
     run in x's dtype too: automatic differentiation multiplies the float32 output's cotangent
     by the bfloat16 kernel, which promotes those products to float32."""
-    return _contract(x, w.astype(x.dtype), 1, 1 if transposed else 0)
+    return _low_precision_matmul_fwd(x, w, transposed)[0]
 
 
 def _low_precision_matmul_fwd(x, w, transposed):
@@ -170,18 +171,6 @@ def _attend_train(q, k, v, rate, key):
 ATTN_BLOCK = 128  # query rows per block in _attend_causal
 
 
-def _batched_outer_sum(a, b):
-    """einsum("bhqk,bhqd->bhkd"): a^T b per batch and head, accumulated in float32. In bfloat16 the
-    q rows are visited in a permuted order in both operands (see _outer_product_sum)."""
-    Q = a.shape[2]
-    if a.dtype != jnp.bfloat16 or Q % 2:
-        return jnp.einsum("bhqk,bhqd->bhkd", a, b, preferred_element_type=jnp.float32)
-    B, H, _, K = a.shape
-    at = a.reshape(B, H, 2, Q // 2, K).transpose(0, 1, 4, 3, 2).reshape(B, H, K, Q)
-    bp = b.reshape(B, H, 2, Q // 2, b.shape[-1]).transpose(0, 1, 3, 2, 4).reshape(B, H, Q, b.shape[-1])
-    return jnp.einsum("bhkq,bhqd->bhkd", at, bp, preferred_element_type=jnp.float32)
-
-
 def _causal_blocks(T: int, block: int):
     return [(start, min(start + block, T)) for start in range(0, T, block)]
 
@@ -193,22 +182,17 @@ def _block_probs(qh, kh, start: int, end: int):
     return jax.nn.softmax(jnp.where(visible, s / math.sqrt(qh.shape[-1]), -jnp.inf), axis=-1)
 
 
-def _attend_causal(q, k, v, block: int = ATTN_BLOCK):
-    """Causal attention by blocks of query rows, each against only the keys it may see.
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _attend_causal(qkv, block: int = ATTN_BLOCK):
+    """Causal attention on the stacked qkv [B, T, 3, H, Dh] as c_attn produces it, by blocks of
+    query rows, each against only the keys it may see.
 
     A full [T, T] score matrix computes and then masks away the upper triangle: half the
     score and value products and half the softmax memory traffic. Query block i needs only
     keys [0, (i+1) * block), which skips ~44% of that work at 8 blocks (measured on CPU at
     8 x 1024 x 12 heads: 0.31 s per layer against 0.64 s for the fused full-matrix kernel).
-    q, k, v: [B, T, H, Dh]."""
-    return _attend_causal_qkv(jnp.stack([q, k, v], axis=2), block)
 
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
-def _attend_causal_qkv(qkv, block: int = ATTN_BLOCK):
-    """_attend_causal on the stacked qkv [B, T, 3, H, Dh] as c_attn produces it.
-
-    It is moved to head-major [3, B, H, T, Dh] by one transpose, so that every product (forward
+    qkv is moved to head-major [3, B, H, T, Dh] by one transpose, so that every product (forward
     and backward) has its batch axes first and its operands in the layouts XLA:CPU multiplies
     natively in bfloat16; the backward is written out for the same reason (autodiff left it in
     float32, with the layout changes scattered through slow loops), and its gradient goes back
@@ -238,13 +222,13 @@ def _attend_causal_bwd(block, residuals, g):
         pf = p.astype(jnp.float32)
         ds = (pf * (dp - jnp.sum(dp * pf, axis=-1, keepdims=True)) / math.sqrt(Dh)).astype(dtype)
         dq.append(jnp.einsum("bhqk,bhkd->bhqd", ds, kh[:, :, :end], preferred_element_type=jnp.float32).astype(dtype))
-        dk = dk.at[:, :, :end].add(_batched_outer_sum(ds, qh[:, :, start:end]))
-        dv = dv.at[:, :, :end].add(_batched_outer_sum(p, g_blk))
+        dk = dk.at[:, :, :end].add(_outer_product_sum(ds, qh[:, :, start:end]))
+        dv = dv.at[:, :, :end].add(_outer_product_sum(p, g_blk))
     grads = jnp.stack([jnp.concatenate(dq, axis=2), dk.astype(dtype), dv.astype(dtype)])
     return (grads.transpose(1, 3, 0, 2, 4),)
 
 
-_attend_causal_qkv.defvjp(_attend_causal_fwd, _attend_causal_bwd)
+_attend_causal.defvjp(_attend_causal_fwd, _attend_causal_bwd)
 
 
 def attention(x, p, cfg: Config, dtype, key=None, cache=None):
@@ -278,7 +262,7 @@ def attention(x, p, cfg: Config, dtype, key=None, cache=None):
     elif key is not None and cfg.attn_dropout > 0:
         out = _attend_train(q, k, v, cfg.attn_dropout, key)
     else:
-        out = _attend_causal_qkv(qkv)
+        out = _attend_causal(qkv)
     return dense(out.reshape(B, T, D), p["c_proj"], dtype), new_cache
 
 

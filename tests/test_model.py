@@ -129,16 +129,17 @@ def test_layer_unrolling_does_not_change_results(setup):
             np.testing.assert_allclose(x, y, atol=1e-6)
 
 
-@pytest.mark.parametrize("T, dtype, tol", [(40, jnp.float32, 2e-6), (37, jnp.float32, 2e-6), (40, jnp.bfloat16, 2e-2)])
+@pytest.mark.parametrize("T, dtype, tol", [(40, jnp.float32, 2e-6), (37, jnp.float32, 2e-6), (40, jnp.bfloat16, 2e-2),
+                                          (37, jnp.bfloat16, 2e-2)])  # an odd last block: float32 outer products
 def test_blocked_causal_attention_matches_full_matrix(T, dtype, tol):
     # Blocks of 16 query rows: 40 gives a ragged last block, 37 an odd length.
     q, k, v = (jax.random.normal(kk, (2, T, 3, 8), dtype) for kk in jax.random.split(jax.random.PRNGKey(2), 3))
     full = jax.nn.dot_product_attention(q, k, v, is_causal=True)
-    blocked = M._attend_causal(q, k, v, block=16)
+    blocked = M._attend_causal(jnp.stack([q, k, v], axis=2), 16)
     np.testing.assert_allclose(np.asarray(blocked, np.float32), np.asarray(full, np.float32), atol=tol)
     loss = lambda f: lambda q, k, v: jnp.sum(jnp.sin(f(q, k, v).astype(jnp.float32)))  # noqa: E731
     g_full = jax.grad(loss(lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True)), (0, 1, 2))(q, k, v)
-    g_blocked = jax.grad(loss(lambda q, k, v: M._attend_causal(q, k, v, block=16)), (0, 1, 2))(q, k, v)
+    g_blocked = jax.grad(loss(lambda q, k, v: M._attend_causal(jnp.stack([q, k, v], axis=2), 16)), (0, 1, 2))(q, k, v)
     for a, b in zip(g_blocked, g_full):
         np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), atol=tol * 5)
 
