@@ -48,22 +48,49 @@ class SamplingOptions:
         return self
 
 
+@dataclass(frozen=True)
+class Filters:
+    """What a compiled sampling program is specialised on: which filters run (top-k's k is an
+    array shape, so it stays). Every other setting (temperature, top-p mass, penalty, seed,
+    length) reaches the program as data, so changing it recompiles nothing."""
+    greedy: bool
+    top_k: int
+    top_p: bool
+    penalty: bool
+    stop_at_eot: bool
+
+    @classmethod
+    def of(cls, opts: SamplingOptions) -> "Filters":
+        return cls(opts.temperature == 0, opts.top_k, opts.top_p < 1.0, opts.repetition_penalty != 1.0,
+                   opts.stop_at_eot)
+
+
+def knobs(opts: SamplingOptions) -> jax.Array:
+    """The settings a compiled program takes as data: [temperature, top_p, repetition_penalty]."""
+    return jnp.asarray([opts.temperature or 1.0, opts.top_p, opts.repetition_penalty], jnp.float32)
+
+
 def filter_logits(logits, seen, opts: SamplingOptions):
     """Apply repetition penalty, temperature, top-k and top-p to logits [B, V] (float32)."""
-    if opts.repetition_penalty != 1.0:
-        penalised = jnp.where(logits > 0, logits / opts.repetition_penalty, logits * opts.repetition_penalty)
+    return _filter(logits, seen, Filters.of(opts), knobs(opts))
+
+
+def _filter(logits, seen, filters: Filters, values):
+    temperature, top_p, penalty = values[0], values[1], values[2]
+    if filters.penalty:
+        penalised = jnp.where(logits > 0, logits / penalty, logits * penalty)
         logits = jnp.where(seen, penalised, logits)
-    if opts.temperature == 0:
+    if filters.greedy:
         return logits
-    logits = logits / opts.temperature
-    if opts.top_k > 0:
-        kth = jax.lax.top_k(logits, min(opts.top_k, logits.shape[-1]))[0][:, -1:]
+    logits = logits / temperature
+    if filters.top_k > 0:
+        kth = jax.lax.top_k(logits, min(filters.top_k, logits.shape[-1]))[0][:, -1:]
         logits = jnp.where(logits < kth, -jnp.inf, logits)
-    if opts.top_p < 1.0:
+    if filters.top_p:
         sorted_logits = jnp.sort(logits, axis=-1)[:, ::-1]
         probs = jax.nn.softmax(sorted_logits, axis=-1)
         before = jnp.cumsum(probs, axis=-1) - probs       # mass of strictly more likely tokens
-        keep = before < opts.top_p                         # always keeps the most likely token
+        keep = before < top_p                              # always keeps the most likely token
         cutoff = jnp.min(jnp.where(keep, sorted_logits, jnp.inf), axis=-1, keepdims=True)
         logits = jnp.where(logits < cutoff, -jnp.inf, logits)
     return logits
@@ -78,9 +105,9 @@ def first_argmax(x):
     return jnp.minimum(jnp.min(jnp.where(hits, jnp.arange(n, dtype=jnp.int32), n), axis=-1), n - 1)
 
 
-def sample_token(logits, seen, key, opts: SamplingOptions):
-    logits = filter_logits(logits, seen, opts)
-    if opts.temperature == 0:
+def sample_token(logits, seen, key, filters: Filters, values):
+    logits = _filter(logits, seen, filters, values)
+    if filters.greedy:
         return first_argmax(logits)
     # jax.random.categorical's own Gumbel-max draw, with the faster argmax: the same tokens.
     return first_argmax(logits + jax.random.gumbel(key, logits.shape, logits.dtype))
@@ -93,7 +120,7 @@ class Generator:
         self.cfg, self.tok, self.chunk = cfg, tokenizer, chunk
         self._params = model.decode_params(params)
         self._prefill = jax.jit(functools.partial(self._prefill_fn, cfg=cfg))
-        self._decode = jax.jit(self._decode_fn, static_argnames=("opts", "steps"), donate_argnums=(1,))
+        self._decode = jax.jit(self._decode_fn, static_argnames=("filters",), donate_argnums=(1,))
 
     def params_for(self, batch: int):
         """Decode parameters for a batch size: batch 1 reads kernels transposed (faster matrix-vector
@@ -110,24 +137,24 @@ class Generator:
         logits, cache = model.forward_cached(params, tokens, cache, 0, pad, cfg)
         return logits[:, -1], cache
 
-    def _decode_fn(self, params, carry, key, n, opts: SamplingOptions, steps: int):
-        """`n` (traced, at most `steps`) decode steps in one program; carry = (cache, logits, index,
+    def _decode_fn(self, params, carry, key, values, n, filters: Filters):
+        """`n` (traced, at most `chunk`) decode steps in one program; carry = (cache, logits, index,
         seen, done, pad). The count is traced so that one compiled program also runs the last,
         shorter call: no step is computed past the requested length, and nothing recompiles."""
         cfg, eot = self.cfg, self.tok.eot_id
 
         def one(i, state):
             (cache, logits, index, seen, done, pad), toks = state
-            tok = sample_token(logits, seen, jax.random.fold_in(key, index), opts)
+            tok = sample_token(logits, seen, jax.random.fold_in(key, index), filters, values)
             tok = jnp.where(done, eot, tok)
-            if opts.stop_at_eot:
+            if filters.stop_at_eot:
                 done = done | (tok == eot)
-            if opts.repetition_penalty != 1.0:  # only the penalty reads it
+            if filters.penalty:  # only the penalty reads it
                 seen = seen.at[jnp.arange(tok.shape[0]), tok].set(True)
             logits, cache = model.forward_cached(params, tok[:, None], cache, index, pad, cfg)
             return (cache, logits[:, -1], index + 1, seen, done, pad), toks.at[:, i].set(tok)
 
-        toks = jnp.zeros((carry[1].shape[0], steps), jnp.int32)
+        toks = jnp.zeros((carry[1].shape[0], self.chunk), jnp.int32)
         return jax.lax.fori_loop(0, n, one, (carry, toks))
 
     # -------------------------------------------------------------- host side
@@ -165,9 +192,9 @@ class Generator:
         longest = max(len(ids) for ids in encoded)
         P = min(-(-longest // PROMPT_BUCKET) * PROMPT_BUCKET, self.cfg.n_ctx - length)
         P = max(P, longest)
-        steps_per_call = min(self.chunk, length)
-        calls = -(-length // steps_per_call)
-        total = P + length
+        calls = -(-length // self.chunk)
+        # The cache (a compiled shape) holds whole chunks: lengths within one chunk share programs.
+        total = min(P + calls * self.chunk, self.cfg.n_ctx)
         tokens = np.zeros((B, P), np.int32)
         pad = np.zeros((B,), np.int32)
         seen = np.zeros((B, self.cfg.padded_vocab), bool)
@@ -183,9 +210,10 @@ class Generator:
         produced = [[] for _ in range(B)]
         emitted = [""] * B
         finished = [False] * B
+        filters, values = Filters.of(opts), knobs(opts)
         for call in range(calls):
-            n = min(steps_per_call, length - call * steps_per_call)
-            carry, toks = self._decode(params, carry, key, jnp.int32(n), opts=opts, steps=steps_per_call)
+            n = min(self.chunk, length - call * self.chunk)
+            carry, toks = self._decode(params, carry, key, values, jnp.int32(n), filters=filters)
             toks = np.asarray(toks)[:, :n]
             for i in range(B):
                 for t in toks[i]:

@@ -47,6 +47,26 @@ def test_greedy_matches_step_by_step_full_forward(gen):
     assert gen._decode._cache_size() - compiled <= 1
 
 
+def test_seed_temperature_top_p_penalty_and_length_recompile_nothing(gen):
+    """A server or a prompt file changes these per request (sample_prompts changes the seed per
+    batch): they are data to the compiled programs, and lengths within one chunk of 8 share a
+    cache size."""
+    base = dict(top_p=0.9, repetition_penalty=1.2, stop_at_eot=False)
+    first = gen.generate(["Hello"], SamplingOptions(length=12, temperature=1.0, seed=1, **base), return_tokens=True)
+    decode, prefill = gen._decode._cache_size(), gen._prefill._cache_size()
+    texts = [first[0]]
+    for length, temperature, seed, top_p, penalty in [(12, 1.0, 2, 0.9, 1.2), (10, 0.7, 1, 0.9, 1.2),
+                                                      (16, 1.0, 1, 0.5, 1.2), (9, 1.0, 1, 0.9, 1.5)]:
+        opts = SamplingOptions(length=length, temperature=temperature, seed=seed, top_p=top_p,
+                               repetition_penalty=penalty, stop_at_eot=False)
+        texts.append(gen.generate(["Hello"], opts, return_tokens=True)[0])
+        assert len(texts[-1]) == length
+    assert (gen._decode._cache_size(), gen._prefill._cache_size()) == (decode, prefill)
+    # The seed, temperature and top-p did change the text (a random model's near-uniform
+    # predictions rarely pick a penalised token, so the penalty is shown by test_filters).
+    assert len({tuple(t[:9]) for t in texts[:4]}) == 4
+
+
 def test_batched_prompts_of_different_lengths_match_alone(gen):
     prompts = ["a", "a much longer prompt with many more tokens in it than the first"]
     opts = SamplingOptions(length=10, temperature=0.0, stop_at_eot=False)
