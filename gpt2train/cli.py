@@ -1,4 +1,4 @@
-"""Command line: `python -m gpt2train train|generate|evaluate|tokenizer|keys|demo` and main.py.
+"""Command line: `python -m gpt2train train|generate|serve|evaluate|tokenizer|keys|demo` and main.py.
 
 Every config key can be overridden on the command line as `--key value` after the known flags.
 User mistakes (UserError) print one clear message and exit with status 2, never a traceback.
@@ -45,13 +45,14 @@ def load(args, overrides: dict):
     return load_config(args.model, overrides)
 
 
-def add_sampling_flags(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("sampling")
-    g.add_argument("--predict_text", help="prompt text to continue")
-    g.add_argument("--predict_file", help="file whose whole content is the prompt")
-    g.add_argument("--prompts", help="file with one prompt per line (batched)")
+def add_sampling_flags(p: argparse.ArgumentParser, *, prompts: bool = True) -> None:
+    g = p.add_argument_group("sampling" if prompts else "sampling defaults (a request may set each)")
+    if prompts:
+        g.add_argument("--predict_text", help="prompt text to continue")
+        g.add_argument("--predict_file", help="file whose whole content is the prompt")
+        g.add_argument("--prompts", help="file with one prompt per line (batched)")
+        g.add_argument("--samples", type=int, default=None, help="samples per prompt (default: predict_batch_size)")
     g.add_argument("--length", type=int, default=None, help="new tokens per sample (default: n_ctx // 2)")
-    g.add_argument("--samples", type=int, default=None, help="samples per prompt (default: predict_batch_size)")
     g.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
     g.add_argument("--top_k", type=int, default=0, help="keep the k most likely tokens (0 = off)")
     g.add_argument("--top_p", type=float, default=1.0, help="nucleus sampling mass (1 = off)")
@@ -110,18 +111,23 @@ def _prompts_from_args(args) -> list[str] | None:
     return prompts
 
 
-def cmd_generate(cfg, args, *, interactive_ok: bool = True) -> list[str]:
+def load_generator(cfg, args):
+    """The trained model's Generator, its checkpoint step, and the sampling flags as options."""
     from .checkpoint import load_params
     from .mesh import param_shardings
     from .generate import Generator, SamplingOptions
     from .tokenizer import load_tokenizer
     tok = load_tokenizer(cfg.encoder_path)
     params, step = load_params(cfg, sharding=param_shardings(cfg))
-    gen = Generator(cfg, params, tok)
     opts = SamplingOptions(length=args.length or cfg.n_ctx // 2, temperature=args.temperature,
                            top_k=args.top_k, top_p=args.top_p,
                            repetition_penalty=args.repetition_penalty,
                            seed=cfg.seed if args.seed is None else args.seed).check()
+    return Generator(cfg, params, tok), step, opts
+
+
+def cmd_generate(cfg, args, *, interactive_ok: bool = True) -> list[str]:
+    gen, _, opts = load_generator(cfg, args)
     samples = args.samples or cfg.predict_batch_size
     if samples < 1:
         raise UserError(f"--samples must be at least 1, got {samples}")
@@ -187,6 +193,20 @@ def interactive(gen, opts, samples, cfg) -> list[str]:
     return out
 
 
+def cmd_serve(cfg, args) -> None:
+    from .serve import GenerationService, make_server
+    server = make_server(args.host, args.port)
+    gen, step, opts = load_generator(cfg, args)
+    server.service = GenerationService(gen, opts, batch_size=cfg.predict_batch_size, step=step)
+    host, port = server.server_address[:2]
+    print(f"serving step {step} of {cfg.model_path} on http://{host}:{port} "
+          f"(POST /generate, GET /health; Ctrl-C stops)", flush=True)
+    try:
+        server.serve_forever()
+    finally:
+        server.server_close()
+
+
 def cmd_evaluate(cfg, data, stride=None) -> dict:
     from .checkpoint import load_params
     from .mesh import param_shardings
@@ -233,6 +253,12 @@ def build_parser() -> argparse.ArgumentParser:
     g = sub.add_parser("generate", allow_abbrev=False, help="sample from a trained model")
     g.add_argument("--model", required=True, help="JSON config of the trained model")
     add_sampling_flags(g)
+
+    s = sub.add_parser("serve", allow_abbrev=False, help="an HTTP API for generation (POST /generate with JSON)")
+    s.add_argument("--model", required=True, help="JSON config of the trained model")
+    s.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0 = every interface)")
+    s.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 = a free one, printed at start)")
+    add_sampling_flags(s, prompts=False)
 
     e = sub.add_parser("evaluate", allow_abbrev=False, help="loss, perplexity and bits per byte on text")
     e.add_argument("--model", required=True, help="JSON config of the trained model")
@@ -320,6 +346,8 @@ def run_main(argv: list[str] | None = None) -> int:
         cmd_train(cfg)
     elif args.command == "generate":
         cmd_generate(cfg, args)
+    elif args.command == "serve":
+        cmd_serve(cfg, args)
     elif args.command == "memory":
         import jax
         from .memory import report

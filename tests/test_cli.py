@@ -118,6 +118,33 @@ def test_generate_subcommand_with_prompt_file_and_piped_stdin(trained):
     assert piped.stdout.count(" SAMPLE ") == 1
 
 
+def test_serve_subcommand_answers_http_until_interrupted(trained):
+    """`serve` binds its port, loads the model, answers POST /generate, and stops on Ctrl-C; a
+    taken port is a one-line error before the model is loaded."""
+    import re
+    import urllib.request
+    tmp, path, cfg, _, _ = trained
+    proc = subprocess.Popen([sys.executable, "-m", "gpt2train", "serve", "--model", str(path), "--port", "0",
+                             "--length", "5"], cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    try:
+        line = proc.stdout.readline()
+        port = re.search(r"http://127\.0\.0\.1:(\d+)", line)
+        assert port, (line, proc.stderr.read() if proc.poll() is not None else "")
+        url = f"http://127.0.0.1:{port.group(1)}/generate"
+        body = json.dumps({"prompts": ["import os", "def f():"], "seed": 2}).encode()
+        with urllib.request.urlopen(urllib.request.Request(url, data=body), timeout=120) as r:
+            reply = json.loads(r.read())
+        assert reply["step"] == 40 and len(reply["completions"]) == 2
+        taken = run("-m", "gpt2train", "serve", "--model", str(path), "--port", port.group(1), timeout=120)
+        assert taken.returncode == 2 and "cannot listen" in taken.stderr and "Traceback" not in taken.stderr
+    finally:
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "Traceback" not in err, err
+    assert "POST /generate" in err  # the request log
+
+
 def test_evaluate_subcommand(trained):
     tmp, path, cfg, _, _ = trained
     r = run("-m", "gpt2train", "evaluate", "--model", str(path), "--json")
