@@ -334,6 +334,8 @@ def run_main(argv: list[str] | None = None) -> int:
             raise UserError(f"unexpected arguments: {' '.join(rest)}")
         (cmd_tokenizer if args.command == "tokenizer" else cmd_encode)(args)
         return 0
+    from . import compile_cache  # every command below compiles
+    compile_cache.enable()
     if args.command == "demo":
         from .demo import run_demo
         run_demo(args.out, steps=args.steps, extra=parse_overrides(rest))
@@ -395,6 +397,8 @@ def seed_main(argv: list[str] | None = None) -> int:
     add_sampling_flags(p)
     add_distributed_flags(p)
     args, rest = p.parse_known_args(argv)
+    from . import compile_cache
+    compile_cache.enable()
     join_hosts(args)
     training = args.predict_text is None and args.predict_file is None and args.prompts is None
     if training and args.seed is not None:  # when training, --seed is the config's seed

@@ -1,7 +1,10 @@
 """Shared fixtures: GPT-2's real encoder files, small real text, tiny configs."""
 
 import json
+import os
+import shutil
 import sysconfig
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -9,6 +12,16 @@ import pytest
 from gpt2train.config import Config
 
 REPO = Path(__file__).resolve().parents[1]
+# The commands' compilation cache (gpt2train/compile_cache.py): one per test session, shared by
+# every command a test runs, never the user's own.
+_OWN_CACHE = None if "GPT2TRAIN_COMPILE_CACHE" in os.environ else tempfile.mkdtemp(prefix="gpt2train-test-xla-")
+if _OWN_CACHE:
+    os.environ["GPT2TRAIN_COMPILE_CACHE"] = _OWN_CACHE
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if _OWN_CACHE:
+        shutil.rmtree(_OWN_CACHE, ignore_errors=True)
 ENCODER_DIR = REPO.parent / "shared" / "encoder"
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
 
