@@ -3,7 +3,8 @@
 A prompt batch is left-padded to a bucketed length and run through the model once (prefill);
 then tokens are produced by a compiled loop of `chunk` decode steps per call, so text can be
 streamed between chunks and generation stops as soon as every row has emitted <|endoftext|>.
-The same seed and settings give the same text.
+At the end of the context it slides on from the last half of the text. The same seed and
+settings give the same text.
 """
 
 from __future__ import annotations
@@ -158,12 +159,8 @@ class Generator:
         return jax.lax.fori_loop(0, n, one, (carry, toks))
 
     # -------------------------------------------------------------- host side
-    def encode_prompts(self, prompts: list[str], length: int) -> tuple[list[list[int]], int]:
-        """Tokenize prompts and fit them and `length` new tokens into the context.
-
-        A prompt longer than the context keeps its last n_ctx - 1 tokens; when the longest prompt
-        leaves less room than `length`, fewer tokens are generated. Both cases warn.
-        """
+    def encode_prompts(self, prompts: list[str]) -> list[list[int]]:
+        """Tokenize prompts; one longer than the context keeps its last n_ctx - 1 tokens (warned)."""
         n_ctx = self.cfg.n_ctx
         out = []
         for p in prompts:
@@ -174,63 +171,84 @@ class Generator:
                               f"keeping its last {n_ctx - 1} tokens")
                 ids = ids[-(n_ctx - 1):]
             out.append(ids)
-        room = n_ctx - max(len(ids) for ids in out)
-        if length > room:
-            warnings.warn(f"only {room} new tokens fit after the prompt in the {n_ctx}-token context "
-                          f"(asked for {length}); generating {room}")
-            length = room
-        return out, length
+        return out
 
-    def generate(self, prompts: list[str], opts: SamplingOptions, on_text=None, *, return_tokens=False):
-        """Continue each prompt; `on_text(row, new_text)` is called as text arrives (streaming).
-
-        Returns the continuations' texts (or their token ids with return_tokens=True).
-        """
-        opts.check()
-        encoded, length = self.encode_prompts(prompts, opts.length)
-        B = len(encoded)
-        longest = max(len(ids) for ids in encoded)
-        P = min(-(-longest // PROMPT_BUCKET) * PROMPT_BUCKET, self.cfg.n_ctx - length)
-        P = max(P, longest)
+    def _segment(self, contexts: list[list[int]], history: list[list[int]], done: list[bool], length: int,
+                 opts: SamplingOptions, key):
+        """Prefill `contexts` (left-padded into one batch) and decode `length` tokens after them,
+        yielding each call's tokens [B, n]. `history` (every token so far) feeds the repetition
+        penalty; rows already `done` only pad."""
+        B = len(contexts)
+        longest = max(len(ids) for ids in contexts)
+        P = max(min(-(-longest // PROMPT_BUCKET) * PROMPT_BUCKET, self.cfg.n_ctx - length), longest)
         calls = -(-length // self.chunk)
         # The cache (a compiled shape) holds whole chunks: lengths within one chunk share programs.
         total = min(P + calls * self.chunk, self.cfg.n_ctx)
         tokens = np.zeros((B, P), np.int32)
         pad = np.zeros((B,), np.int32)
         seen = np.zeros((B, self.cfg.padded_vocab), bool)
-        for i, ids in enumerate(encoded):
+        for i, ids in enumerate(contexts):
             tokens[i, P - len(ids):] = ids
             pad[i] = P - len(ids)
-            seen[i, ids] = True
-        cache = model.init_cache(self.cfg, B, total)
+            seen[i, history[i]] = True
         params = self.params_for(B)
-        logits, cache = self._prefill(params, jnp.asarray(tokens), jnp.asarray(pad), cache)
-        carry = (cache, logits, jnp.int32(P), jnp.asarray(seen), jnp.zeros((B,), bool), jnp.asarray(pad))
-        key = jax.random.PRNGKey(opts.seed)
-        produced = [[] for _ in range(B)]
-        emitted = [""] * B
-        finished = [False] * B
+        logits, cache = self._prefill(params, jnp.asarray(tokens), jnp.asarray(pad), model.init_cache(self.cfg, B, total))
+        carry = (cache, logits, jnp.int32(P), jnp.asarray(seen), jnp.asarray(done), jnp.asarray(pad))
         filters, values = Filters.of(opts), knobs(opts)
         for call in range(calls):
             n = min(self.chunk, length - call * self.chunk)
             carry, toks = self._decode(params, carry, key, values, jnp.int32(n), filters=filters)
-            toks = np.asarray(toks)[:, :n]
-            for i in range(B):
-                for t in toks[i]:
-                    if finished[i] or len(produced[i]) >= length:
-                        break
-                    if opts.stop_at_eot and t == self.tok.eot_id:
-                        finished[i] = True
-                        break
-                    produced[i].append(int(t))
-                if on_text is not None:
-                    text = self.tok.decode(produced[i])
-                    stable = text.rstrip("\ufffd") if not finished[i] else text  # hold back split characters
-                    if len(stable) > len(emitted[i]):
-                        on_text(i, stable[len(emitted[i]):])
-                        emitted[i] = stable
-            if all(finished[i] or len(produced[i]) >= length for i in range(B)):
-                break
+            yield np.asarray(toks)[:, :n]
+
+    def generate(self, prompts: list[str], opts: SamplingOptions, on_text=None, *, return_tokens=False):
+        """Continue each prompt; `on_text(row, new_text)` is called as text arrives (streaming).
+
+        Past the end of the context, generation slides on: the last n_ctx // 2 tokens of each row
+        are run through the model again and decoding goes on from them (the model then sees only
+        that much of the text). Returns the continuations' texts (or their token ids with
+        return_tokens=True).
+        """
+        opts.check()
+        encoded = self.encode_prompts(prompts)
+        B, length, eot = len(encoded), opts.length, self.tok.eot_id
+        history = [list(ids) for ids in encoded]  # prompt + produced, per row
+        produced = [[] for _ in range(B)]
+        emitted = [""] * B
+        finished = [False] * B
+
+        def active() -> bool:
+            return not all(finished[i] or len(produced[i]) >= length for i in range(B))
+
+        segment = steps = 0
+        while active():
+            # The first segment uses the seed's key itself: text within the context does not
+            # depend on whether it could have slid.
+            key = jax.random.PRNGKey(opts.seed)
+            if segment:
+                key = jax.random.fold_in(key, segment)
+            contexts = history if segment == 0 else [h[-(self.cfg.n_ctx // 2):] for h in history]
+            room = self.cfg.n_ctx - max(len(c) for c in contexts)
+            todo = min(room, length - steps)
+            for toks in self._segment(contexts, history, list(finished), todo, opts, key):
+                steps += toks.shape[1]
+                for i in range(B):
+                    for t in toks[i]:
+                        if finished[i] or len(produced[i]) >= length:
+                            break
+                        if opts.stop_at_eot and t == eot:
+                            finished[i] = True
+                            break
+                        produced[i].append(int(t))
+                        history[i].append(int(t))
+                    if on_text is not None:
+                        text = self.tok.decode(produced[i])
+                        stable = text.rstrip("\ufffd") if not finished[i] else text  # hold back split characters
+                        if len(stable) > len(emitted[i]):
+                            on_text(i, stable[len(emitted[i]):])
+                            emitted[i] = stable
+                if not active():
+                    break
+            segment += 1
         if return_tokens:
             return produced
         texts = [self.tok.decode(ids) for ids in produced]

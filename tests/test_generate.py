@@ -121,13 +121,37 @@ def test_stops_at_end_of_text(gpt2_tokenizer):
 def test_long_prompt_keeps_its_last_tokens_with_a_warning(gen):
     long_prompt = " ".join(str(i) for i in range(200))
     with pytest.warns(UserWarning, match="longer than the 64-token context"):
-        encoded, length = gen.encode_prompts([long_prompt], 10)
+        encoded = gen.encode_prompts([long_prompt])
     assert encoded[0] == gen.tok.encode(long_prompt)[-63:]
-    assert length == 1
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         out = gen.generate([long_prompt], SamplingOptions(length=10, stop_at_eot=False), return_tokens=True)
-    assert len(out[0]) == 1
+    assert len(out[0]) == 10
+
+
+def test_generation_slides_past_the_end_of_the_context(gen):
+    """150 tokens after a 21-token prompt in a 64-token context: the first 43 are what a
+    generation stopping at the context gives; then it goes on from the last 32 tokens, as the
+    model run on just those tokens predicts."""
+    prompt = "The quick brown fox jumps over the lazy dog. " * 2
+    ids = gen.tok.encode(prompt)
+    opts = SamplingOptions(length=150, temperature=0.0, stop_at_eot=False)
+    out = gen.generate([prompt, "a"], opts, return_tokens=True)
+    assert [len(x) for x in out] == [150, 150]
+    room = 64 - len(ids)
+    first = gen.generate([prompt], SamplingOptions(length=room, temperature=0.0, stop_at_eot=False),
+                         return_tokens=True)[0]
+    assert out[0][:room] == first
+    text = ids + out[0]
+    window = text[len(ids) + room - 32:len(ids) + room]  # the last half-context when the cache filled
+    want = []
+    for _ in range(20):
+        logits = M.forward(stacked_params(gen.cfg), jnp.asarray([window + want]), gen.cfg)[0, -1]
+        want.append(int(jnp.argmax(logits)))
+    assert out[0][room:room + 20] == want
+    # Sampling past the context is reproducible too.
+    sampled = SamplingOptions(length=100, temperature=1.0, seed=4, stop_at_eot=False)
+    assert gen.generate([prompt], sampled, return_tokens=True) == gen.generate([prompt], sampled, return_tokens=True)
 
 
 def test_streaming_pieces_add_up_to_the_text(gen):
