@@ -135,7 +135,7 @@ class Generator:
     # -------------------------------------------------------------- compiled pieces
     @staticmethod
     def _prefill_fn(params, tokens, pad, cache, *, cfg):
-        logits, cache = model.forward_cached(params, tokens, cache, 0, pad, cfg)
+        logits, cache = model.forward_cached(params, tokens, cache, 0, pad, cfg, last_only=True)
         return logits[:, -1], cache
 
     def _decode_fn(self, params, carry, key, values, n, filters: Filters):

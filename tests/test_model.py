@@ -84,6 +84,11 @@ def test_left_padded_rows_match_unpadded(setup):
     for i, n in enumerate(lengths):
         alone = M.forward(params, toks[i:i + 1, :n], cfg)
         np.testing.assert_allclose(logits[i, P - n:, :cfg.n_vocab], alone[0, :, :cfg.n_vocab], atol=2e-5)
+    # A prefill asks for the last position's logits alone: the same numbers.
+    last, _ = M.forward_cached(M.decode_params(params), jnp.asarray(batch), M.init_cache(cfg, 3, P), 0,
+                               jnp.asarray(pad), cfg, last_only=True)
+    assert last.shape == (3, 1, logits.shape[-1])
+    np.testing.assert_allclose(last, logits[:, -1:], atol=1e-6)
 
 
 def test_dropout_only_with_key(setup):
