@@ -200,7 +200,9 @@ def cmd_serve(cfg, args) -> None:
     server.service = GenerationService(gen, opts, batch_size=cfg.predict_batch_size, step=step)
     host, port = server.server_address[:2]
     print(f"serving step {step} of {cfg.model_path} on http://{host}:{port} "
-          f"(POST /generate, GET /health; Ctrl-C stops)", flush=True)
+          f"(POST /generate, GET /health; Ctrl-C stops)\n"
+          f"  try: curl -s http://{host}:{port}/generate -d '{{\"prompt\": \"Hello\", \"length\": 20}}'",
+          flush=True)
     try:
         server.serve_forever()
     finally:

@@ -131,6 +131,7 @@ def test_serve_subcommand_answers_http_until_interrupted(trained):
         line = proc.stdout.readline()
         port = re.search(r"http://127\.0\.0\.1:(\d+)", line)
         assert port, (line, proc.stderr.read() if proc.poll() is not None else "")
+        assert "curl -s http://127.0.0.1:" in proc.stdout.readline()  # an example request to copy
         url = f"http://127.0.0.1:{port.group(1)}/generate"
         body = json.dumps({"prompts": ["import os", "def f():"], "seed": 2}).encode()
         with urllib.request.urlopen(urllib.request.Request(url, data=body), timeout=120) as r:
