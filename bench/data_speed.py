@@ -83,10 +83,12 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--mb", type=float, default=50.0, help="corpus size in MB (default 50)")
     p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--encoder_path", default=str(REPO.parent / "shared" / "encoder"))
+    p.add_argument("--encoder_path", default=None, help="default: GPT-2's vocabulary, shipped with the package")
     p.add_argument("--quick", action="store_true", help="time only the demo-shape training step")
     args = p.parse_args()
     from gpt2train.encode import encode_corpus
+    from gpt2train.tokenizer import GPT2_ENCODER_DIR
+    args.encoder_path = args.encoder_path or GPT2_ENCODER_DIR
 
     work = pathlib.Path(tempfile.mkdtemp(prefix="data_speed_"))
     try:

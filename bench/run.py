@@ -27,9 +27,10 @@ import numpy as np
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "bench"))
-ENCODER = REPO.parent / "shared" / "encoder"
+
 
 from reference import Reference, available as reference_available  # noqa: E402
+from gpt2train.tokenizer import GPT2_ENCODER_DIR  # noqa: E402
 
 SIZES = {  # name: (n_layer, n_embd, n_head, n_vocab, batch, n_ctx)
     "full": {"train_small": (4, 128, 4, 50257, 12, 64), "train_124M": (12, 768, 12, 50257, 4, 256),
@@ -159,7 +160,7 @@ def bench_generate(shape, batches, new_tokens: int, repeats: int, ref, bandwidth
     T = 1024 if D >= 768 else 256
     cfg = config(L, D, H, V, 1, T)
     params = initial_params(cfg)
-    tok = load_tokenizer(str(ENCODER))
+    tok = load_tokenizer(GPT2_ENCODER_DIR)
     prompt_ids = np.random.default_rng(0).integers(0, V, 20).tolist()
     prompt = tok.decode(prompt_ids)
     gen = Generator(cfg, params, tok)
@@ -272,7 +273,7 @@ def bench_data(megabytes: float) -> dict:
     work = pathlib.Path(tempfile.mkdtemp(prefix="bench_data_"))
     try:
         size = build_corpus(work / "text", megabytes)
-        s = encode_corpus(str(work / "text"), str(work / "records"), "bench", str(ENCODER), files_per=50,
+        s = encode_corpus(str(work / "text"), str(work / "records"), "bench", GPT2_ENCODER_DIR, files_per=50,
                           minimum_size=16, workers=2, progress=False, log=lambda *_: None)
         files = [str(f) for f in sorted((work / "records").glob("*.tfrecords"))]
         return {"corpus_mb": size / 1e6, "encode_mb_s": s.mb_per_s, "encode_workers": 2, "tokens": s.tokens,

@@ -32,9 +32,10 @@ def download(source: str, out: str = "models", log=print) -> str:
     from gpt2train.checkpoint import Checkpointer
     from gpt2train.config import Config
     from gpt2train.pretrained import fit, kind_of, load_pretrained, config_from_shape
+    from gpt2train.tokenizer import copy_gpt2_encoder
 
     if source == "encoder":
-        path = hub.fetch_encoder(os.path.join(out, "encoder"))
+        path = copy_gpt2_encoder(os.path.join(out, "encoder"))
         log(f"wrote GPT-2's encoder.json and vocab.bpe to {path}")
         return path
     if os.path.isdir(source):
@@ -58,7 +59,7 @@ def download(source: str, out: str = "models", log=print) -> str:
                             f"and its {pre.shape['n_vocab']} tokens are not GPT-2's 50257: add them to the directory")
         encoder_dir = os.path.abspath(os.path.join(out, "encoder"))
         if not os.path.isfile(os.path.join(encoder_dir, "encoder.json")):
-            hub.fetch_encoder(encoder_dir)
+            copy_gpt2_encoder(encoder_dir)
     values = config_from_shape(pre.shape, model_path=model_dir, encoder_path=os.path.abspath(encoder_dir),
                                data_path="", eval_data_path=None,
                                predict_path=os.path.join(model_dir, "predictions.txt"))

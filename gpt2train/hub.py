@@ -17,9 +17,7 @@ REPOS = {"124M": "openai-community/gpt2", "355M": "openai-community/gpt2-medium"
          "774M": "openai-community/gpt2-large", "1558M": "openai-community/gpt2-xl"}
 ALIASES = {"117M": "124M", "345M": "355M"}  # the names of OpenAI's first release
 MODELS = (*REPOS, *ALIASES)
-ENCODER_REPO = REPOS["124M"]
 MODEL_FILES = ("config.json", "model.safetensors")
-ENCODER_FILES = {"vocab.json": "encoder.json", "merges.txt": "vocab.bpe"}  # hub name -> our name
 
 
 def canonical(name: str) -> str:
@@ -75,13 +73,3 @@ def fetch_model(name: str, cache_dir: str | None = None) -> str:
     repo = REPOS[canonical(name)]
     paths = [download_file(repo, f, cache_dir) for f in MODEL_FILES]
     return os.path.dirname(paths[0])
-
-
-def fetch_encoder(out_dir: str, cache_dir: str | None = None) -> str:
-    """Write GPT-2's encoder.json + vocab.bpe into out_dir."""
-    import shutil
-
-    os.makedirs(out_dir, exist_ok=True)
-    for theirs, ours in ENCODER_FILES.items():
-        shutil.copyfile(download_file(ENCODER_REPO, theirs, cache_dir), os.path.join(out_dir, ours))
-    return out_dir

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import posixpath
 import re
+import shutil
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
 
@@ -34,6 +36,18 @@ _HOW_TO_GET = (
     "get GPT-2's with `python3 download_model.py encoder`, "
     "or train one with `python -m gpt2train tokenizer`"
 )
+
+# GPT-2's own encoder.json and vocab.bpe ship with the package: encoding with GPT-2's
+# vocabulary, the tests and the demo then need no download.
+GPT2_ENCODER_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "gpt2")
+
+
+def copy_gpt2_encoder(out_dir: str) -> str:
+    """Write GPT-2's encoder.json + vocab.bpe (the package's copy) into out_dir."""
+    os.makedirs(out_dir, exist_ok=True)
+    for name in (ENCODER_FILE, MERGES_FILE):
+        shutil.copyfile(os.path.join(GPT2_ENCODER_DIR, name), os.path.join(out_dir, name))
+    return out_dir
 
 
 @functools.cache

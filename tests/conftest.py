@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from gpt2train.config import Config
+from gpt2train.tokenizer import GPT2_ENCODER_DIR
 
 REPO = Path(__file__).resolve().parents[1]
 # The commands' compilation cache (gpt2train/compile_cache.py): one per test session, shared by
@@ -22,7 +23,7 @@ if _OWN_CACHE:
 def pytest_sessionfinish(session, exitstatus):
     if _OWN_CACHE:
         shutil.rmtree(_OWN_CACHE, ignore_errors=True)
-ENCODER_DIR = REPO.parent / "shared" / "encoder"
+ENCODER_DIR = Path(GPT2_ENCODER_DIR)  # the package's own copy of GPT-2's vocabulary
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
 
 

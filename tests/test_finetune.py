@@ -62,8 +62,7 @@ def hub(tmp_path_factory):
     hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=2, n_embd=32, n_head=2, n_positions=64))
     hf.save_pretrained(tmp / "model")
     Hub.files = {(REPO_ID, name): (tmp / "model" / name).read_bytes() for name in ("config.json", "model.safetensors")}
-    Hub.files[(REPO_ID, "vocab.json")] = (ENCODER_DIR / "encoder.json").read_bytes()
-    Hub.files[(REPO_ID, "merges.txt")] = (ENCODER_DIR / "vocab.bpe").read_bytes()
+    # No vocab.json / merges.txt here: GPT-2's vocabulary ships with the package, nothing downloads it.
     server = ThreadingHTTPServer(("127.0.0.1", 0), Hub)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     yield f"http://127.0.0.1:{server.server_address[1]}", tmp

@@ -7,11 +7,11 @@ import fsspec
 import numpy as np
 import pytest
 
+from conftest import ENCODER_DIR
 from gpt2train.errors import UserError
 from gpt2train.inputs import WindowSource, expand_paths, get_input, register_input
 from gpt2train.tokenizer import load_tokenizer
 
-ENCODER_DIR = Path(__file__).resolve().parents[2] / "shared" / "encoder"
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
 N_CTX = 16
 BATCH = 4

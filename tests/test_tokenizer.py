@@ -8,10 +8,10 @@ import pytest
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import models, pre_tokenizers
 
+from conftest import ENCODER_DIR
 from gpt2train.errors import UserError
 from gpt2train.tokenizer import _chunks, _train_hf, _vocab_and_merges, load_tokenizer, train_tokenizer
 
-ENCODER_DIR = Path(__file__).resolve().parents[2] / "shared" / "encoder"
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
 
 TRICKY = (
