@@ -81,6 +81,9 @@ class WindowSource(abc.ABC):
     def reset(self) -> None:
         """Back to the first batch (eval runs over the same batches every time)."""
 
+    def close(self) -> None:
+        """Release what the source holds (a prefetching thread); nothing by default."""
+
 
 def _shard_rows(global_batch: int, process_index: int, process_count: int, what: str) -> int:
     if not 0 <= process_index < process_count:

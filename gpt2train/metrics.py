@@ -8,7 +8,9 @@ QK^T and AV products (forward + backward). Forward-only work is a third of that.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import math
 import os
 import time
 
@@ -71,6 +73,57 @@ def peak_flops_per_device(cfg: Config) -> tuple[float, str]:
             times.append(time.perf_counter() - t0)
         _measured_peak[key] = 2 * n ** 3 / min(times)
     return _measured_peak[key], f"measured {cfg.precision} matmul on {kind or dev.platform}"
+
+
+class ThroughputWindow:
+    """The per-step metrics since the last log line, reduced to one record.
+
+    Every metric the train step returns is averaged over the window, except those in LAST
+    (the learning rate at the window's end); a metric added to the step reaches metrics.jsonl
+    and TensorBoard with no other change. tokens/s and MFU count wall time, minus the time spent
+    inside `excluded()` (evaluation, checkpoints: work that is not training)."""
+
+    LAST = frozenset({"lr"})
+
+    def __init__(self, tokens_per_step: int, flops_per_step: float, peak_flops: float):
+        self.tokens_per_step, self.flops_per_step, self.peak = tokens_per_step, flops_per_step, peak_flops
+        self.restart()
+
+    def restart(self) -> None:
+        """Drop the steps so far and start the clock again."""
+        self._steps: list[dict] = []
+        self._start, self._excluded = time.perf_counter(), 0.0
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self._start - self._excluded
+
+    def add(self, metrics: dict) -> None:
+        self._steps.append(metrics)
+
+    @contextlib.contextmanager
+    def excluded(self):
+        t = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._excluded += time.perf_counter() - t
+
+    def summary(self, step: int) -> dict | None:
+        """One record for the window ending at `step` (None if it holds no step); restarts it."""
+        if not self._steps:
+            return None
+        steps, elapsed = self._steps, max(self.elapsed(), 1e-9)
+        line = {"step": step}
+        for key in steps[-1]:
+            values = [m[key] for m in steps if key in m]
+            line[key] = values[-1] if key in self.LAST else float(sum(values) / len(values))
+        tok_s = len(steps) * self.tokens_per_step / elapsed
+        line.update(tokens_per_s=tok_s, mfu=tok_s / self.tokens_per_step * self.flops_per_step / self.peak,
+                    time=time.time())
+        if "loss" in line:
+            line["ppl"] = math.exp(min(line["loss"], 50.0))
+        self.restart()
+        return line
 
 
 class MetricsWriter:

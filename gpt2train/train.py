@@ -9,11 +9,12 @@ reads the previous step's metrics while the current one runs.
 from __future__ import annotations
 
 import collections
+import contextlib
 import math
 import signal
 import sys
 import threading
-import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import jax
@@ -29,7 +30,8 @@ from .errors import UserError
 from .inputs import get_input
 from .prefetch import Prefetched
 from .mesh import batch_sharding, check_batch, mesh_for, replicated, state_shardings
-from .metrics import MetricsWriter, peak_flops_per_device, train_flops_per_token
+from .hooks import Checkpoint, Hook, TimeLimit, standard_hooks
+from .metrics import MetricsWriter, ThroughputWindow, peak_flops_per_device, train_flops_per_token
 from .optimizers import learning_rate_schedule, make_optimizer
 
 
@@ -37,7 +39,17 @@ HISTORY_STEPS = 10_000  # per-step metrics kept in memory; a 500k-step run must 
 
 
 class NonFiniteLoss(UserError):
-    pass
+    """Training produced a non-finite loss or parameters; nothing of that state was saved."""
+
+    @classmethod
+    def at(cls, what: str, step: int, ckpt: Checkpointer, cfg: Config) -> "NonFiniteLoss":
+        return cls(f"{what} at step {step}; this state was not saved. The last good checkpoint is step "
+                   f"{ckpt.latest_step()} in {ckpt.dir}. Lower lr (now {cfg.lr}), raise warmup_steps, or set "
+                   "grad_clip, then rerun to resume.")
+
+
+class Interrupted(UserError):
+    """A clean stop on SIGINT/SIGTERM after saving; exits non-zero so scripts notice."""
 
 
 def initial_params(cfg: Config) -> model.Params:
@@ -45,10 +57,14 @@ def initial_params(cfg: Config) -> model.Params:
     return model.init_params(cfg, jax.random.fold_in(jax.random.PRNGKey(cfg.seed), 0))
 
 
-def init_state(cfg: Config, tx: optax.GradientTransformation) -> dict:
-    params = initial_params(cfg)
+def train_state(cfg: Config, tx: optax.GradientTransformation, params) -> dict:
+    """A run's state at step 0 from its parameters: a fresh optimizer and the run's RNG."""
     return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params),
             "rng": jax.random.fold_in(jax.random.PRNGKey(cfg.seed), 1)}
+
+
+def init_state(cfg: Config, tx: optax.GradientTransformation) -> dict:
+    return train_state(cfg, tx, initial_params(cfg))
 
 
 def make_train_step(cfg: Config, tx: optax.GradientTransformation):
@@ -98,6 +114,21 @@ def _all_finite(tree) -> jax.Array:
     return jnp.all(jnp.stack([jnp.isfinite(x).all() for x in jax.tree.leaves(tree)]))
 
 
+@contextlib.contextmanager
+def stop_on_signals(request_stop):
+    """Ctrl-C and SIGTERM call request_stop(signum) instead of killing the run, which then
+    finishes its step and saves. Signals reach only the main thread; elsewhere this does nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = {s: signal.signal(s, lambda signum, _frame: request_stop(signum)) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, handler in old.items():
+            signal.signal(s, handler)
+
+
 @dataclass
 class RunResult:
     step: int
@@ -106,8 +137,15 @@ class RunResult:
     history: list  # per-step metrics of this call, the last HISTORY_STEPS at most
 
 
+@dataclass
+class StopRequest:
+    reason: str
+    signal: int | None = None  # a stop by signal exits non-zero (Interrupted) after saving
+
+
 class Trainer:
-    def __init__(self, cfg: Config, tokenizer, *, progress: bool = True, log=print, devices=None):
+    def __init__(self, cfg: Config, tokenizer, *, progress: bool = True, log=print, devices=None,
+                 hooks: Sequence[Hook] = ()):
         if not cfg.model_path:
             raise UserError("model_path is empty: set it in the config to the directory for checkpoints")
         self.cfg, self.tokenizer, self.progress, self.log = cfg, tokenizer, progress, log
@@ -128,34 +166,44 @@ class Trainer:
         if cfg.eval_steps > 0 and cfg.eval_data_path:
             check_batch("eval_batch_size", cfg.eval_batch_size, self.mesh)
             self.eval_data = make_source(cfg, "eval", tokenizer, **hosts)
+        self.hooks = standard_hooks(cfg, evaluate=self.eval_data is not None)
+        for hook in hooks:
+            self.add_hook(hook)
         self.metrics = MetricsWriter(cfg.model_path, enabled=jax.process_index() == 0)  # one writer per run
         self.ckpt = Checkpointer(cfg)
-        self._stop_signal = None
+        self.history: collections.deque = collections.deque(maxlen=HISTORY_STEPS)
+        self._stop: StopRequest | None = None
+        self._last_loss = self._eval_loss = None
 
         rep, data = replicated(self.mesh), batch_sharding(self.mesh)
         self._batch_sharding = data
         # Parameters and optimizer state sharded along fsdp (replicated when it is 1).
-        state_sh = state_shardings(self.mesh, jax.eval_shape(lambda: init_state(cfg, self.tx)))
-        self.state_shardings = state_sh
-        self.train_step = jax.jit(make_train_step(cfg, self.tx), in_shardings=(state_sh, data),
-                                  out_shardings=(state_sh, rep), donate_argnums=0)
-        self.eval_step = jax.jit(make_eval_step(cfg), in_shardings=(state_sh["params"], data), out_shardings=rep)
+        self.state_shardings = state_shardings(self.mesh, jax.eval_shape(lambda: init_state(cfg, self.tx)))
+        self.train_step = jax.jit(make_train_step(cfg, self.tx), in_shardings=(self.state_shardings, data),
+                                  out_shardings=(self.state_shardings, rep), donate_argnums=0)
+        self.eval_step = jax.jit(make_eval_step(cfg), in_shardings=(self.state_shardings["params"], data),
+                                 out_shardings=rep)
         try:
-            self.state = self._initial_state(state_sh)
+            self.state = self._initial_state(self.state_shardings)
         except BaseException:
             self.ckpt.close()  # release Orbax's background threads before the error propagates
             raise
 
+    def add_hook(self, hook: Hook) -> None:
+        """Run `hook` too; it runs before the checkpoint, so a save follows what it did."""
+        at = next((i for i, h in enumerate(self.hooks) if isinstance(h, Checkpoint)), len(self.hooks))
+        self.hooks.insert(at, hook)
+
     # ------------------------------------------------------------------ state
     def _initial_state(self, sharding):
-        abstract = jax.eval_shape(lambda: init_state(self.cfg, self.tx))
         latest = self.ckpt.latest_step()
         if latest is not None and self.ckpt.read_meta(latest).get("kind") == "pretrained":
             # A converted pretrained model: its weights, a fresh optimizer, step 0.
             self.log(f"starting from the pretrained model in {self.ckpt.dir}")
             return self._state_from_params(self.ckpt.restore_params(latest, sharding["params"]), sharding)
         if latest is not None:
-            abstract = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh), abstract, sharding)
+            abstract = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
+                                    jax.eval_shape(lambda: init_state(self.cfg, self.tx)), sharding)
             state, data_state = self.ckpt.restore(abstract, latest)
             self.train_data.restore(data_state)
             self.log(f"resumed from {self.ckpt.dir} at step {latest}")
@@ -171,10 +219,8 @@ class Trainer:
         return jax.jit(lambda: init_state(self.cfg, self.tx), out_shardings=sharding)()
 
     def _state_from_params(self, params, sharding):
-        def build(p):
-            return {"step": jnp.zeros((), jnp.int32), "params": p, "opt_state": self.tx.init(p),
-                    "rng": jax.random.fold_in(jax.random.PRNGKey(self.cfg.seed), 1)}
-        return jax.jit(build, out_shardings=sharding)(jax.tree.map(jnp.asarray, params))
+        return jax.jit(lambda p: train_state(self.cfg, self.tx, p), out_shardings=sharding)(
+            jax.tree.map(jnp.asarray, params))
 
     @property
     def step(self) -> int:
@@ -185,7 +231,7 @@ class Trainer:
             return jax.make_array_from_process_local_data(self._batch_sharding, batch)
         return jax.device_put(batch, self._batch_sharding)
 
-    # ------------------------------------------------------------------ pieces
+    # ------------------------------------------------------------------ what hooks call
     def evaluate(self) -> dict | None:
         if self.eval_data is None:
             return None
@@ -198,141 +244,120 @@ class Trainer:
     def save(self) -> None:
         # The last update can overflow after a finite loss was reported: never save such a state.
         if not bool(_all_finite(self.state["params"])):
-            good = self.ckpt.latest_step()
-            raise NonFiniteLoss(
-                f"the parameters became non-finite at step {self.step}; this state was not saved. The last good "
-                f"checkpoint is step {good} in {self.ckpt.dir}. Lower lr (now {self.cfg.lr}), raise "
-                "warmup_steps, or set grad_clip, then rerun to resume.")
+            raise NonFiniteLoss.at("the parameters became non-finite", self.step, self.ckpt, self.cfg)
         self.ckpt.save(self.step, self.state, self.train_data.state())
 
-    def _request_stop(self, signum, _frame):
-        self._stop_signal = signum
+    def request_stop(self, reason: str | int) -> None:
+        """Make the current step the last: the end-of-run hooks (a checkpoint) run, then run()
+        returns; a signal number as the reason raises Interrupted after the save."""
+        if self._stop is None:
+            signum = reason if isinstance(reason, int) else None
+            self._stop = StopRequest(f"signal {reason}" if signum is not None else reason, signum)
+
+    def note(self, values: dict) -> None:
+        """Add figures (an evaluation's) to the newest step of the run's history."""
+        if self.history:
+            self.history[-1].update(values)
+        if "eval_loss" in values:
+            self._eval_loss = values["eval_loss"]
+
+    def show(self, line: dict) -> None:
+        """A metrics record on the progress bar, or as a log line when there is no bar."""
+        shown = {"loss": ".3f", "ppl": ".1f", "lr": ".2e", "grad_norm": ".2f", "tokens_per_s": ".0f", "mfu": ".1%"}
+        if self.progress:
+            names = {"grad_norm": "gnorm", "tokens_per_s": "tok_s"}
+            self._bar.set_postfix({names.get(k, k): format(line[k], f) for k, f in shown.items() if k in line})
+            return
+        extra = " ".join(f"{k} {v:.4g}" for k, v in line.items()
+                         if k not in shown and k not in ("step", "time") and isinstance(v, (int, float)))
+        self.log(f"step {line['step']}: loss {line['loss']:.4f} ppl {line['ppl']:.2f} lr {line['lr']:.2e} "
+                 f"grad_norm {line['grad_norm']:.3f} {line['tokens_per_s']:.0f} tokens/s MFU {line['mfu']:.1%}"
+                 + (f" {extra}" if extra else ""))
 
     # ------------------------------------------------------------------ loop
+    def _record(self, step: int, metrics) -> dict:
+        """Bring one step's metrics to the host (the loop reads them a step late, so it never
+        waits for the step it just launched); stop on a non-finite loss."""
+        m = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        if not math.isfinite(m["loss"]):
+            raise NonFiniteLoss.at(f"loss became {m['loss']}", step, self.ckpt, self.cfg)
+        self.history.append({"step": step, **m})
+        self.window.add(m)
+        self._last_loss = m["loss"]
+        self._bar.update(step - self._bar.n)
+        return m
+
+    def _run_hooks(self, hooks: Sequence[Hook], step: int, final: bool) -> None:
+        for hook in hooks:
+            with self.window.excluded():
+                hook(self, step, final)
+
     def run(self, until: int | None = None, until_seconds: float | None = None) -> RunResult:
         """Train to max_steps (or stop early at step `until`, or after `until_seconds` of training
         not counting the first, compiling step; a checkpoint is saved where it stops)."""
         cfg = self.cfg
         end = cfg.max_steps if until is None else min(until, cfg.max_steps)
         start = self.step
-        history: collections.deque = collections.deque(maxlen=HISTORY_STEPS)
+        self.history.clear()
+        self._stop, self._last_loss, self._eval_loss = None, None, None
         if start >= end:
             self.log(f"already at step {start} of max_steps ({cfg.max_steps}) in {cfg.model_path}; nothing to train")
             return RunResult(start, None, None, [])
+        hooks = self.hooks + ([TimeLimit(until_seconds)] if until_seconds is not None else [])
         tokens_per_step = cfg.train_batch_size * cfg.n_ctx
-        flops_per_step = train_flops_per_token(cfg) * tokens_per_step
         peak, peak_source = peak_flops_per_device(cfg)
         peak *= self.mesh.devices.size
         self.log(f"training {model.count_params(self.state['params']):,} parameters from step {start} "
                  f"to {cfg.max_steps}; {tokens_per_step} tokens/step; MFU against {peak / 1e9:.0f} "
                  f"GFLOP/s ({peak_source}), counting 6N + 12*L*T*D FLOPs per token")
-        ckpt_every = cfg.checkpoint_every or cfg.train_steps
-        # Ctrl-C / SIGTERM finish the current step and save before exiting (signals only reach the main thread).
-        old_handlers = {}
-        if threading.current_thread() is threading.main_thread():
-            old_handlers = {s: signal.signal(s, self._request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
-        bar = tqdm(total=cfg.max_steps, initial=start, disable=not self.progress, unit="step",
-                   dynamic_ncols=True, file=sys.stderr,
-                   mininterval=0.5 if sys.stderr.isatty() else 30)  # a log file needs few redraws
-        pending = None          # (step, metrics on device) of the step launched before
-        window_start = time.perf_counter()
-        last_loss, eval_loss = None, None
-
-        def settle(entry):
-            """Bring one step's metrics to the host; stop on a non-finite loss."""
-            nonlocal last_loss
-            step, m = entry
-            m = {k: float(v) for k, v in jax.device_get(m).items()}
-            if not math.isfinite(m["loss"]):
-                good = self.ckpt.latest_step()
-                raise NonFiniteLoss(
-                    f"loss became {m['loss']} at step {step}; training stopped without saving this state. "
-                    f"The last good checkpoint is step {good} in {self.ckpt.dir}. Lower lr "
-                    f"(now {cfg.lr}), raise warmup_steps, or set grad_clip, then rerun to resume.")
-            last_loss = m["loss"]
-            return step, m
-
-        def record(step, m):
-            history.append({"step": step, **m})
-            window.append(m)
-            bar.update(step - bar.n)
-
-        def log_window(step):
-            nonlocal window, window_start
-            if not window:
-                return
-            elapsed = time.perf_counter() - window_start
-            tok_s = len(window) * tokens_per_step / elapsed
-            line = {"step": step, "loss": float(np.mean([m["loss"] for m in window])),
-                    "lr": window[-1]["lr"], "grad_norm": float(np.mean([m["grad_norm"] for m in window])),
-                    "tokens_per_s": tok_s, "mfu": tok_s / tokens_per_step * flops_per_step / peak,
-                    "time": time.time()}
-            line["ppl"] = math.exp(min(line["loss"], 50.0))
-            self.metrics.write(line)
-            bar.set_postfix(loss=f"{line['loss']:.3f}", ppl=f"{line['ppl']:.1f}", lr=f"{line['lr']:.2e}",
-                            gnorm=f"{line['grad_norm']:.2f}", tok_s=f"{tok_s:.0f}", mfu=f"{line['mfu']:.1%}")
-            if not self.progress:
-                self.log(f"step {step}: loss {line['loss']:.4f} ppl {line['ppl']:.2f} lr {line['lr']:.2e} "
-                         f"grad_norm {line['grad_norm']:.3f} {tok_s:.0f} tokens/s MFU {line['mfu']:.1%}")
-            window, window_start = [], time.perf_counter()
-
+        self._bar = tqdm(total=cfg.max_steps, initial=start, disable=not self.progress, unit="step",
+                         dynamic_ncols=True, file=sys.stderr,
+                         mininterval=0.5 if sys.stderr.isatty() else 30)  # a log file needs few redraws
+        self.window = ThroughputWindow(tokens_per_step, train_flops_per_token(cfg) * tokens_per_step, peak)
+        pending = None  # (step, metrics on device) of the step launched before
         step = start
-        window: list = []
-        deadline = None
         try:
-            while step < end:
-                batch = self._put(self.train_data.next_batch())
-                self.state, metrics = self.train_step(self.state, batch)
-                step += 1
-                if pending is not None:
-                    record(*settle(pending))
-                pending = (step, metrics)
-                if step == start + 1:  # the first step includes compilation: keep it out of tokens/s
-                    _, first = settle(pending)
-                    record(step, first)
-                    pending = None
-                    compile_s = time.perf_counter() - window_start
-                    self.metrics.write({"step": step, **first, "first_step_s": compile_s})
-                    window, window_start = [], time.perf_counter()
-                    if until_seconds is not None:
-                        deadline = window_start + until_seconds
-                out_of_time = deadline is not None and time.perf_counter() >= deadline
-                is_end = step == end or self._stop_signal is not None or out_of_time
-                do_eval = self.eval_data is not None and (step % cfg.train_steps == 0 or is_end)
-                do_save = step % ckpt_every == 0 or is_end
-                if step % cfg.iterations == 0 or do_eval or do_save or is_end:
+            with stop_on_signals(self.request_stop):
+                while step < end:
+                    batch = self._put(self.train_data.next_batch())
+                    self.state, metrics = self.train_step(self.state, batch)
+                    step += 1
                     if pending is not None:
-                        record(*settle(pending))
+                        self._record(*pending)
+                    pending = (step, metrics)
+                    if step == start + 1:  # the first step includes compilation: keep it out of tokens/s
+                        first = self._record(*pending)
                         pending = None
-                    log_window(step)
-                if do_eval:
-                    ev = self.evaluate()
-                    eval_loss = ev["eval_loss"]
-                    self.metrics.write({"step": step, **ev})
-                    history[-1].update(ev)
-                    self.log(f"step {step}: eval loss {ev['eval_loss']:.4f} perplexity {ev['eval_ppl']:.2f}")
-                if do_save:
-                    self.save()
-                if do_eval or do_save:
-                    window_start = time.perf_counter()
-                if self._stop_signal is not None:
-                    self.ckpt.wait()
-                    raise Interrupted(f"stopped by signal {self._stop_signal} at step {step}; "
-                                      f"checkpoint saved in {self.ckpt.dir}: rerun the same command to resume")
-                if out_of_time:
-                    break
-            if pending is not None:
-                record(*settle(pending))
+                        self.metrics.write({"step": step, **first, "first_step_s": self.window.elapsed()})
+                        self.window.restart()
+                    for hook in hooks:
+                        reason = hook.wants_stop(self, step)
+                        if reason:
+                            self.request_stop(reason)
+                    final = step == end or self._stop is not None
+                    due = [h for h in hooks if h.due(step, final)]
+                    if due and pending is not None:
+                        self._record(*pending)
+                        pending = None
+                    self._run_hooks(due, step, final)
+                    if not final and self._stop is not None:  # a hook asked to stop: this step is the last
+                        self._run_hooks([h for h in hooks if h not in due and h.due(step, True)], step, True)
+                        final = True
+                    if final:
+                        break
+                if pending is not None:
+                    self._record(*pending)
+            if self._stop is not None:
+                self.ckpt.wait()
+                if self._stop.signal is not None:
+                    raise Interrupted(f"stopped by signal {self._stop.signal} at step {step}; checkpoint saved in "
+                                      f"{self.ckpt.dir}: rerun the same command to resume")
+                self.log(f"stopped at step {step}: {self._stop.reason}; checkpoint saved in {self.ckpt.dir}")
         finally:
-            bar.close()
+            self._bar.close()
             self.ckpt.wait()  # never leave a save half-written behind an exception
             self.metrics.close()
-            if isinstance(self.train_data, Prefetched):
-                self.train_data.close()
-            for s, h in old_handlers.items():
-                signal.signal(s, h)
-        return RunResult(step, last_loss, eval_loss, list(history))
-
-
-class Interrupted(UserError):
-    """A clean stop on SIGINT/SIGTERM after saving; exits non-zero so scripts notice."""
+            self.train_data.close()
+            if self.eval_data is not None:
+                self.eval_data.close()
+        return RunResult(step, self._last_loss, self._eval_loss, list(self.history))

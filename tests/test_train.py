@@ -1,11 +1,13 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from gpt2train.checkpoint import Checkpointer
 from gpt2train.errors import UserError
 from gpt2train.optimizers import make_optimizer
+from gpt2train.hooks import Hook
 from gpt2train.train import NonFiniteLoss, Trainer, init_state, make_train_step
 from conftest import tiny_config
 
@@ -156,3 +158,79 @@ def test_every_optimizer_lowers_the_loss(tmp_path, gpt2_tokenizer, opt):
     result = Trainer(cfg, gpt2_tokenizer, progress=False, log=lambda *a, **k: None).run()
     ls = losses(result)
     assert np.mean(ls[-3:]) < ls[0] - 0.5
+
+
+def test_a_metric_added_to_the_train_step_reaches_jsonl_and_tensorboard(tmp_path, gpt2_tokenizer, monkeypatch):
+    import json
+    from gpt2train import train
+
+    def with_param_norm(cfg, tx):
+        step = make_train_step(cfg, tx)
+
+        def wrapped(state, batch):
+            new_state, metrics = step(state, batch)
+            return new_state, {**metrics, "param_norm": optax.tree.norm(new_state["params"])}
+        return wrapped
+
+    monkeypatch.setattr(train, "make_train_step", with_param_norm)
+    cfg = tiny_config(tmp_path, max_steps=4, iterations=2, train_steps=4)
+    result = Trainer(cfg, gpt2_tokenizer, progress=False, log=lambda *a, **k: None).run()
+    per_step = [h["param_norm"] for h in result.history]
+    lines = [json.loads(x) for x in (tmp_path / "model" / "metrics.jsonl").read_text().splitlines()]
+    logged = [x for x in lines if "tokens_per_s" in x]
+    assert [x["step"] for x in logged] == [2, 4]
+    # averaged over its window like the loss (steps 2 and 3-4: the first step is logged alone)
+    assert logged[0]["param_norm"] == pytest.approx(per_step[1])
+    assert logged[1]["param_norm"] == pytest.approx(np.mean(per_step[2:4]))
+    assert [step for step, _ in tensorboard_scalars(tmp_path / "model" / "tensorboard", "param_norm")] == [1, 2, 4]
+
+
+def tensorboard_scalars(directory, tag):
+    """(step, value) of a scalar in the TensorBoard event files of a directory (read with our own
+    TFRecord reader: event files are TFRecords of Event protos)."""
+    from tensorboardX.proto import event_pb2
+    from gpt2train.records import iter_records
+    out = []
+    for path in sorted(directory.iterdir()):
+        for payload in iter_records(str(path)):
+            event = event_pb2.Event.FromString(payload)
+            out += [(event.step, v.simple_value) for v in event.summary.value if v.tag == tag]
+    return out
+
+
+class Recorder(Hook):
+    def __init__(self, every, at_end=True, stop_at=None):
+        self.every, self.at_end, self.stop_at, self.calls = every, at_end, stop_at, []
+
+    def __call__(self, trainer, step, final):
+        self.calls.append((step, final, trainer.step))
+        if step == self.stop_at:
+            trainer.request_stop("enough")
+
+
+def test_hooks_run_at_their_interval_and_at_the_end(tmp_path, gpt2_tokenizer):
+    every3, end_only = Recorder(3), Recorder(0)
+    cfg = tiny_config(tmp_path, max_steps=7, train_steps=100, checkpoint_every=100, eval_steps=0)
+    Trainer(cfg, gpt2_tokenizer, progress=False, log=lambda *a, **k: None, hooks=[every3, end_only]).run()
+    assert every3.calls == [(3, False, 3), (6, False, 6), (7, True, 7)]
+    assert end_only.calls == [(7, True, 7)]
+    assert Checkpointer(cfg).latest_step() == 7  # the checkpoint hook ran at the end
+
+
+def test_a_hook_that_asks_to_stop_ends_the_run_with_a_checkpoint(tmp_path, gpt2_tokenizer):
+    stopper, later = Recorder(2, stop_at=4), Recorder(0)
+    cfg = tiny_config(tmp_path, max_steps=10, train_steps=100, checkpoint_every=100, eval_steps=0)
+    result = Trainer(cfg, gpt2_tokenizer, progress=False, log=lambda *a, **k: None,
+                     hooks=[stopper, later]).run()
+    assert result.step == 4 and stopper.calls == [(2, False, 2), (4, False, 4)]
+    assert later.calls == [(4, True, 4)]  # the end-of-run hooks that had not run did, at step 4
+    assert Checkpointer(cfg).latest_step() == 4
+    resumed = Trainer(cfg.replace(max_steps=6), gpt2_tokenizer, progress=False, log=lambda *a, **k: None)
+    assert resumed.step == 4 and resumed.run().step == 6
+
+
+def test_time_limit_stops_after_the_first_step_and_saves(tmp_path, gpt2_tokenizer):
+    cfg = tiny_config(tmp_path, max_steps=1000, train_steps=1000, eval_steps=0)
+    result = Trainer(cfg, gpt2_tokenizer, progress=False, log=lambda *a, **k: None).run(until_seconds=0.0)
+    assert result.step == 2  # the first (compiling) step does not count against the limit
+    assert Checkpointer(cfg).latest_step() == 2

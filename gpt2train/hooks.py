@@ -1,0 +1,105 @@
+"""What the training loop does besides stepping: each a hook that runs every N steps, at the end
+of a run, or both.
+
+The loop (train.Trainer.run) calls, after step s:
+
+    hook(trainer, s, final)   for every hook whose due(s, final) is true, in list order
+
+`final` is true at the last step the run will take: max_steps, run(until=...), or a stop that
+a signal or a hook asked for (trainer.request_stop). A hook that asks to stop at step s makes s
+the last step: the end-of-run hooks that had not run yet (a checkpoint) then run at s too.
+Time a hook spends is left out of the throughput figures. The standard hooks are built from
+the config by `standard_hooks`; a new kind of periodic work (samples, task scores) is one more
+Hook subclass added with Trainer.add_hook, never an edit of the loop.
+"""
+
+from __future__ import annotations
+
+import time
+
+from .config import Config
+
+
+class Hook:
+    """Runs every `every` steps (0: never periodically) and, with `at_end`, at the last step."""
+
+    every: int = 0
+    at_end: bool = True
+
+    def due(self, step: int, final: bool) -> bool:
+        return bool(self.every and step % self.every == 0) or (final and self.at_end)
+
+    def wants_stop(self, trainer, step: int) -> str | None:
+        """Asked after every step, before any hook runs: a reason to make this step the last."""
+        return None
+
+    def __call__(self, trainer, step: int, final: bool) -> None:
+        raise NotImplementedError
+
+
+class LogMetrics(Hook):
+    """The step metrics since the last line, reduced to one record: metrics.jsonl, TensorBoard,
+    the progress bar (or a log line when there is no bar)."""
+
+    def __init__(self, every: int):
+        self.every = every
+
+    def __call__(self, trainer, step, final):
+        line = trainer.window.summary(step)
+        if line is None:
+            return
+        skipped = getattr(trainer.train_data, "skipped_records", 0)
+        if skipped:
+            line["skipped_records"] = skipped
+        trainer.metrics.write(line)
+        trainer.show(line)
+
+
+class Evaluate(Hook):
+    """Held-out loss and perplexity on eval_steps batches of the eval data."""
+
+    def __init__(self, every: int):
+        self.every = every
+
+    def __call__(self, trainer, step, final):
+        ev = trainer.evaluate()
+        trainer.metrics.write({"step": step, **ev})
+        trainer.note(ev)
+        trainer.log(f"step {step}: eval loss {ev['eval_loss']:.4f} perplexity {ev['eval_ppl']:.2f}")
+
+
+class Checkpoint(Hook):
+    """Save the train state and the data position (atomic; the last keep_checkpoints are kept)."""
+
+    def __init__(self, every: int):
+        self.every = every
+
+    def __call__(self, trainer, step, final):
+        trainer.save()
+
+
+class TimeLimit(Hook):
+    """Stop after `seconds` of training, not counting the first (compiling) step."""
+
+    at_end = False
+
+    def __init__(self, seconds: float):
+        self.seconds, self._deadline = seconds, None
+
+    def wants_stop(self, trainer, step):
+        if self._deadline is None:
+            self._deadline = time.perf_counter() + self.seconds
+            return None
+        if time.perf_counter() >= self._deadline:
+            return f"the time limit of {self.seconds:g} s"
+        return None
+
+
+def standard_hooks(cfg: Config, *, evaluate: bool) -> list[Hook]:
+    """Metrics every `iterations` steps, evaluation every `train_steps` (with eval data), a
+    checkpoint every `checkpoint_every` steps (0: with every evaluation); each also at the end."""
+    hooks: list[Hook] = [LogMetrics(cfg.iterations)]
+    if evaluate:
+        hooks.append(Evaluate(cfg.train_steps))
+    hooks.append(Checkpoint(cfg.checkpoint_every or cfg.train_steps))
+    return hooks
