@@ -18,7 +18,7 @@ import numpy as np
 from . import model
 from .config import Config
 from .errors import UserError
-from .inputs import read_documents
+from .inputs.text import read_documents
 from .paths import expand_paths
 
 

@@ -9,7 +9,8 @@ import pytest
 
 from conftest import ENCODER_DIR
 from gpt2train.errors import UserError
-from gpt2train.inputs import WindowSource, expand_paths, get_input, register_input
+from gpt2train.inputs import WindowSource, get_input, register_input
+from gpt2train.paths import expand_paths
 from gpt2train.tokenizer import load_tokenizer
 
 STDLIB = Path(sysconfig.get_paths()["stdlib"])

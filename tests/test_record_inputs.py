@@ -7,8 +7,8 @@ from conftest import tiny_config
 from gpt2train import records
 from gpt2train.errors import UserError
 from gpt2train.inputs import get_input
-from gpt2train.prefetch import Prefetched
-from gpt2train.record_windows import MixedWindows, RecordWindows, file_groups
+from gpt2train.inputs.prefetch import Prefetched
+from gpt2train.inputs.tfrecords import MixedWindows, RecordWindows, file_groups
 
 EOT = 9999
 N_CTX = 16

@@ -1,4 +1,4 @@
-"""Windows from .tfrecords the seed's way, streamed file by file; the registered record inputs.
+"""Windows from .tfrecords the seed's way, streamed file by file; the "tfrecords" input.
 
 Epoch e of one source, on host p of P (each host reads only files[p::P]):
   file order: rng([seed, e]).permutation of this host's files (unshuffled for eval);
@@ -25,7 +25,7 @@ import numpy as np
 
 from gpt2train import records
 from gpt2train.errors import UserError
-from gpt2train.inputs import WindowSource, _shard_rows, _split_settings, register_input
+from gpt2train.inputs.base import WindowSource, register_input, shard_rows, split_settings
 from gpt2train.paths import expand_paths
 
 
@@ -74,7 +74,7 @@ class RecordWindows(WindowSource):
         name: str = "the data",
         batch_key: str = "train_batch_size",
     ):
-        self.batch_size = _shard_rows(global_batch, process_index, process_count, batch_key)
+        self.batch_size = shard_rows(global_batch, process_index, process_count, batch_key)
         all_files = sorted(files)
         if len(all_files) < process_count:
             raise UserError(
@@ -165,7 +165,7 @@ class MixedWindows(WindowSource):
             raise UserError(f"data_weights {weights.tolist()} must be non-negative and not all zero")
         self._p = weights / weights.sum()
         self._sources, self._seed = list(sources), int(seed)
-        self.batch_size = _shard_rows(global_batch, process_index, process_count, batch_key)
+        self.batch_size = shard_rows(global_batch, process_index, process_count, batch_key)
         self._process_index = process_index
         self.n_ctx = sources[0].n_ctx
         self.num_windows = -1
@@ -207,8 +207,8 @@ def _record_source(cfg, split, tokenizer, spec, stitch, *, process_index, proces
     )
 
 
-def _mixture(cfg, split, tokenizer, specs, weights, stitches, *, process_index, process_count):
-    path_key, _, batch, batch_key = _split_settings(cfg, split)
+def record_mixture(cfg, split, tokenizer, specs, weights, stitches, *, process_index, process_count):
+    path_key, _, batch, batch_key = split_settings(cfg, split)
     sources = [
         _record_source(cfg, split, tokenizer, spec, stitch, process_index=process_index,
                        process_count=process_count, path_key=key, batch=batch, batch_key=batch_key)
@@ -223,7 +223,7 @@ def _mixture(cfg, split, tokenizer, specs, weights, stitches, *, process_index, 
 @register_input("tfrecords")
 def tfrecords_input(cfg, split, tokenizer, *, process_index=0, process_count=1):
     """BPE .tfrecords: data_path (a list with data_weights makes a mixture), stitch or minimum_size."""
-    path_key, spec, _, _ = _split_settings(cfg, split)
+    path_key, spec, _, _ = split_settings(cfg, split)
     if split == "train" and cfg.data_weights:
         specs = list(spec) if isinstance(spec, (list, tuple)) else [spec]
         if len(specs) != len(cfg.data_weights):
@@ -231,38 +231,7 @@ def tfrecords_input(cfg, split, tokenizer, *, process_index=0, process_count=1):
                 f"data_weights has {len(cfg.data_weights)} weights but data_path has {len(specs)} entries: "
                 "give one weight per entry"
             )
-        return _mixture(cfg, split, tokenizer, specs, cfg.data_weights, [stitch_for(cfg)] * len(specs),
-                        process_index=process_index, process_count=process_count)
-    return _mixture(cfg, split, tokenizer, [spec], [1.0], [stitch_for(cfg)],
-                    process_index=process_index, process_count=process_count)
-
-
-@register_input("openwebtext")
-def openwebtext_input(cfg, split, tokenizer, *, process_index=0, process_count=1):
-    """The seed's OpenWebText input: documents stitched 42 at a time."""
-    _, spec, _, _ = _split_settings(cfg, split)
-    return _mixture(cfg, split, tokenizer, [spec], [1.0], [cfg.stitch or 42],
-                    process_index=process_index, process_count=process_count)
-
-
-def _long_spec(cfg, split):
-    spec = cfg.long_data_path if split == "train" else (cfg.long_eval_data_path or cfg.eval_data_path)
-    if not spec:
-        raise UserError('this input needs "long_data_path": set it to the .tfrecords of long documents')
-    return spec
-
-
-@register_input("openwebtext_long")
-def openwebtext_long_input(cfg, split, tokenizer, *, process_index=0, process_count=1):
-    """Long documents only (long_data_path; eval: long_eval_data_path, else eval_data_path), stitch 2."""
-    return _mixture(cfg, split, tokenizer, [_long_spec(cfg, split)], [1.0], [cfg.stitch or 2],
-                    process_index=process_index, process_count=process_count)
-
-
-@register_input("openwebtext_longbiased")
-def openwebtext_longbiased_input(cfg, split, tokenizer, *, process_index=0, process_count=1):
-    """A 0.3/0.7 mixture of data_path (stitch 42) and long_data_path (stitch 2), as the seed's."""
-    _, spec, _, _ = _split_settings(cfg, split)
-    weights = cfg.data_weights or [0.3, 0.7]
-    return _mixture(cfg, split, tokenizer, [spec, _long_spec(cfg, split)], weights, [42, 2],
-                    process_index=process_index, process_count=process_count)
+        return record_mixture(cfg, split, tokenizer, specs, cfg.data_weights, [stitch_for(cfg)] * len(specs),
+                          process_index=process_index, process_count=process_count)
+    return record_mixture(cfg, split, tokenizer, [spec], [1.0], [stitch_for(cfg)],
+                          process_index=process_index, process_count=process_count)

@@ -10,7 +10,7 @@ import queue
 import threading
 from typing import Any
 
-from gpt2train.inputs import WindowSource
+from gpt2train.inputs.base import WindowSource
 
 _DONE = object()
 
