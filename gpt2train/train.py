@@ -327,8 +327,9 @@ class Trainer:
             bar.close()
             self.ckpt.wait()  # never leave a save half-written behind an exception
             self.metrics.close()
-            if isinstance(self.train_data, Prefetched):
-                self.train_data.close()
+            self.train_data.close()
+            if self.eval_data is not None:
+                self.eval_data.close()
             for s, h in old_handlers.items():
                 signal.signal(s, h)
         return RunResult(step, last_loss, eval_loss, list(history))

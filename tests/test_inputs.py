@@ -153,6 +153,14 @@ def test_eval_is_in_order_and_reset_repeats(corpus, tok):
     assert all(np.array_equal(x, y) for x, y in zip(first, _take(source, n_batches)))
 
 
+def test_close_releases_nothing_and_the_source_reads_on(corpus, tok):
+    source, again = _source(corpus, tok), _source(corpus, tok)
+    first = _take(source, 3)
+    source.close()
+    assert source.skipped_records == 0  # text files have no records to skip
+    assert all(np.array_equal(x, y) for x, y in zip(first + _take(source, 3), _take(again, 6)))
+
+
 def test_eval_needs_eval_data_path(corpus, tok):
     with pytest.raises(UserError, match="eval_data_path"):
         _source(corpus, tok, split="eval", eval_data_path=None)

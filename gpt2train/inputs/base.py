@@ -76,6 +76,14 @@ class WindowSource(abc.ABC):
     def reset(self) -> None:
         """Back to the first batch (eval runs over the same batches every time)."""
 
+    def close(self) -> None:
+        """Release what the source holds (a reading thread); by default there is nothing to release."""
+
+    @property
+    def skipped_records(self) -> int:
+        """Damaged records passed over under skip_corrupt_records so far, each time one is read."""
+        return 0
+
 
 # ---------------------------------------------------------------- helpers for factories
 

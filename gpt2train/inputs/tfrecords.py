@@ -152,6 +152,10 @@ class RecordWindows(WindowSource):
     def reset(self) -> None:
         self._epoch, self._file, self._window = 0, 0, 0
 
+    @property
+    def skipped_records(self) -> int:
+        return self.stats.skipped
+
 
 class MixedWindows(WindowSource):
     """Rows drawn from several sources with fixed weights (e.g. short and long documents)."""
@@ -191,6 +195,10 @@ class MixedWindows(WindowSource):
         self._batches = 0
         for source in self._sources:
             source.reset()
+
+    @property
+    def skipped_records(self) -> int:
+        return sum(source.skipped_records for source in self._sources)
 
 
 # ---------------------------------------------------------------- registered inputs
