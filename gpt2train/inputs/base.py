@@ -58,7 +58,6 @@ class WindowSource(abc.ABC):
 
     batch_size: int
     n_ctx: int
-    num_windows: int  # windows per epoch
 
     @abc.abstractmethod
     def next_batch(self) -> np.ndarray:

@@ -20,7 +20,7 @@ class Prefetched(WindowSource):
 
     def __init__(self, source: WindowSource, depth: int):
         self.source, self.depth = source, max(1, int(depth))
-        self.batch_size, self.n_ctx, self.num_windows = source.batch_size, source.n_ctx, source.num_windows
+        self.batch_size, self.n_ctx = source.batch_size, source.n_ctx
         self._queue: queue.Queue | None = None
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()

@@ -53,7 +53,7 @@ class DocumentWindows(WindowSource):
                 f"n_ctx + 1 = {n_ctx + 1} tokens is needed: add text or lower n_ctx"
             )
         self.n_ctx = n_ctx
-        self.num_windows = (n_tokens - 1) // n_ctx
+        self.num_windows = (n_tokens - 1) // n_ctx  # windows per epoch
         self._global_batch = global_batch
         self._process_index, self._process_count = process_index, process_count
         self._seed, self._shuffle = int(seed), shuffle

@@ -89,8 +89,6 @@ class RecordWindows(WindowSource):
         self._epoch, self._file, self._window = 0, 0, 0
         self._current: tuple[tuple[int, int], list[np.ndarray]] | None = None  # ((epoch, file), windows)
         self.stats = records.ReadStats()
-        self.num_windows = -1  # unknown until an epoch has been read; reported after the first
-        self._empty_epoch_guard = 0
 
     # ------------------------------------------------------------ layout
     def _file_order(self, epoch: int) -> list[tuple[int, str]]:
@@ -172,7 +170,6 @@ class MixedWindows(WindowSource):
         self.batch_size = shard_rows(global_batch, process_index, process_count, batch_key)
         self._process_index = process_index
         self.n_ctx = sources[0].n_ctx
-        self.num_windows = -1
         self._batches = 0
 
     def next_batch(self) -> np.ndarray:
