@@ -239,3 +239,22 @@ def test_skipped_records_count_damaged_records(tmp_path, gpt2_tokenizer):
     for _ in range(4):
         src.next_batch()
     assert isinstance(src, MixedWindows) and src.skipped_records == 2
+
+
+def test_each_source_of_a_mixture_is_named_by_its_own_config_key(tmp_path, gpt2_tokenizer):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "text").mkdir()
+    (tmp_path / "text" / "a.txt").write_text("not records")
+    (tmp_path / "long").mkdir()
+    write_files(tmp_path / "a")
+    records.write_documents(str(tmp_path / "long" / "l_0.tfrecords"), [(np.arange(200) % 50000, "l")])
+    text, long = str(tmp_path / "text"), str(tmp_path / "long")
+    cfg = tiny_config(tmp_path, n_ctx=N_CTX, input="tfrecords", data_path=[str(tmp_path / "a"), text],
+                      data_weights=[0.5, 0.5], long_data_path=long)
+    with pytest.raises(UserError, match=rf"^data_path\[1\] '{text}' holds no .tfrecords files"):
+        get_input("tfrecords")(cfg, "train", gpt2_tokenizer)
+    biased = cfg.replace(data_path=str(tmp_path / "a"), data_weights=None)
+    with pytest.raises(UserError, match=rf"^long_data_path '{long}' has 1 files but there are 2 hosts"):
+        get_input("openwebtext_longbiased")(biased, "train", gpt2_tokenizer, process_index=0, process_count=2)
+    with pytest.raises(UserError, match=rf"^long_eval_data_path '{text}' holds no .tfrecords files"):
+        get_input("openwebtext_long")(biased.replace(long_eval_data_path=text), "eval", gpt2_tokenizer)

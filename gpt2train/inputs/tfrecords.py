@@ -201,27 +201,32 @@ class MixedWindows(WindowSource):
 # ---------------------------------------------------------------- registered inputs
 
 
-def _record_source(cfg, split, tokenizer, spec, stitch, *, process_index, process_count, path_key, batch, batch_key):
+def record_source(cfg, split: str, tokenizer, key: str, spec, stitch: int, *, process_index: int = 0,
+                  process_count: int = 1) -> RecordWindows:
+    """The .tfrecords files of `spec`, the value of config key `key` (named so in errors)."""
+    _, _, global_batch, batch_key = split_settings(cfg, split)
     files = [f for f in expand_paths(spec) if f.endswith(".tfrecords")]
     if not files:
-        raise UserError(f"{path_key} {spec!r} holds no .tfrecords files: encode text with `python -m gpt2train encode`")
+        raise UserError(f"{key} {spec!r} holds no .tfrecords files: encode text with `python -m gpt2train encode`")
     return RecordWindows(
-        files, tokenizer.eot_id, cfg.n_ctx, batch, stitch=stitch, seed=cfg.seed, shuffle=split == "train",
+        files, tokenizer.eot_id, cfg.n_ctx, global_batch, stitch=stitch, seed=cfg.seed, shuffle=split == "train",
         process_index=process_index, process_count=process_count, skip_corrupt=cfg.skip_corrupt_records,
-        name=f"{path_key} {spec!r}", batch_key=batch_key,
+        name=f"{key} {spec!r}", batch_key=batch_key,
     )
 
 
-def record_mixture(cfg, split, tokenizer, specs, weights, stitches, *, process_index, process_count):
-    path_key, _, batch, batch_key = split_settings(cfg, split)
+def record_mixture(cfg, split: str, tokenizer, parts, weights, *, process_index: int = 0,
+                   process_count: int = 1) -> WindowSource:
+    """One source per (config key, paths, stitch) part, mixed by `weights`; a single part is used alone."""
+    _, _, global_batch, batch_key = split_settings(cfg, split)
     sources = [
-        _record_source(cfg, split, tokenizer, spec, stitch, process_index=process_index,
-                       process_count=process_count, path_key=key, batch=batch, batch_key=batch_key)
-        for spec, stitch, key in zip(specs, stitches, [path_key] * len(specs))
+        record_source(cfg, split, tokenizer, key, spec, stitch, process_index=process_index,
+                      process_count=process_count)
+        for key, spec, stitch in parts
     ]
     if len(sources) == 1:
         return sources[0]
-    return MixedWindows(sources, weights, batch, seed=cfg.seed, process_index=process_index,
+    return MixedWindows(sources, weights, global_batch, seed=cfg.seed, process_index=process_index,
                         process_count=process_count, batch_key=batch_key)
 
 
@@ -229,6 +234,7 @@ def record_mixture(cfg, split, tokenizer, specs, weights, stitches, *, process_i
 def tfrecords_input(cfg, split, tokenizer, *, process_index=0, process_count=1):
     """BPE .tfrecords: data_path (a list with data_weights makes a mixture), stitch or minimum_size."""
     path_key, spec, _, _ = split_settings(cfg, split)
+    hosts = {"process_index": process_index, "process_count": process_count}
     if split == "train" and cfg.data_weights:
         specs = list(spec) if isinstance(spec, (list, tuple)) else [spec]
         if len(specs) != len(cfg.data_weights):
@@ -236,7 +242,7 @@ def tfrecords_input(cfg, split, tokenizer, *, process_index=0, process_count=1):
                 f"data_weights has {len(cfg.data_weights)} weights but data_path has {len(specs)} entries: "
                 "give one weight per entry"
             )
-        return record_mixture(cfg, split, tokenizer, specs, cfg.data_weights, [stitch_for(cfg)] * len(specs),
-                          process_index=process_index, process_count=process_count)
-    return record_mixture(cfg, split, tokenizer, [spec], [1.0], [stitch_for(cfg)],
-                          process_index=process_index, process_count=process_count)
+        keys = [f"{path_key}[{i}]" for i in range(len(specs))] if isinstance(spec, (list, tuple)) else [path_key]
+        parts = [(key, s, stitch_for(cfg)) for key, s in zip(keys, specs)]
+        return record_mixture(cfg, split, tokenizer, parts, cfg.data_weights, **hosts)
+    return record_source(cfg, split, tokenizer, path_key, spec, stitch_for(cfg), **hosts)
