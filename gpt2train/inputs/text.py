@@ -1,4 +1,7 @@
-"""The "text" input: plain text files, tokenized once and kept in memory as documents.
+"""The "text" input: text files tokenized once, as they are (no cleaning), kept in memory.
+
+Each plain file is one document, each line of a .jsonl file one (its "text" field): the
+documents gpt2train.text_sources reads for every command.
 
 How `DocumentWindows` lays out epoch e (the contract tests rebuild independently):
   rng = np.random.default_rng([seed, e])
@@ -15,12 +18,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-import fsspec
 import numpy as np
 
 from gpt2train.errors import UserError
 from gpt2train.inputs.base import WindowSource, register_input, shard_rows, split_settings
 from gpt2train.paths import expand_paths
+from gpt2train.text_sources import token_documents
 
 
 class DocumentWindows(WindowSource):
@@ -110,31 +113,14 @@ def _token_dtype(docs: Sequence[np.ndarray], eot_id: int) -> type:
     return np.uint16 if largest < 2**16 else np.int32  # halves the memory of GPT-2-sized vocabularies
 
 
-# ---------------------------------------------------------------- "text": plain text files
-
-
-def _read_text(path: str) -> str:
-    try:
-        with fsspec.open(path, "r", encoding="utf-8") as f:
-            return f.read()
-    except UnicodeDecodeError as e:
-        raise UserError(f"{path} is not UTF-8 text ({e}): convert it to UTF-8") from None
-
-
-def read_documents(paths: Sequence[str], tokenizer, group: int = 64) -> list[np.ndarray]:
-    """Token ids of each file, one document per file; empty files are skipped."""
-    docs = []
-    for start in range(0, len(paths), group):  # groups bound the text held at once
-        texts = [_read_text(p) for p in paths[start : start + group]]
-        docs.extend(np.asarray(ids, dtype=np.int32) for ids in tokenizer.encode_batch(texts) if ids)
-    return docs
+# ---------------------------------------------------------------- the "text" input
 
 
 @register_input("text")
 def text_input(cfg, split: str, tokenizer, *, process_index: int = 0, process_count: int = 1) -> WindowSource:
-    """Plain UTF-8 text files, each one document; tokenized once and kept in memory."""
+    """UTF-8 text files (a .jsonl file: one document per line); tokenized once and kept in memory."""
     path_key, spec, global_batch, batch_key = split_settings(cfg, split)
-    docs = read_documents(expand_paths(spec), tokenizer)
+    docs = token_documents(expand_paths(spec), tokenizer)
     return DocumentWindows(
         docs,
         tokenizer.eot_id,
