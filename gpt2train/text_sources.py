@@ -1,8 +1,10 @@
-"""The one reader of text: files, directories, globs, or JSONL files with a "text" field.
+"""The one reader of text: plain files, or JSONL files with a "text" field.
 
-A plain file is one document; each non-blank line of a `.jsonl` file is one (its "text"
-field). Compression (.gz, .bz2, .xz, .zst) is inferred from the file name. Text that is not
-UTF-8 and JSONL lines without a string "text" field are UserErrors naming the file (and line).
+Callers name the text by paths, directories, globs or lists; gpt2train.paths.expand_paths turns
+those into the files these functions take. A plain file is one document; each non-blank line
+of a `.jsonl` file is one (its "text" field). Compression (.gz, .bz2, .xz, .zst) is inferred
+from the file name. Text that is not UTF-8 and JSONL lines without a string "text" field are
+UserErrors naming the file (and line).
 
 Readers differ only in what they do with the text: encoding and tokenizer training clean it
 as the seed did (`clean_text`: ftfy repairs mojibake, then NFKC); the "text" input and

@@ -11,8 +11,8 @@ Epoch e of one source, on host p of P (each host reads only files[p::P]):
 A host's batch is its next batch_size windows. The position {epoch, file, window} is saved
 with the checkpoint; resuming re-reads only the current file.
 
-Mixtures draw, per batch, which source each row comes from with rng([seed, 1, batch]) and
-the configured weights.
+Mixtures draw, per batch, which source each of this host's rows comes from with
+rng([seed, 1, p, batch]) and the configured weights.
 """
 
 from __future__ import annotations
