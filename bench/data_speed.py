@@ -68,7 +68,7 @@ def step_tokens_per_s(shape) -> float:
 
 
 def pipeline_tokens_per_s(files, n_ctx: int, batch: int, seconds: float = 5.0) -> float:
-    from gpt2train.record_windows import RecordWindows
+    from gpt2train.inputs.tfrecords import RecordWindows
 
     src = RecordWindows(files, 50256, n_ctx, batch, stitch=2, seed=0)
     src.next_batch()

@@ -81,7 +81,7 @@ def run_demo(workdir: str = "demo_run", *, steps: int | None = None, extra: dict
              log=print) -> dict:
     from .evaluate import evaluate_stream, token_stream
     from .generate import Generator, SamplingOptions, append_samples, format_sample
-    from .inputs import expand_paths
+    from .paths import expand_paths
     from .tokenizer import load_tokenizer, train_tokenizer
     from .train import Trainer, initial_params
 

@@ -18,13 +18,13 @@ import numpy as np
 from . import model
 from .config import Config
 from .errors import UserError
-from .inputs import read_documents
 from .paths import expand_paths
+from .text_sources import token_documents
 
 
 def token_stream(spec, tokenizer) -> tuple[np.ndarray, int]:
     """All documents' tokens, each followed by <|endoftext|>, and the number of documents."""
-    docs = read_documents(expand_paths(spec), tokenizer)
+    docs = token_documents(expand_paths(spec), tokenizer)
     if not docs:
         raise UserError(f"the evaluation text {spec!r} is empty: give files with some text in them")
     stream = np.concatenate([np.append(d, tokenizer.eot_id) for d in docs]).astype(np.int32)

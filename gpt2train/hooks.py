@@ -48,7 +48,7 @@ class LogMetrics(Hook):
         line = trainer.window.summary(step)
         if line is None:
             return
-        skipped = getattr(trainer.train_data, "skipped_records", 0)
+        skipped = trainer.train_data.skipped_records
         if skipped:
             line["skipped_records"] = skipped
         trainer.metrics.write(line)

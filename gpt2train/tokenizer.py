@@ -23,6 +23,7 @@ import numpy as np
 import tiktoken
 
 from gpt2train.errors import UserError
+from gpt2train.text_sources import iter_documents, read_text
 
 EOT = "<|endoftext|>"
 ENCODER_FILE = "encoder.json"
@@ -110,16 +111,6 @@ class Tokenizer:
         return lengths
 
 
-def _read_text(fs, path: str, shown: str) -> str:
-    try:
-        with fs.open(path, "r", encoding="utf-8") as f:
-            return f.read()
-    except FileNotFoundError:
-        raise UserError(f"{shown} does not exist: check the path") from None
-    except UnicodeDecodeError as e:
-        raise UserError(f"{shown} is not UTF-8 text ({e}): convert it to UTF-8") from None
-
-
 def _check_merges(merges_text: str, encoder: dict[str, int], shown: str) -> None:
     """tiktoken ranks a merge by the id of its result, so new results must appear as 256, 257, ...
 
@@ -156,10 +147,10 @@ def load_tokenizer(encoder_path: str) -> Tokenizer:
     missing = [shown[name] for name, path in paths.items() if not fs.isfile(path)]
     if missing:
         raise UserError(f"missing {' and '.join(missing)}: {_HOW_TO_GET}")
-    encoder = json.loads(_read_text(fs, paths[ENCODER_FILE], shown[ENCODER_FILE]))
+    encoder = json.loads(read_text(shown[ENCODER_FILE]))
     if EOT not in encoder:
         raise UserError(f"{shown[ENCODER_FILE]} has no {EOT} token: {_HOW_TO_GET}")
-    merges = _read_text(fs, paths[MERGES_FILE], shown[MERGES_FILE])
+    merges = read_text(shown[MERGES_FILE])
     _check_merges(merges, encoder, shown[MERGES_FILE])
     return Tokenizer(encoder, name=encoder_path)
 
@@ -185,8 +176,6 @@ def _chunks(text: str, size: int = 1 << 20) -> Iterator[str]:
 
 def _corpus(files: Sequence[str]) -> Iterator[str]:
     """Text of every document (plain files and JSONL lines), cut into pieces."""
-    from gpt2train.text_sources import iter_documents
-
     for _, text in iter_documents(files):
         yield from _chunks(text)
 

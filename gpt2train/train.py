@@ -28,7 +28,7 @@ from .checkpoint import Checkpointer
 from .config import Config
 from .errors import UserError
 from .inputs import get_input
-from .prefetch import Prefetched
+from .inputs.prefetch import Prefetched
 from .mesh import batch_sharding, check_batch, mesh_for, replicated, state_shardings
 from .hooks import Checkpoint, Hook, TimeLimit, standard_hooks
 from .metrics import MetricsWriter, ThroughputWindow, peak_flops_per_device, train_flops_per_token

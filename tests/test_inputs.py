@@ -9,7 +9,8 @@ import pytest
 
 from conftest import ENCODER_DIR
 from gpt2train.errors import UserError
-from gpt2train.inputs import WindowSource, expand_paths, get_input, register_input
+from gpt2train.inputs import WindowSource, get_input, register_input
+from gpt2train.paths import expand_paths
 from gpt2train.tokenizer import load_tokenizer
 
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
@@ -152,6 +153,14 @@ def test_eval_is_in_order_and_reset_repeats(corpus, tok):
     assert all(np.array_equal(x, y) for x, y in zip(first, _take(source, n_batches)))
 
 
+def test_close_releases_nothing_and_the_source_reads_on(corpus, tok):
+    source, again = _source(corpus, tok), _source(corpus, tok)
+    first = _take(source, 3)
+    source.close()
+    assert source.skipped_records == 0  # text files have no records to skip
+    assert all(np.array_equal(x, y) for x, y in zip(first + _take(source, 3), _take(again, 6)))
+
+
 def test_eval_needs_eval_data_path(corpus, tok):
     with pytest.raises(UserError, match="eval_data_path"):
         _source(corpus, tok, split="eval", eval_data_path=None)
@@ -191,6 +200,51 @@ def test_register_input(corpus, tok):
     assert get_input("test-only") is factory
     with pytest.raises(ValueError):
         register_input("test-only")(factory)
+
+
+# ---------------------------------------------------------------- JSONL through the one text reader
+
+
+@pytest.fixture
+def jsonl_corpus(tmp_path):
+    texts = [_real_text("textwrap", 400), "", _real_text("shlex", 250) + " ünïcode ✓", _real_text("bisect", 300)]
+    lines = [json.dumps({"text": t, "id": i}) for i, t in enumerate(texts)]
+    path = tmp_path / "docs.jsonl"
+    path.write_text("\n".join(lines[:2] + ["", "  "] + lines[2:]) + "\n", encoding="utf-8")
+    return path, [t for t in texts if t]  # blank lines and empty texts give no document
+
+
+def test_text_input_and_evaluate_read_a_jsonl_file_by_its_text_fields(jsonl_corpus, tok, tmp_path):
+    from gpt2train.encode import encode_corpus
+    from gpt2train.evaluate import token_stream
+    from gpt2train.records import read_documents
+    from gpt2train.text_sources import clean_text
+
+    path, texts = jsonl_corpus
+    docs = [tok.encode(t) for t in texts]
+    windows, stream = _expected_windows(docs, tok.eot_id, 0, 0, shuffle=False)
+    source = _source(tmp_path, tok, split="eval", eval_data_path=str(path))
+    assert source.num_windows == len(windows)
+    assert [list(r) for b in _take(source, len(windows) // BATCH) for r in b] == windows[: len(windows) // BATCH * BATCH]
+    got, n_docs = token_stream(str(path), tok)
+    assert got.tolist() == stream and n_docs == len(texts)
+    # The same documents encode reads (its ftfy cleaning changes nothing in this text).
+    assert all(clean_text(t) == t for t in texts)
+    encode_corpus(str(path), str(tmp_path / "records"), "c", str(ENCODER_DIR), minimum_size=1, workers=0,
+                  progress=False, log=lambda *_: None)
+    encoded = [t.tolist() for t, _ in read_documents(str(tmp_path / "records" / "c_0.tfrecords"))]
+    assert encoded == docs
+
+
+def test_bad_jsonl_or_utf8_is_a_clear_error(tmp_path, tok):
+    bad_line = tmp_path / "bad.jsonl"
+    bad_line.write_text('{"text": "fine"}\n{"body": "no text"}\n')
+    with pytest.raises(UserError, match=r'bad.jsonl, line 2: expected a JSON object with a "text" field'):
+        _source(tmp_path, tok, data_path=str(bad_line))
+    for name in ("latin1.jsonl", "latin1.txt"):
+        (tmp_path / name).write_bytes(b'{"text": "caf\xe9"}\n')
+        with pytest.raises(UserError, match=rf"{name} is not UTF-8 text"):
+            _source(tmp_path, tok, data_path=str(tmp_path / name))
 
 
 # ---------------------------------------------------------------- expand_paths

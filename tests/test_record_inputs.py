@@ -7,8 +7,8 @@ from conftest import tiny_config
 from gpt2train import records
 from gpt2train.errors import UserError
 from gpt2train.inputs import get_input
-from gpt2train.prefetch import Prefetched
-from gpt2train.record_windows import MixedWindows, RecordWindows, file_groups
+from gpt2train.inputs.prefetch import Prefetched
+from gpt2train.inputs.tfrecords import MixedWindows, RecordWindows, file_groups
 
 EOT = 9999
 N_CTX = 16
@@ -167,3 +167,94 @@ def test_corrupt_records_stop_or_are_skipped(tmp_path):
     for _ in range(6):
         src.next_batch()
     assert src.stats.skipped == 1
+
+
+def damage_record(path, k):
+    """Flip one byte inside the data of record k of a TFRecord file (its data CRC then fails)."""
+    data = bytearray(open(path, "rb").read())
+    pos = 0
+    for _ in range(k):
+        pos += 8 + 4 + int.from_bytes(data[pos : pos + 8], "little") + 4
+    data[pos + 8 + 4 + 3] ^= 0xFF
+    open(path, "wb").write(bytes(data))
+
+
+def test_close_stops_the_prefetching_thread_and_reading_goes_on_where_it_stopped(tmp_path):
+    files = write_files(tmp_path)
+    make = lambda: RecordWindows(files, EOT, N_CTX, 3, stitch=2, seed=5)  # noqa: E731
+    src = make()
+    run = [src.next_batch() for _ in range(12)]
+    plain = make()
+    got = [plain.next_batch() for _ in range(4)]
+    plain.close()  # nothing to release: the source reads on as before
+    plain.close()
+    got += [plain.next_batch() for _ in range(4)]
+    np.testing.assert_array_equal(np.stack(got), np.stack(run[:8]))
+
+    pre = Prefetched(make(), 3)
+    got = [pre.next_batch() for _ in range(4)]
+    thread = pre._thread
+    assert thread.is_alive()
+    pre.close()
+    assert not thread.is_alive() and pre._thread is None
+    pre.close()  # closing twice is harmless
+    assert pre.state() == pre.source.state()  # the batches read ahead are given back
+    got += [pre.next_batch() for _ in range(8)]  # a new thread reads on from the last batch handed out
+    pre.close()
+    np.testing.assert_array_equal(np.stack(got), np.stack(run))
+
+
+def test_skipped_records_count_damaged_records(tmp_path, gpt2_tokenizer):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    a = write_files(tmp_path / "a", n_files=1, docs_per=30, lengths=(40,))  # 30 windows: no epoch ends below
+    b = write_files(tmp_path / "b", n_files=1, docs_per=30, lengths=(40,))
+    damage_record(a[0], 7)
+    damage_record(b[0], 0)
+    clean = RecordWindows(write_files(tmp_path, n_files=1), EOT, N_CTX, 4, stitch=1, skip_corrupt=True)
+    clean.next_batch()
+    assert clean.skipped_records == 0
+
+    single = RecordWindows(a, EOT, N_CTX, 4, stitch=1, shuffle=False, skip_corrupt=True)
+    rows = np.concatenate([single.next_batch() for _ in range(7)])  # 28 of the 29 intact documents
+    assert single.skipped_records == 1 and single.stats.skipped == 1
+    assert (0, 7) not in {d for w in rows for d in window_docs(w) if d is not None}
+
+    make = lambda: MixedWindows([RecordWindows(a, EOT, N_CTX, 4, stitch=1, skip_corrupt=True),  # noqa: E731
+                                 RecordWindows(b, EOT, N_CTX, 4, stitch=1, skip_corrupt=True)], [0.5, 0.5], 4, seed=2)
+    mix = make()
+    for _ in range(4):
+        mix.next_batch()
+    assert [s.skipped_records for s in mix._sources] == [1, 1] and mix.skipped_records == 2
+
+    pre = Prefetched(make(), 2)
+    for _ in range(4):
+        pre.next_batch()
+    pre.close()
+    assert pre.skipped_records == pre.source.skipped_records == 2
+
+    cfg = tiny_config(tmp_path, n_ctx=N_CTX, input="tfrecords", data_path=[a[0], b[0]], data_weights=[0.5, 0.5],
+                      stitch=1, skip_corrupt_records=True)
+    src = get_input("tfrecords")(cfg, "train", gpt2_tokenizer)
+    for _ in range(4):
+        src.next_batch()
+    assert isinstance(src, MixedWindows) and src.skipped_records == 2
+
+
+def test_each_source_of_a_mixture_is_named_by_its_own_config_key(tmp_path, gpt2_tokenizer):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "text").mkdir()
+    (tmp_path / "text" / "a.txt").write_text("not records")
+    (tmp_path / "long").mkdir()
+    write_files(tmp_path / "a")
+    records.write_documents(str(tmp_path / "long" / "l_0.tfrecords"), [(np.arange(200) % 50000, "l")])
+    text, long = str(tmp_path / "text"), str(tmp_path / "long")
+    cfg = tiny_config(tmp_path, n_ctx=N_CTX, input="tfrecords", data_path=[str(tmp_path / "a"), text],
+                      data_weights=[0.5, 0.5], long_data_path=long)
+    with pytest.raises(UserError, match=rf"^data_path\[1\] '{text}' holds no .tfrecords files"):
+        get_input("tfrecords")(cfg, "train", gpt2_tokenizer)
+    biased = cfg.replace(data_path=str(tmp_path / "a"), data_weights=None)
+    with pytest.raises(UserError, match=rf"^long_data_path '{long}' has 1 files but there are 2 hosts"):
+        get_input("openwebtext_longbiased")(biased, "train", gpt2_tokenizer, process_index=0, process_count=2)
+    with pytest.raises(UserError, match=rf"^long_eval_data_path '{text}' holds no .tfrecords files"):
+        get_input("openwebtext_long")(biased.replace(long_eval_data_path=text), "eval", gpt2_tokenizer)

@@ -1,4 +1,4 @@
-"""Windows from .tfrecords the seed's way, streamed file by file; the registered record inputs.
+"""Windows from .tfrecords the seed's way, streamed file by file; the "tfrecords" input.
 
 Epoch e of one source, on host p of P (each host reads only files[p::P]):
   file order: rng([seed, e]).permutation of this host's files (unshuffled for eval);
@@ -11,8 +11,8 @@ Epoch e of one source, on host p of P (each host reads only files[p::P]):
 A host's batch is its next batch_size windows. The position {epoch, file, window} is saved
 with the checkpoint; resuming re-reads only the current file.
 
-Mixtures draw, per batch, which source each row comes from with rng([seed, 1, batch]) and
-the configured weights.
+Mixtures draw, per batch, which source each of this host's rows comes from with
+rng([seed, 1, p, batch]) and the configured weights.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import numpy as np
 
 from gpt2train import records
 from gpt2train.errors import UserError
-from gpt2train.inputs import WindowSource, _shard_rows, _split_settings, register_input
+from gpt2train.inputs.base import WindowSource, register_input, shard_rows, split_settings
 from gpt2train.paths import expand_paths
 
 
@@ -74,7 +74,7 @@ class RecordWindows(WindowSource):
         name: str = "the data",
         batch_key: str = "train_batch_size",
     ):
-        self.batch_size = _shard_rows(global_batch, process_index, process_count, batch_key)
+        self.batch_size = shard_rows(global_batch, process_index, process_count, batch_key)
         all_files = sorted(files)
         if len(all_files) < process_count:
             raise UserError(
@@ -89,8 +89,6 @@ class RecordWindows(WindowSource):
         self._epoch, self._file, self._window = 0, 0, 0
         self._current: tuple[tuple[int, int], list[np.ndarray]] | None = None  # ((epoch, file), windows)
         self.stats = records.ReadStats()
-        self.num_windows = -1  # unknown until an epoch has been read; reported after the first
-        self._empty_epoch_guard = 0
 
     # ------------------------------------------------------------ layout
     def _file_order(self, epoch: int) -> list[tuple[int, str]]:
@@ -152,6 +150,10 @@ class RecordWindows(WindowSource):
     def reset(self) -> None:
         self._epoch, self._file, self._window = 0, 0, 0
 
+    @property
+    def skipped_records(self) -> int:
+        return self.stats.skipped
+
 
 class MixedWindows(WindowSource):
     """Rows drawn from several sources with fixed weights (e.g. short and long documents)."""
@@ -165,10 +167,9 @@ class MixedWindows(WindowSource):
             raise UserError(f"data_weights {weights.tolist()} must be non-negative and not all zero")
         self._p = weights / weights.sum()
         self._sources, self._seed = list(sources), int(seed)
-        self.batch_size = _shard_rows(global_batch, process_index, process_count, batch_key)
+        self.batch_size = shard_rows(global_batch, process_index, process_count, batch_key)
         self._process_index = process_index
         self.n_ctx = sources[0].n_ctx
-        self.num_windows = -1
         self._batches = 0
 
     def next_batch(self) -> np.ndarray:
@@ -192,38 +193,48 @@ class MixedWindows(WindowSource):
         for source in self._sources:
             source.reset()
 
+    @property
+    def skipped_records(self) -> int:
+        return sum(source.skipped_records for source in self._sources)
+
 
 # ---------------------------------------------------------------- registered inputs
 
 
-def _record_source(cfg, split, tokenizer, spec, stitch, *, process_index, process_count, path_key, batch, batch_key):
+def record_source(cfg, split: str, tokenizer, key: str, spec, stitch: int, *, process_index: int = 0,
+                  process_count: int = 1) -> RecordWindows:
+    """The .tfrecords files of `spec`, the value of config key `key` (named so in errors)."""
+    _, _, global_batch, batch_key = split_settings(cfg, split)
     files = [f for f in expand_paths(spec) if f.endswith(".tfrecords")]
     if not files:
-        raise UserError(f"{path_key} {spec!r} holds no .tfrecords files: encode text with `python -m gpt2train encode`")
+        raise UserError(f"{key} {spec!r} holds no .tfrecords files: encode text with `python -m gpt2train encode`")
     return RecordWindows(
-        files, tokenizer.eot_id, cfg.n_ctx, batch, stitch=stitch, seed=cfg.seed, shuffle=split == "train",
+        files, tokenizer.eot_id, cfg.n_ctx, global_batch, stitch=stitch, seed=cfg.seed, shuffle=split == "train",
         process_index=process_index, process_count=process_count, skip_corrupt=cfg.skip_corrupt_records,
-        name=f"{path_key} {spec!r}", batch_key=batch_key,
+        name=f"{key} {spec!r}", batch_key=batch_key,
     )
 
 
-def _mixture(cfg, split, tokenizer, specs, weights, stitches, *, process_index, process_count):
-    path_key, _, batch, batch_key = _split_settings(cfg, split)
+def record_mixture(cfg, split: str, tokenizer, parts, weights, *, process_index: int = 0,
+                   process_count: int = 1) -> WindowSource:
+    """One source per (config key, paths, stitch) part, mixed by `weights`; a single part is used alone."""
+    _, _, global_batch, batch_key = split_settings(cfg, split)
     sources = [
-        _record_source(cfg, split, tokenizer, spec, stitch, process_index=process_index,
-                       process_count=process_count, path_key=key, batch=batch, batch_key=batch_key)
-        for spec, stitch, key in zip(specs, stitches, [path_key] * len(specs))
+        record_source(cfg, split, tokenizer, key, spec, stitch, process_index=process_index,
+                      process_count=process_count)
+        for key, spec, stitch in parts
     ]
     if len(sources) == 1:
         return sources[0]
-    return MixedWindows(sources, weights, batch, seed=cfg.seed, process_index=process_index,
+    return MixedWindows(sources, weights, global_batch, seed=cfg.seed, process_index=process_index,
                         process_count=process_count, batch_key=batch_key)
 
 
 @register_input("tfrecords")
 def tfrecords_input(cfg, split, tokenizer, *, process_index=0, process_count=1):
     """BPE .tfrecords: data_path (a list with data_weights makes a mixture), stitch or minimum_size."""
-    path_key, spec, _, _ = _split_settings(cfg, split)
+    path_key, spec, _, _ = split_settings(cfg, split)
+    hosts = {"process_index": process_index, "process_count": process_count}
     if split == "train" and cfg.data_weights:
         specs = list(spec) if isinstance(spec, (list, tuple)) else [spec]
         if len(specs) != len(cfg.data_weights):
@@ -231,38 +242,7 @@ def tfrecords_input(cfg, split, tokenizer, *, process_index=0, process_count=1):
                 f"data_weights has {len(cfg.data_weights)} weights but data_path has {len(specs)} entries: "
                 "give one weight per entry"
             )
-        return _mixture(cfg, split, tokenizer, specs, cfg.data_weights, [stitch_for(cfg)] * len(specs),
-                        process_index=process_index, process_count=process_count)
-    return _mixture(cfg, split, tokenizer, [spec], [1.0], [stitch_for(cfg)],
-                    process_index=process_index, process_count=process_count)
-
-
-@register_input("openwebtext")
-def openwebtext_input(cfg, split, tokenizer, *, process_index=0, process_count=1):
-    """The seed's OpenWebText input: documents stitched 42 at a time."""
-    _, spec, _, _ = _split_settings(cfg, split)
-    return _mixture(cfg, split, tokenizer, [spec], [1.0], [cfg.stitch or 42],
-                    process_index=process_index, process_count=process_count)
-
-
-def _long_spec(cfg, split):
-    spec = cfg.long_data_path if split == "train" else (cfg.long_eval_data_path or cfg.eval_data_path)
-    if not spec:
-        raise UserError('this input needs "long_data_path": set it to the .tfrecords of long documents')
-    return spec
-
-
-@register_input("openwebtext_long")
-def openwebtext_long_input(cfg, split, tokenizer, *, process_index=0, process_count=1):
-    """Long documents only (long_data_path; eval: long_eval_data_path, else eval_data_path), stitch 2."""
-    return _mixture(cfg, split, tokenizer, [_long_spec(cfg, split)], [1.0], [cfg.stitch or 2],
-                    process_index=process_index, process_count=process_count)
-
-
-@register_input("openwebtext_longbiased")
-def openwebtext_longbiased_input(cfg, split, tokenizer, *, process_index=0, process_count=1):
-    """A 0.3/0.7 mixture of data_path (stitch 42) and long_data_path (stitch 2), as the seed's."""
-    _, spec, _, _ = _split_settings(cfg, split)
-    weights = cfg.data_weights or [0.3, 0.7]
-    return _mixture(cfg, split, tokenizer, [spec, _long_spec(cfg, split)], weights, [42, 2],
-                    process_index=process_index, process_count=process_count)
+        keys = [f"{path_key}[{i}]" for i in range(len(specs))] if isinstance(spec, (list, tuple)) else [path_key]
+        parts = [(key, s, stitch_for(cfg)) for key, s in zip(keys, specs)]
+        return record_mixture(cfg, split, tokenizer, parts, cfg.data_weights, **hosts)
+    return record_source(cfg, split, tokenizer, path_key, spec, stitch_for(cfg), **hosts)

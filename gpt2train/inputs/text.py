@@ -1,12 +1,7 @@
-"""Training inputs: named sources of token windows, resumable and sharded across hosts.
+"""The "text" input: text files tokenized once, as they are (no cleaning), kept in memory.
 
-An input is a factory registered by name (the config's "input" key):
-
-    factory(cfg, split, tokenizer, *, process_index=0, process_count=1) -> WindowSource
-
-A WindowSource yields batches of windows of n_ctx + 1 tokens (inputs are window[:-1],
-targets window[1:]). Its position is a small dict, so a checkpoint can store it and a
-restored run sees exactly the batches it would have seen.
+Each plain file is one document, each line of a .jsonl file one (its "text" field): the
+documents gpt2train.text_sources reads for every command.
 
 How `DocumentWindows` lays out epoch e (the contract tests rebuild independently):
   rng = np.random.default_rng([seed, e])
@@ -20,80 +15,15 @@ process p of P takes rows p::P of it.
 
 from __future__ import annotations
 
-import abc
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
-import fsspec
 import numpy as np
 
 from gpt2train.errors import UserError
+from gpt2train.inputs.base import WindowSource, register_input, shard_rows, split_settings
 from gpt2train.paths import expand_paths
-
-# ---------------------------------------------------------------- registry
-
-InputFactory = Callable[..., "WindowSource"]
-_INPUTS: dict[str, InputFactory] = {}
-
-
-def register_input(name: str) -> Callable[[InputFactory], InputFactory]:
-    """Decorator: make `factory` available as config "input": name."""
-
-    def register(factory: InputFactory) -> InputFactory:
-        if name in _INPUTS:
-            raise ValueError(f"input {name!r} is already registered")
-        _INPUTS[name] = factory
-        return factory
-
-    return register
-
-
-def get_input(name: str) -> InputFactory:
-    if name not in _INPUTS:
-        known = ", ".join(repr(n) for n in sorted(_INPUTS))
-        raise UserError(f'unknown input {name!r}: set "input" in the config to one of {known}')
-    return _INPUTS[name]
-
-
-# ---------------------------------------------------------------- sources
-
-
-class WindowSource(abc.ABC):
-    """Batches of token windows; `batch_size` rows (this process's share) of n_ctx + 1 tokens."""
-
-    batch_size: int
-    n_ctx: int
-    num_windows: int  # windows per epoch
-
-    @abc.abstractmethod
-    def next_batch(self) -> np.ndarray:
-        """int32 [batch_size, n_ctx + 1]."""
-
-    @abc.abstractmethod
-    def state(self) -> dict[str, Any]:
-        """JSON-serialisable position in the stream."""
-
-    @abc.abstractmethod
-    def restore(self, state: dict[str, Any]) -> None:
-        """Continue from a position returned by state()."""
-
-    @abc.abstractmethod
-    def reset(self) -> None:
-        """Back to the first batch (eval runs over the same batches every time)."""
-
-    def close(self) -> None:
-        """Release what the source holds (a prefetching thread); nothing by default."""
-
-
-def _shard_rows(global_batch: int, process_index: int, process_count: int, what: str) -> int:
-    if not 0 <= process_index < process_count:
-        raise ValueError(f"process_index {process_index} is outside 0..{process_count - 1}")
-    if global_batch < 1 or global_batch % process_count:
-        raise UserError(
-            f"{what} {global_batch} must be a positive multiple of the number of processes "
-            f"({process_count}) so each host gets the same number of rows: change {what}"
-        )
-    return global_batch // process_count
+from gpt2train.text_sources import token_documents
 
 
 class DocumentWindows(WindowSource):
@@ -113,7 +43,7 @@ class DocumentWindows(WindowSource):
         name: str = "the data",
         batch_key: str = "train_batch_size",
     ):
-        self.batch_size = _shard_rows(global_batch, process_index, process_count, batch_key)
+        self.batch_size = shard_rows(global_batch, process_index, process_count, batch_key)
         if shuffle and (not isinstance(seed, (int, np.integer)) or seed < 0):
             raise UserError(f"seed {seed!r} must be a non-negative integer: fix \"seed\" in the config")
         # Each document carries its trailing <|endoftext|>, so an epoch is one concatenation.
@@ -126,7 +56,7 @@ class DocumentWindows(WindowSource):
                 f"n_ctx + 1 = {n_ctx + 1} tokens is needed: add text or lower n_ctx"
             )
         self.n_ctx = n_ctx
-        self.num_windows = (n_tokens - 1) // n_ctx
+        self.num_windows = (n_tokens - 1) // n_ctx  # windows per epoch
         self._global_batch = global_batch
         self._process_index, self._process_count = process_index, process_count
         self._seed, self._shuffle = int(seed), shuffle
@@ -183,42 +113,14 @@ def _token_dtype(docs: Sequence[np.ndarray], eot_id: int) -> type:
     return np.uint16 if largest < 2**16 else np.int32  # halves the memory of GPT-2-sized vocabularies
 
 
-# ---------------------------------------------------------------- "text": plain text files
-
-
-def _split_settings(cfg, split: str) -> tuple[str, Any, int, str]:
-    """(config key of the paths, their value, global batch size, its config key)."""
-    if split == "train":
-        return "data_path", cfg.data_path, cfg.train_batch_size, "train_batch_size"
-    if split == "eval":
-        if cfg.eval_data_path is None:
-            raise UserError('evaluation needs "eval_data_path" in the config: set it to held-out text files')
-        return "eval_data_path", cfg.eval_data_path, cfg.eval_batch_size, "eval_batch_size"
-    raise ValueError(f"split must be 'train' or 'eval', not {split!r}")
-
-
-def _read_text(path: str) -> str:
-    try:
-        with fsspec.open(path, "r", encoding="utf-8") as f:
-            return f.read()
-    except UnicodeDecodeError as e:
-        raise UserError(f"{path} is not UTF-8 text ({e}): convert it to UTF-8") from None
-
-
-def read_documents(paths: Sequence[str], tokenizer, group: int = 64) -> list[np.ndarray]:
-    """Token ids of each file, one document per file; empty files are skipped."""
-    docs = []
-    for start in range(0, len(paths), group):  # groups bound the text held at once
-        texts = [_read_text(p) for p in paths[start : start + group]]
-        docs.extend(np.asarray(ids, dtype=np.int32) for ids in tokenizer.encode_batch(texts) if ids)
-    return docs
+# ---------------------------------------------------------------- the "text" input
 
 
 @register_input("text")
 def text_input(cfg, split: str, tokenizer, *, process_index: int = 0, process_count: int = 1) -> WindowSource:
-    """Plain UTF-8 text files, each one document; tokenized once and kept in memory."""
-    path_key, spec, global_batch, batch_key = _split_settings(cfg, split)
-    docs = read_documents(expand_paths(spec), tokenizer)
+    """UTF-8 text files (a .jsonl file: one document per line); tokenized once and kept in memory."""
+    path_key, spec, global_batch, batch_key = split_settings(cfg, split)
+    docs = token_documents(expand_paths(spec), tokenizer)
     return DocumentWindows(
         docs,
         tokenizer.eot_id,
@@ -232,6 +134,3 @@ def text_input(cfg, split: str, tokenizer, *, process_index: int = 0, process_co
         batch_key=batch_key,
     )
 
-
-# The .tfrecords inputs register themselves on import; their module builds on this one.
-from gpt2train import record_windows  # noqa: E402,F401
