@@ -151,7 +151,8 @@ def bench_generate(shape, batches, new_tokens: int, repeats: int, ref, bandwidth
     another moment would move the fraction reached by as much as the code does. The probes
     count their fastest run (the most the machine gave in those minutes: the highest limit
     and ceiling), the generators their median."""
-    from gpt2train.generate import Generator, SamplingOptions
+    from gpt2train.generate import Generator
+    from gpt2train.sampling import SamplingOptions
     from gpt2train.model import count_params
     from gpt2train.tokenizer import load_tokenizer
     from gpt2train.train import initial_params

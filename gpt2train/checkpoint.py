@@ -13,24 +13,20 @@ import fsspec
 import jax
 import orbax.checkpoint as ocp
 
-from .config import Config
+from .config import SHAPE_KEYS, Config
 from .errors import UserError
 from .paths import checkpoint_dir
 
-# Keys that fix the parameter shapes: a checkpoint only fits a config that agrees on them.
-SHAPE_KEYS = ("n_ctx", "n_embd", "n_layer", "n_head", "n_vocab", "pad_vocab_to")
+# A checkpoint only fits a config that agrees on the model's shape and the padded vocabulary.
+CHECKPOINT_SHAPE_KEYS = (*SHAPE_KEYS, "pad_vocab_to")
 
 logging.getLogger("absl").setLevel(logging.WARNING)
-
-
-def _ckpt_dir(model_path: str) -> str:
-    return checkpoint_dir(model_path)
 
 
 class Checkpointer:
     def __init__(self, cfg: Config, *, create: bool = True):
         self.cfg = cfg
-        self.dir = _ckpt_dir(cfg.model_path)
+        self.dir = checkpoint_dir(cfg.model_path)
         # cleanup_tmp_directories: a save killed half-way leaves a temporary directory; drop it.
         opts = ocp.CheckpointManagerOptions(max_to_keep=cfg.keep_checkpoints, create=create,
                                             cleanup_tmp_directories=create)
@@ -83,7 +79,7 @@ class Checkpointer:
 
 def check_compatible(cfg: Config, saved: dict, where: str) -> None:
     diffs = [f"{k}: checkpoint {saved.get(k)!r} vs config {getattr(cfg, k)!r}"
-             for k in SHAPE_KEYS if saved.get(k) != getattr(cfg, k)]
+             for k in CHECKPOINT_SHAPE_KEYS if saved.get(k) != getattr(cfg, k)]
     if diffs:
         raise UserError(f"the checkpoint in {where} was trained with another model shape ("
                         + "; ".join(diffs) + "). Use a new model_path, or the config it was trained with.")
@@ -94,7 +90,7 @@ def load_params(cfg: Config, step: int | None = None, sharding=None):
     (on one device, or with `sharding`, a tree of shardings such as the mesh's)."""
     ckpt = Checkpointer(cfg, create=False) if _exists(cfg.model_path) else None
     if ckpt is None or ckpt.latest_step() is None:
-        raise UserError(f"no checkpoint found in {_ckpt_dir(cfg.model_path)}: train first "
+        raise UserError(f"no checkpoint found in {checkpoint_dir(cfg.model_path)}: train first "
                         f"(python3 main.py --model <config>) or point model_path at a trained model")
     step = ckpt.latest_step() if step is None else step
     ckpt.read_meta(step)
@@ -119,5 +115,5 @@ def _readable(directory: str, step: int):
 
 
 def _exists(path: str) -> bool:
-    fs, p = fsspec.core.url_to_fs(_ckpt_dir(path))
+    fs, p = fsspec.core.url_to_fs(checkpoint_dir(path))
     return fs.exists(p)

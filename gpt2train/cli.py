@@ -7,11 +7,9 @@ User mistakes (UserError) print one clear message and exit with status 2, never 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import sys
-import warnings
 
 from .distributed import add_flags as add_distributed_flags
 from .errors import UserError
@@ -46,19 +44,14 @@ def load(args, overrides: dict):
 
 
 def add_sampling_flags(p: argparse.ArgumentParser, *, prompts: bool = True) -> None:
+    from .sampling import add_flags
     g = p.add_argument_group("sampling" if prompts else "sampling defaults (a request may set each)")
     if prompts:
         g.add_argument("--predict_text", help="prompt text to continue")
         g.add_argument("--predict_file", help="file whose whole content is the prompt")
         g.add_argument("--prompts", help="file with one prompt per line (batched)")
         g.add_argument("--samples", type=int, default=None, help="samples per prompt (default: predict_batch_size)")
-    g.add_argument("--length", type=int, default=None, help="new tokens per sample (default: n_ctx // 2)")
-    g.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
-    g.add_argument("--top_k", type=int, default=0, help="keep the k most likely tokens (0 = off)")
-    g.add_argument("--top_p", type=float, default=1.0, help="nucleus sampling mass (1 = off)")
-    g.add_argument("--repetition_penalty", type=float, default=1.0, help=">1 discourages repeats (1 = off)")
-    g.add_argument("--seed", type=int, default=None,
-                   help="same seed, same text (default: the config's seed; when training: the config's seed)")
+    add_flags(g)  # one flag per sampling option (sampling.SamplingOptions)
 
 
 def check_tpu(requested: str | None) -> None:
@@ -114,23 +107,20 @@ def _prompts_from_args(args) -> list[str] | None:
 def load_generator(cfg, args):
     """The trained model's Generator, its checkpoint step, and the sampling flags as options."""
     from .checkpoint import load_params
+    from .generate import Generator
     from .mesh import param_shardings
-    from .generate import Generator, SamplingOptions
+    from .sampling import SamplingOptions
     from .tokenizer import load_tokenizer
     tok = load_tokenizer(cfg.encoder_path)
     params, step = load_params(cfg, sharding=param_shardings(cfg))
-    opts = SamplingOptions(length=args.length or cfg.n_ctx // 2, temperature=args.temperature,
-                           top_k=args.top_k, top_p=args.top_p,
-                           repetition_penalty=args.repetition_penalty,
-                           seed=cfg.seed if args.seed is None else args.seed).check()
-    return Generator(cfg, params, tok), step, opts
+    return Generator(cfg, params, tok), step, SamplingOptions.from_values(vars(args), cfg)
 
 
 def cmd_generate(cfg, args, *, interactive_ok: bool = True) -> list[str]:
+    if args.samples is not None and args.samples < 1:
+        raise UserError(f"--samples must be at least 1, got {args.samples}")
     gen, _, opts = load_generator(cfg, args)
     samples = args.samples or cfg.predict_batch_size
-    if samples < 1:
-        raise UserError(f"--samples must be at least 1, got {samples}")
     prompts = _prompts_from_args(args)
     if prompts is None:
         if not interactive_ok:
@@ -142,24 +132,16 @@ def cmd_generate(cfg, args, *, interactive_ok: bool = True) -> list[str]:
 def sample_prompts(gen, prompts, opts, samples, cfg, *, stream=None) -> list[str]:
     """Generate `samples` continuations of each prompt in batches of predict_batch_size rows;
     print each sample in the seed's banner format and append it to predict_path."""
-    from .generate import append_samples, format_sample
-    rows = [(p, s) for p in prompts for s in range(samples)]
-    out, index = [], 0
-    for start in range(0, len(rows), cfg.predict_batch_size):
-        chunk = rows[start:start + cfg.predict_batch_size]
-        # Each batch gets its own seed offset so samples of one prompt differ but stay reproducible.
-        o = dataclasses.replace(opts, seed=opts.seed + start)
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            texts = gen.generate([p for p, _ in chunk], o, on_text=stream)
-        for w in caught:
-            print(f"warning: {w.message}", file=sys.stderr)
-        for text in texts:
+    from .generate import append_samples, format_sample, generate_batches
+    out = []
+    for batch in generate_batches(gen, prompts, opts, cfg.predict_batch_size, samples=samples, on_text=stream):
+        for message in batch.warnings:
+            print(f"warning: {message}", file=sys.stderr)
+        for index, text in enumerate(batch.texts, batch.first):
             if stream is None:
                 print(format_sample(index, text), end="", flush=True)
             append_samples(cfg.resolved_predict_path, [text], index)
             out.append(text)
-            index += 1
     return out
 
 
@@ -299,7 +281,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--devices", type=int, default=None, help="number of devices (default: this machine's)")
     m.add_argument("--sheet", help="write the scale sheet for 124M..1558M to this Markdown file instead")
 
-    sub.add_parser("keys", help="list every config key with its default and meaning")
+    y = sub.add_parser("keys", help="list every config key with its default and meaning")
+    y.add_argument("--markdown", action="store_true",
+                   help="print docs/options.md instead: config keys, optimizers and sampling options")
 
     d = sub.add_parser("demo", allow_abbrev=False, help="the built-in demo: train on Python's standard library, then sample")
     d.add_argument("--out", default="demo_run", help="working directory (default: demo_run)")
@@ -310,11 +294,9 @@ def build_parser() -> argparse.ArgumentParser:
 def run_main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
-    if getattr(args, "seed", None) is not None and args.command == "train":
-        rest += ["--seed", str(args.seed)]
     if args.command == "keys":
-        from .config import describe_keys
-        print(describe_keys())
+        from .config import describe_keys, keys_markdown
+        print(keys_markdown() if args.markdown else describe_keys(), end="\n" if not args.markdown else "")
         return 0
     if args.command == "memory" and (args.sheet or not args.model):
         if not args.sheet:

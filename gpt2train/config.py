@@ -1,7 +1,8 @@
 """Load, validate and override a model config: the seed's JSON keys plus a few new ones.
 
 Every key has a default and a one-line description here; this table is the documentation
-(`python -m gpt2train config --help-keys` prints it).
+(`python -m gpt2train keys` prints it, `keys --markdown` writes docs/options.md). Three of the
+seed's names say little of what they do; each has a readable alias (ALIASES) that means the same.
 """
 
 from __future__ import annotations
@@ -16,11 +17,18 @@ from typing import Any
 import fsspec
 
 from .errors import UserError
+from .optimizers import OPTIMIZERS
 
-OPTIMIZERS = ("adam", "adamw", "adafactor")
 PRECISIONS = ("float32", "bfloat16")
 DECAY_TYPES = ("pow", "adam")
 REMAT_POLICIES = ("nothing_saveable", "dots_saveable", "dots_with_no_batch_dims_saveable")
+
+
+# The keys that fix the parameter shapes (a checkpoint or a pretrained model fits a config only
+# when they agree; n_ctx may be shortened when fine-tuning).
+SHAPE_KEYS = ("n_vocab", "n_ctx", "n_embd", "n_layer", "n_head")
+# Readable names for three of the seed's keys; either name may be used, not both with different values.
+ALIASES = {"eval_every": "train_steps", "log_every": "iterations", "eval_batches": "eval_steps"}
 
 
 def _key(default, doc: str, seed: bool = False):
@@ -42,7 +50,7 @@ class Config:
     input: str = _key("text", "registered input function that feeds training and eval", True)
     lr: float = _key(2.5e-4, "peak learning rate", True)
     warmup_steps: int = _key(2000, "linear warmup steps from 0 to lr", True)
-    opt_name: str = _key("adam", "optimizer: adam (adamw when weight_decay > 0), adamw or adafactor", True)
+    opt_name: str = _key("adam", "optimizer: adam (it is AdamW when weight_decay > 0), adamw or adafactor", True)
     weight_decay: float = _key(0.01, "decoupled weight decay on matrices (not biases, LayerNorm)", True)
     beta1: float = _key(0.9, "first-moment decay (adafactor: momentum, 0 disables it)", True)
     beta2: float = _key(0.98, "second-moment decay (adam; adafactor with decay_type adam)", True)
@@ -127,7 +135,7 @@ class Config:
                  f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
         need(self.model == "GPT2", f"model must be 'GPT2', got {self.model!r}")
         need(self.precision in PRECISIONS, f"precision must be one of {PRECISIONS}, got {self.precision!r}")
-        need(self.opt_name in OPTIMIZERS, f"opt_name must be one of {OPTIMIZERS}, got {self.opt_name!r}")
+        need(self.opt_name in OPTIMIZERS, f"opt_name must be one of {tuple(OPTIMIZERS)}, got {self.opt_name!r}")
         need(self.decay_type in DECAY_TYPES, f"decay_type must be one of {DECAY_TYPES}, got {self.decay_type!r}")
         for name in ("embed_dropout", "attn_dropout", "res_dropout", "min_lr_ratio"):
             need(0.0 <= getattr(self, name) <= 1.0, f"{name} must be in [0, 1], got {getattr(self, name)}")
@@ -152,8 +160,21 @@ FIELDS = {f.name: f for f in dataclasses.fields(Config)}
 
 
 def nearest_key(name: str) -> str | None:
-    match = difflib.get_close_matches(name, list(FIELDS), n=1, cutoff=0.0)
+    match = difflib.get_close_matches(name, [*FIELDS, *ALIASES], n=1, cutoff=0.0)
     return match[0] if match else None
+
+
+def canonical_keys(values: dict) -> dict:
+    """`values` with aliases replaced by the seed's names; an alias beside its own key with
+    another value is an error."""
+    out = {k: v for k, v in values.items() if k not in ALIASES}
+    for alias, name in ALIASES.items():
+        if alias in values:
+            if name in values and values[name] != values[alias]:
+                raise UserError(f"{alias} is another name for {name}, and both are set ({alias}={values[alias]!r}, "
+                                f"{name}={values[name]!r}): keep one")
+            out[name] = values[alias]
+    return out
 
 
 def _coerce(name: str, value: Any) -> Any:
@@ -193,7 +214,7 @@ def _coerce(name: str, value: Any) -> Any:
 
 def apply_overrides(cfg: Config, overrides: dict) -> Config:
     values = cfg.to_dict()
-    for name, value in overrides.items():
+    for name, value in canonical_keys(overrides).items():
         if name not in FIELDS:
             hint = nearest_key(name)
             raise UserError(f"unknown config key {name!r}; did you mean {hint!r}? "
@@ -218,15 +239,47 @@ def load_config(path: str, overrides: dict | None = None) -> Config:
     # Keys starting with '_' are comments, as some configs in the wild use them.
     raw = {k: v for k, v in raw.items() if not k.startswith("_")}
     try:
-        cfg = apply_overrides(Config(), {**raw, **(overrides or {})})
+        cfg = apply_overrides(Config(), {**canonical_keys(raw), **canonical_keys(overrides or {})})
     except UserError as e:
         raise UserError(f"{path}: {e}") from None
     return cfg
 
 
 def describe_keys() -> str:
+    """Every config key with its default and meaning, then the aliases."""
+    aliases = {name: alias for alias, name in ALIASES.items()}
     lines = []
     for name, f in FIELDS.items():
         origin = "seed" if f.metadata["seed"] else "new "
-        lines.append(f"{name:20s} {origin} default={f.default!r:12}  {f.metadata['doc']}")
+        also = f" (alias: {aliases[name]})" if name in aliases else ""
+        lines.append(f"{name:20s} {origin} default={f.default!r:12}  {f.metadata['doc']}{also}")
     return "\n".join(lines)
+
+
+def keys_markdown() -> str:
+    """docs/options.md: every config key, optimizer and sampling option, from their declarations."""
+    from .sampling import describe as describe_sampling
+    aliases = {name: alias for alias, name in ALIASES.items()}
+    out = ["# Options", "",
+           "Generated by `python -m gpt2train keys --markdown > docs/options.md` from the declarations in",
+           "`gpt2train/config.py`, `gpt2train/optimizers.py` and `gpt2train/sampling.py`; do not edit by hand.",
+           "", "## Config keys", "",
+           "Set in the JSON config or on the command line (`--key value`). \"seed\" keys are the original trainer's.",
+           "", "| key | origin | default | meaning |", "| --- | --- | --- | --- |"]
+    for name, f in FIELDS.items():
+        also = f" Alias: `{aliases[name]}`." if name in aliases else ""
+        out.append(f"| `{name}` | {'seed' if f.metadata['seed'] else 'new'} | `{f.default!r}` | "
+                   f"{_cell(f.metadata['doc'])}.{also} |")
+    out += ["", "## Optimizers (`opt_name`)", "", "| name | reads | what it is |", "| --- | --- | --- |"]
+    for opt in OPTIMIZERS.values():
+        out.append(f"| `{opt.name}` | {', '.join(f'`{k}`' for k in opt.keys)} | {_cell(opt.doc)} |")
+    out += ["", "## Sampling options", "",
+            "Flags of `generate`, `serve` and `main.py` (`--name value`), and fields of a request to the HTTP API.",
+            "", "| option | type | default | meaning |", "| --- | --- | --- | --- |"]
+    for name, kind, default, doc in describe_sampling():
+        out.append(f"| `{name}` | {kind} | {default} | {_cell(doc)} |")
+    return "\n".join(out) + "\n"
+
+
+def _cell(text) -> str:
+    return str(text).replace("|", "\\|")  # a pipe inside a table cell ends the cell

@@ -80,7 +80,8 @@ def build_corpus(workdir: Path, log=print) -> tuple[int, int]:
 def run_demo(workdir: str = "demo_run", *, steps: int | None = None, extra: dict | None = None,
              log=print) -> dict:
     from .evaluate import evaluate_stream, token_stream
-    from .generate import Generator, SamplingOptions, append_samples, format_sample
+    from .generate import Generator, append_samples, format_sample
+    from .sampling import SamplingOptions
     from .paths import expand_paths
     from .tokenizer import load_tokenizer, train_tokenizer
     from .train import Trainer, initial_params

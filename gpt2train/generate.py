@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import warnings
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import fsspec
@@ -20,98 +21,9 @@ import numpy as np
 
 from . import model
 from .config import Config
-from .errors import UserError
+from .sampling import Filters, SamplingOptions, SamplingValues, sample_token
 
 PROMPT_BUCKET = 32  # prompt lengths are rounded up to a multiple of this to reuse compiled programs
-
-
-@dataclass(frozen=True)
-class SamplingOptions:
-    length: int = 256               # new tokens at most
-    temperature: float = 1.0        # 0 = greedy
-    top_k: int = 0                  # 0 = off
-    top_p: float = 1.0              # 1 = off
-    repetition_penalty: float = 1.0  # 1 = off; >1 discourages tokens already in the text
-    seed: int = 0
-    stop_at_eot: bool = True
-
-    def check(self) -> "SamplingOptions":
-        if self.length < 1:
-            raise UserError(f"--length must be at least 1, got {self.length}")
-        if self.temperature < 0:
-            raise UserError(f"--temperature must be >= 0, got {self.temperature}")
-        if self.top_k < 0:
-            raise UserError(f"--top_k must be >= 0, got {self.top_k}")
-        if not 0 < self.top_p <= 1:
-            raise UserError(f"--top_p must be in (0, 1], got {self.top_p}")
-        if self.repetition_penalty <= 0:
-            raise UserError(f"--repetition_penalty must be > 0, got {self.repetition_penalty}")
-        return self
-
-
-@dataclass(frozen=True)
-class Filters:
-    """What a compiled sampling program is specialised on: which filters run (top-k's k is an
-    array shape, so it stays). Every other setting (temperature, top-p mass, penalty, seed,
-    length) reaches the program as data, so changing it recompiles nothing."""
-    greedy: bool
-    top_k: int
-    top_p: bool
-    penalty: bool
-    stop_at_eot: bool
-
-    @classmethod
-    def of(cls, opts: SamplingOptions) -> "Filters":
-        return cls(opts.temperature == 0, opts.top_k, opts.top_p < 1.0, opts.repetition_penalty != 1.0,
-                   opts.stop_at_eot)
-
-
-def knobs(opts: SamplingOptions) -> jax.Array:
-    """The settings a compiled program takes as data: [temperature, top_p, repetition_penalty]."""
-    return jnp.asarray([opts.temperature or 1.0, opts.top_p, opts.repetition_penalty], jnp.float32)
-
-
-def filter_logits(logits, seen, opts: SamplingOptions):
-    """Apply repetition penalty, temperature, top-k and top-p to logits [B, V] (float32)."""
-    return _filter(logits, seen, Filters.of(opts), knobs(opts))
-
-
-def _filter(logits, seen, filters: Filters, values):
-    temperature, top_p, penalty = values[0], values[1], values[2]
-    if filters.penalty:
-        penalised = jnp.where(logits > 0, logits / penalty, logits * penalty)
-        logits = jnp.where(seen, penalised, logits)
-    if filters.greedy:
-        return logits
-    logits = logits / temperature
-    if filters.top_k > 0:
-        kth = jax.lax.top_k(logits, min(filters.top_k, logits.shape[-1]))[0][:, -1:]
-        logits = jnp.where(logits < kth, -jnp.inf, logits)
-    if filters.top_p:
-        sorted_logits = jnp.sort(logits, axis=-1)[:, ::-1]
-        probs = jax.nn.softmax(sorted_logits, axis=-1)
-        before = jnp.cumsum(probs, axis=-1) - probs       # mass of strictly more likely tokens
-        keep = before < top_p                              # always keeps the most likely token
-        cutoff = jnp.min(jnp.where(keep, sorted_logits, jnp.inf), axis=-1, keepdims=True)
-        logits = jnp.where(logits < cutoff, -jnp.inf, logits)
-    return logits
-
-
-def first_argmax(x):
-    """jnp.argmax over the last axis (first index of the maximum) as a max and a min: XLA:CPU
-    runs argmax's paired value-index reduction 4x slower over a vocabulary-wide row (1.2 ms
-    against 0.3 ms for 8 rows of 50k, a few percent of a decoding step)."""
-    n = x.shape[-1]
-    hits = x == x.max(axis=-1, keepdims=True)
-    return jnp.minimum(jnp.min(jnp.where(hits, jnp.arange(n, dtype=jnp.int32), n), axis=-1), n - 1)
-
-
-def sample_token(logits, seen, key, filters: Filters, values):
-    logits = _filter(logits, seen, filters, values)
-    if filters.greedy:
-        return first_argmax(logits)
-    # jax.random.categorical's own Gumbel-max draw, with the faster argmax: the same tokens.
-    return first_argmax(logits + jax.random.gumbel(key, logits.shape, logits.dtype))
 
 
 class Generator:
@@ -194,7 +106,7 @@ class Generator:
         params = self.params_for(B)
         logits, cache = self._prefill(params, jnp.asarray(tokens), jnp.asarray(pad), model.init_cache(self.cfg, B, total))
         carry = (cache, logits, jnp.int32(P), jnp.asarray(seen), jnp.asarray(done), jnp.asarray(pad))
-        filters, values = Filters.of(opts), knobs(opts)
+        filters, values = Filters.of(opts), SamplingValues.of(opts)
         for call in range(calls):
             n = min(self.chunk, length - call * self.chunk)
             carry, toks = self._decode(params, carry, key, values, jnp.int32(n), filters=filters)
@@ -257,6 +169,28 @@ class Generator:
                 if len(text) > len(emitted[i]):
                     on_text(i, text[len(emitted[i]):])
         return texts
+
+
+@dataclass
+class Batch:
+    """One batch of samples: its rows' texts and the warnings generating them gave."""
+    first: int  # index of its first row among all the rows asked for
+    texts: list[str]
+    warnings: list[str]
+
+
+def generate_batches(gen: Generator, prompts: Sequence[str], opts: SamplingOptions, batch_size: int, *,
+                     samples: int = 1, on_text: Callable[[int, str], None] | None = None) -> Iterator[Batch]:
+    """Each prompt `samples` times, in batches of `batch_size` rows; each batch's seed is the
+    options' seed moved by its first row, so the samples of one prompt differ and every one is
+    reproducible. on_text(row, new_text) streams, with rows counted across batches."""
+    rows = [p for p in prompts for _ in range(samples)]
+    for first in range(0, len(rows), max(1, batch_size)):
+        stream = None if on_text is None else (lambda i, text, first=first: on_text(first + i, text))
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            texts = gen.generate(rows[first:first + batch_size], opts.with_seed_offset(first), on_text=stream)
+        yield Batch(first, texts, [str(w.message) for w in caught])
 
 
 @functools.partial(jax.jit, donate_argnums=0)  # the layers are the generator's own copies

@@ -20,10 +20,10 @@ import numpy as np
 
 from .config import Config
 from .mesh import fsdp_spec
-from .metrics import train_flops_per_token
+from .metrics import ACCELERATOR_PEAK_FLOPS, train_flops_per_token
 
-# Dense bf16 peak per chip, FLOP/s, from the vendors' data sheets.
-ACCELERATORS = {"TPU v4": 275e12, "TPU v5e": 197e12, "H100 SXM": 989e12}
+# The chips the scale sheet and the report give step times for (peaks: metrics.py's table).
+ACCELERATORS = {chip: ACCELERATOR_PEAK_FLOPS[chip] for chip in ("TPU v4", "TPU v5e", "H100")}
 GiB = 2**30
 
 

@@ -22,7 +22,8 @@ import numpy as np
 from .config import Config
 from .paths import local_path
 
-# Dense bf16 peak per chip, from the vendors' data sheets.
+# Dense bf16 peak per chip, FLOP/s, from the vendors' data sheets (H100: the SXM part); a device
+# whose kind contains a name takes its figure. The one table: memory.py's sheet reads it too.
 ACCELERATOR_PEAK_FLOPS = {
     "TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12, "TPU v6e": 918e12,
     "H100": 989e12, "A100": 312e12, "L4": 121e12, "A10G": 125e12,

@@ -18,9 +18,9 @@ from dataclasses import dataclass
 import fsspec
 import numpy as np
 
+from gpt2train.config import SHAPE_KEYS
 from gpt2train.errors import UserError
 
-SHAPE = ("n_vocab", "n_ctx", "n_embd", "n_layer", "n_head")
 # Our block parameter -> (HF name inside transformer.h.{i}, OpenAI name inside model/h{i}).
 BLOCK_NAMES = {
     ("ln_1", "scale"): ("ln_1.weight", "ln_1/g"),
@@ -76,13 +76,17 @@ def _get(tree: dict, path: tuple):
     return tree
 
 
-def build_params(get, shape: dict, source: str, which: int) -> dict:
-    """Our pytree from a tensor getter `get(name)`; which = 0 for HF names, 1 for OpenAI names.
+NAMINGS = ("hf", "openai")  # the two columns of BLOCK_NAMES and TOP_NAMES
+
+
+def build_params(get, shape: dict, source: str, naming: str) -> dict:
+    """Our pytree from a tensor getter `get(name)` of a checkpoint with "hf" or "openai" tensor names.
 
     Every tensor is checked against the shape the model needs; a missing or misshapen tensor
     is an error that names it.
     """
     want = expected_shapes(shape)
+    column = NAMINGS.index(naming)
     params: dict = {}
 
     def fetch(name: str, need: tuple) -> np.ndarray:
@@ -90,19 +94,19 @@ def build_params(get, shape: dict, source: str, which: int) -> dict:
             array = np.asarray(get(name), dtype=np.float32)
         except KeyError:
             raise UserError(f"{source}: tensor {name!r} is missing: the checkpoint is not a complete GPT-2") from None
-        if which == 1 and array.ndim == len(need) + 1 and array.shape[0] == 1:
+        if naming == "openai" and array.ndim == len(need) + 1 and array.shape[0] == 1:
             array = array[0]  # OpenAI's matmul weights are [1, in, out] convolution kernels
         if array.shape != need:
             raise UserError(f"{source}: tensor {name!r} has shape {array.shape} but this GPT-2 "
-                            f"({', '.join(f'{k}={shape[k]}' for k in SHAPE)}) needs {need}")
+                            f"({', '.join(f'{k}={shape[k]}' for k in SHAPE_KEYS)}) needs {need}")
         return array
 
     for ours, names in TOP_NAMES.items():
-        _set(params, ours, fetch(names[which], want[ours]))
+        _set(params, ours, fetch(names[column], want[ours]))
     for ours, names in BLOCK_NAMES.items():
         layers = []
         for i in range(shape["n_layer"]):
-            name = f"h.{i}.{names[0]}" if which == 0 else f"model/h{i}/{names[1]}"
+            name = f"h.{i}.{names[0]}" if naming == "hf" else f"model/h{i}/{names[1]}"
             layers.append(fetch(name, want[("h", *ours)][1:]))
         _set(params, ("h", *ours), np.stack(layers))
     return params
@@ -158,7 +162,7 @@ def load_hf(directory: str) -> Pretrained:
             for key, value in load_safetensors(f.read()).items():
                 # Files saved from GPT2LMHeadModel prefix "transformer."; the hub's GPT2Model ones do not.
                 tensors[key.removeprefix("transformer.")] = value
-    return Pretrained(build_params(tensors.__getitem__, shape, directory, 0), shape, directory)
+    return Pretrained(build_params(tensors.__getitem__, shape, directory, "hf"), shape, directory)
 
 
 def load_openai(directory: str) -> Pretrained:
@@ -166,9 +170,9 @@ def load_openai(directory: str) -> Pretrained:
 
     fs, root = fsspec.core.url_to_fs(directory)
     hp = _read_json(fs, posixpath.join(root, "hparams.json"))
-    shape = {k: int(hp[k]) for k in SHAPE}
+    shape = {k: int(hp[k]) for k in SHAPE_KEYS}
     ckpt = TFCheckpoint(posixpath.join(directory, "model.ckpt"))
-    return Pretrained(build_params(ckpt.tensor, shape, directory, 1), shape, directory)
+    return Pretrained(build_params(ckpt.tensor, shape, directory, "openai"), shape, directory)
 
 
 def load_ours(directory: str) -> Pretrained:
@@ -182,7 +186,7 @@ def load_ours(directory: str) -> Pretrained:
     for path, value in params.items():
         _set(tree, path, value)
     tree["wte"] = tree["wte"][: cfg.n_vocab]
-    return Pretrained(tree, {k: getattr(cfg, k) for k in SHAPE}, directory)
+    return Pretrained(tree, {k: getattr(cfg, k) for k in SHAPE_KEYS}, directory)
 
 
 def _flatten(tree: dict, prefix: tuple = ()) -> dict[tuple, object]:
@@ -204,7 +208,7 @@ def load_pretrained(source: str) -> Pretrained:
 
 def fit(pre: Pretrained, cfg) -> dict:
     """The pretrained parameters shaped for `cfg`: same widths, n_ctx at most the source's."""
-    wrong = [k for k in ("n_vocab", "n_embd", "n_layer", "n_head") if getattr(cfg, k) != pre.shape[k]]
+    wrong = [k for k in SHAPE_KEYS if k != "n_ctx" and getattr(cfg, k) != pre.shape[k]]  # n_ctx may be shorter
     if wrong:
         raise UserError(
             f"the pretrained model {pre.source} has " + ", ".join(f"{k}={pre.shape[k]}" for k in wrong)

@@ -13,18 +13,18 @@ import dataclasses
 import json
 import threading
 import time
-import warnings
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from .errors import UserError
-from .generate import Generator, SamplingOptions
+from .generate import Generator, generate_batches
+from .sampling import SamplingOptions, request_fields
 
 MAX_BODY_BYTES = 1 << 20
 MAX_PROMPTS = 256
-INTEGER, NUMBER, BOOLEAN = ((int,), "an integer"), ((int, float), "a number"), ((bool,), "true or false")
-# Request fields besides the prompt(s): each a SamplingOptions field, with the JSON types it accepts.
-SETTINGS = {"length": INTEGER, "temperature": NUMBER, "top_k": INTEGER, "top_p": NUMBER,
-            "repetition_penalty": NUMBER, "seed": INTEGER, "stop_at_eot": BOOLEAN}
+# The JSON types each kind of option accepts, and their name in an error.
+JSON_TYPES = {int: ((int,), "an integer"), float: ((int, float), "a number"), bool: ((bool,), "true or false")}
+# Request fields besides the prompt(s): every sampling option (sampling.SamplingOptions).
+SETTINGS = {name: JSON_TYPES[kind] for name, kind in request_fields().items()}
 USAGE = {"POST /generate": {"prompt": "text (or \"prompts\": [texts])", **{k: t[1] for k, t in SETTINGS.items()},
                             "stream": "true or false: JSON lines as text is produced"},
          "GET /health": "model, step, defaults"}
@@ -70,7 +70,7 @@ def parse_request(body: bytes, defaults: SamplingOptions) -> tuple[list[str], Sa
     try:
         opts = dataclasses.replace(defaults, **settings).check()
     except UserError as e:
-        raise BadRequest(str(e).replace("--", "")) from None
+        raise BadRequest(str(e)) from None
     return prompts, opts, stream
 
 
@@ -88,15 +88,12 @@ class GenerationService:
     def generate(self, prompts: list[str], opts: SamplingOptions, on_text=None) -> dict:
         """The reply to one request; on_text(row, new_text) is called as text is produced."""
         start = time.perf_counter()
-        texts, caught = [], []
-        with self._lock, warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            # Batches of batch_size rows, each with its own seed offset, as the command line does.
-            for first in range(0, len(prompts), self.batch_size):
-                batch_opts = dataclasses.replace(opts, seed=opts.seed + first)
-                rows = None if on_text is None else (lambda i, text, first=first: on_text(first + i, text))
-                texts += self.gen.generate(prompts[first:first + self.batch_size], batch_opts, on_text=rows)
-        return {"completions": texts, "warnings": sorted({str(w.message) for w in caught}),
+        texts, caught = [], set()
+        with self._lock:  # batches of batch_size rows, each with its own seed, as the command line does
+            for batch in generate_batches(self.gen, prompts, opts, self.batch_size, on_text=on_text):
+                texts += batch.texts
+                caught.update(batch.warnings)
+        return {"completions": texts, "warnings": sorted(caught),
                 "seconds": round(time.perf_counter() - start, 3), "step": self.step}
 
 

@@ -28,7 +28,8 @@ def main(tmp: str, encoder: str) -> None:
         mu = trainer.state["opt_state"][1][0].mu if hasattr(trainer.state["opt_state"][1][0], "mu") else None
         if (data, fsdp) in ((1, 1), (1, 8)):  # evaluation and generation on the same mesh
             from gpt2train.evaluate import evaluate_stream
-            from gpt2train.generate import Generator, SamplingOptions
+            from gpt2train.generate import Generator
+            from gpt2train.sampling import SamplingOptions
             stream = np.array(tok.encode("def main(argv):\n    return argv[0]\n" * 20), np.int32)
             ev = evaluate_stream(cfg, params, tok, stream)
             greedy = Generator(cfg, params, tok).generate(

@@ -87,3 +87,25 @@ def test_demo_config_matches_the_demo_command():
 def test_padded_vocab():
     assert Config(n_vocab=50257).padded_vocab == 50304
     assert Config(n_vocab=50257, pad_vocab_to=1).padded_vocab == 50257
+
+
+def test_readable_aliases_mean_the_seed_keys(tmp_path):
+    cfg = load_config(write(tmp_path, {"eval_every": 50, "log_every": 5}), {"eval_batches": "3"})
+    assert (cfg.train_steps, cfg.iterations, cfg.eval_steps) == (50, 5, 3)
+    # The seed's names keep working, and a command-line alias overrides the file's seed name.
+    assert load_config(write(tmp_path, {"train_steps": 50}), {"eval_every": "20"}).train_steps == 20
+    with pytest.raises(UserError, match="eval_every is another name for train_steps"):
+        load_config(write(tmp_path, {"eval_every": 50, "train_steps": 40}))
+    with pytest.raises(UserError, match="'log_every'"):
+        load_config(write(tmp_path, {"log_evry": 5}))  # the nearest key may be an alias
+
+
+def test_options_doc_is_generated_from_the_declarations():
+    from gpt2train.config import keys_markdown
+    from gpt2train.optimizers import OPTIMIZERS
+    from gpt2train.sampling import option_fields
+    doc = (REPO / "docs" / "options.md").read_text()
+    assert doc == keys_markdown()  # regenerate: python -m gpt2train keys --markdown > docs/options.md
+    for name in [*FIELDS, *OPTIMIZERS, *(f.name for f in option_fields())]:
+        assert f"| `{name}` |" in doc, name
+    assert "Alias: `eval_every`" in doc

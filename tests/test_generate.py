@@ -8,7 +8,8 @@ import pytest
 from gpt2train import model as M
 from gpt2train.config import Config
 from gpt2train.errors import UserError
-from gpt2train.generate import Generator, SamplingOptions, filter_logits, format_sample
+from gpt2train.generate import Generator, format_sample
+from gpt2train.sampling import SamplingOptions, filter_logits
 
 
 @pytest.fixture(scope="module")
@@ -174,7 +175,7 @@ def test_banner_format():
 
 
 def test_first_argmax_and_gumbel_draw_match_jax():
-    from gpt2train.generate import first_argmax
+    from gpt2train.sampling import first_argmax
     x = jnp.array([[1.0, 3.0, 3.0, 2.0], [-jnp.inf, -jnp.inf, 0.5, 0.5], [0.0, 0.0, 0.0, 0.0]])
     assert first_argmax(x).tolist() == jnp.argmax(x, axis=-1).tolist() == [1, 2, 0]  # ties: the first
     for i in range(5):  # sampling draws exactly the tokens jax.random.categorical would
@@ -183,3 +184,49 @@ def test_first_argmax_and_gumbel_draw_match_jax():
         want = jax.random.categorical(jax.random.fold_in(key, 1), logits, axis=-1)
         got = first_argmax(logits + jax.random.gumbel(jax.random.fold_in(key, 1), logits.shape))
         assert got.tolist() == want.tolist()
+
+
+@pytest.mark.parametrize("bad, words", [
+    (dict(temperature=float("nan")), "temperature must be a finite number"),
+    (dict(top_p=float("inf")), "top_p must be a finite number"),
+    (dict(length=True), "length must be an integer"),
+    (dict(top_k=2.0), "top_k must be an integer"),
+    (dict(seed=2**64), "seed must be in [0, 4294967296)"),
+    (dict(seed=-1), "seed must be in [0, 4294967296)"),
+    (dict(stop_at_eot=1), "stop_at_eot must be true or false"),
+])
+def test_options_reject_what_would_break_decoding(bad, words):
+    with pytest.raises(UserError) as e:
+        SamplingOptions(**bad).check()
+    assert words in str(e.value)
+
+
+def test_option_defaults_from_the_config_and_flags_from_the_declarations():
+    import argparse
+    from gpt2train.cli import add_sampling_flags
+    from gpt2train.sampling import option_fields
+    cfg = Config(n_ctx=64, seed=11).validate()
+    opts = SamplingOptions.from_values({"top_k": 5, "temperature": None}, cfg)
+    assert (opts.length, opts.seed, opts.top_k, opts.temperature) == (32, 11, 5, 1.0)
+    parser = argparse.ArgumentParser()
+    add_sampling_flags(parser)
+    args = parser.parse_args(["--top_p", "0.5", "--stop_at_eot", "false", "--length", "7"])
+    for f in option_fields():  # every option is a flag, absent ones None
+        assert hasattr(args, f.name)
+    opts = SamplingOptions.from_values(vars(args), cfg)
+    assert (opts.top_p, opts.stop_at_eot, opts.length, opts.seed) == (0.5, False, 7, 11)
+
+
+def test_batches_of_a_prompt_file_each_get_their_own_seed(gen):
+    from gpt2train.generate import generate_batches
+    opts = SamplingOptions(length=6, seed=SEED_NEAR_LIMIT, stop_at_eot=False)
+    batches = list(generate_batches(gen, ["a", "b", "c"], opts, batch_size=2, samples=2))
+    assert [b.first for b in batches] == [0, 2, 4] and all(len(b.texts) == 2 for b in batches)
+    rows = ["a", "a", "b", "b", "c", "c"]
+    for b in batches:  # the seed moves by the batch's first row, wrapping at the seed limit
+        shifted = SamplingOptions(length=6, seed=(SEED_NEAR_LIMIT + b.first) % 2**32, stop_at_eot=False)
+        assert b.texts == gen.generate(rows[b.first:b.first + 2], shifted)
+    assert batches[0].texts[0] != batches[0].texts[1]  # two samples of one prompt differ
+
+
+SEED_NEAR_LIMIT = 2**32 - 3

@@ -69,7 +69,8 @@ def test_hf_import_gives_hf_logits_and_export_round_trips(tmp_path, shape, shard
 
 
 def test_greedy_generation_matches_hf_for_50_tokens(tmp_path, gpt2_tokenizer):
-    from gpt2train.generate import Generator, SamplingOptions
+    from gpt2train.generate import Generator
+    from gpt2train.sampling import SamplingOptions
     hf = random_hf(2, 32, 2, 50257, 64, seed=3)
     hf.save_pretrained(tmp_path / "hf")
     pre = load_hf(str(tmp_path / "hf"))

@@ -10,7 +10,8 @@ import pytest
 
 from gpt2train import model as M
 from gpt2train.config import Config
-from gpt2train.generate import Generator, SamplingOptions
+from gpt2train.generate import Generator
+from gpt2train.sampling import SamplingOptions
 from gpt2train.serve import GenerationService, make_server
 
 
@@ -98,6 +99,9 @@ def test_a_prompt_longer_than_the_context_is_cut_with_a_warning(url):
     ({"prompt": "a", "temperature": -1}, 400, ["temperature must be >= 0"]),
     ({"prompt": "a", "top_p": 0}, 400, ["top_p must be in (0, 1]"]),
     ({"prompt": "a", "length": 0}, 400, ["length must be at least 1"]),
+    ({"prompt": "a", "temperature": float("nan")}, 400, ["temperature must be a finite number"]),
+    ({"prompt": "a", "repetition_penalty": float("inf")}, 400, ["repetition_penalty must be a finite number"]),
+    ({"prompt": "a", "seed": 2**64}, 400, ["seed must be in [0, 4294967296)"]),
 ])
 def test_bad_requests_get_400_naming_the_problem_and_the_server_stays_up(url, body, status, words):
     got, reply = call(url, "/generate", body)
@@ -110,3 +114,13 @@ def test_bad_requests_get_400_naming_the_problem_and_the_server_stays_up(url, bo
 def test_unknown_paths_get_404(url):
     assert call(url, "/nope")[0] == 404
     assert call(url, "/generat", {"prompt": "a"})[0] == 404
+
+
+def test_every_sampling_option_is_a_request_field(url):
+    """Options are declared once (sampling.SamplingOptions): the server takes each one."""
+    from gpt2train.sampling import option_fields
+    values = {"length": 3, "temperature": 0.7, "top_k": 5, "top_p": 0.9, "repetition_penalty": 1.3, "seed": 2,
+              "stop_at_eot": False}
+    assert set(values) == {f.name for f in option_fields()}  # a new option: add it here too
+    status, reply = call(url, "/generate", {"prompt": "import os", **values})
+    assert status == 200, reply
