@@ -1,7 +1,7 @@
 """Data-path speed: `encode` throughput, and the record input pipeline against the train step.
 
-    python bench/data_speed.py                 # 50 MB corpus, 2 workers; pipeline vs demo + 124M steps
-    python bench/data_speed.py --mb 5 --quick  # smaller corpus, demo-shape step only
+    python -m bench.data_speed                 # 50 MB corpus, 2 workers; pipeline vs demo + 124M steps
+    python -m bench.data_speed --mb 5 --quick  # smaller corpus, demo-shape step only
 
 The corpus is the standard library's .py files, repeated with a counter in each copy's name
 until it reaches --mb megabytes (one document per file). `encode` runs with --workers worker

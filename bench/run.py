@@ -1,9 +1,9 @@
 """Every benchmark in one run, side by side with the PyTorch reference; a JSON + Markdown report.
 
-    python bench/run.py                  # full suite (~15 minutes on 2 cores)
-    python bench/run.py --quick          # fewer repeats, shorter time-to-quality
-    python bench/run.py --smoke          # toy sizes, seconds: checks the suite itself (CI)
-    python bench/run.py --only train,generate --out bench/results
+    python -m bench.run                  # full suite (~15 minutes on 2 cores), from the repository's root
+    python -m bench.run --quick          # fewer repeats, shorter time-to-quality
+    python -m bench.run --smoke          # toy sizes, seconds: checks the suite itself (CI)
+    python -m bench.run --only train,generate --out bench/results
 
 Figures are medians of --repeats timed runs after a warm-up (which compiles). Ours and the
 reference alternate inside each benchmark, so load on the machine hits both alike; ratios are
@@ -19,18 +19,16 @@ import os
 import pathlib
 import platform
 import statistics
-import sys
 import tempfile
 import time
 
 import numpy as np
 
+from gpt2train.tokenizer import GPT2_ENCODER_DIR
+
+from .reference import Reference, available as reference_available
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "bench"))
-
-
-from reference import Reference, available as reference_available  # noqa: E402
-from gpt2train.tokenizer import GPT2_ENCODER_DIR  # noqa: E402
 
 SIZES = {  # name: (n_layer, n_embd, n_head, n_vocab, batch, n_ctx)
     "full": {"train_small": (4, 128, 4, 50257, 12, 64), "train_124M": (12, 768, 12, 50257, 4, 256),
@@ -268,7 +266,7 @@ def bench_eval(shape, repeats: int, ref) -> dict:
 def bench_data(megabytes: float) -> dict:
     import shutil
 
-    from data_speed import build_corpus, pipeline_tokens_per_s
+    from .data_speed import build_corpus, pipeline_tokens_per_s
 
     from gpt2train.encode import encode_corpus
     work = pathlib.Path(tempfile.mkdtemp(prefix="bench_data_"))

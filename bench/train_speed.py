@@ -2,8 +2,8 @@
 in one run (these machines are noisy: compare figures from the same run only); the reference
 runs in its own process (bench/reference.py).
 
-    python bench/train_speed.py            # the demo shape, a 4x256 shape and the 124M shape
-    python bench/train_speed.py --quick    # the two small shapes only
+    python -m bench.train_speed            # the demo shape, a 4x256 shape and the 124M shape
+    python -m bench.train_speed --quick    # the two small shapes only
 
 Each figure is the median of --steps timed steps after one warm-up step (which compiles).
 Both sides run a full step: forward, backward, AdamW update; dropout off; float32 unless noted.
@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from reference import Reference, available as reference_available
+from .reference import Reference, available as reference_available
 from gpt2train.config import Config
 from gpt2train.host_memory import reexec_with_resident_heap
 from gpt2train.metrics import peak_flops_per_device, train_flops_per_token

@@ -75,8 +75,10 @@ def cmd_train(cfg, log=print) -> dict:
     from .train import Trainer
     tok = load_tokenizer(cfg.encoder_path)
     result = Trainer(cfg, tok, log=log).run()
-    summary = {"step": result.step, "loss": result.last_loss, "eval_loss": result.eval_loss}
-    log(f"done at step {result.step}" + (f"; eval loss {result.eval_loss:.4f}" if result.eval_loss else ""))
+    summary = {"step": result.step, "loss": result.last_loss, "eval_loss": result.eval_loss,
+               "skipped_records": result.skipped_records}
+    log(f"done at step {result.step}" + (f"; eval loss {result.eval_loss:.4f}" if result.eval_loss else "")
+        + (f"; skipped {result.skipped_records} damaged records" if result.skipped_records else ""))
     return summary
 
 

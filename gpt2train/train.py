@@ -135,6 +135,7 @@ class RunResult:
     last_loss: float | None
     eval_loss: float | None
     history: list  # per-step metrics of this call, the last HISTORY_STEPS at most
+    skipped_records: int = 0  # damaged records passed over (skip_corrupt_records)
 
 
 @dataclass
@@ -360,4 +361,4 @@ class Trainer:
             self.train_data.close()
             if self.eval_data is not None:
                 self.eval_data.close()
-        return RunResult(step, self._last_loss, self._eval_loss, list(self.history))
+        return RunResult(step, self._last_loss, self._eval_loss, list(self.history), self.train_data.skipped_records)

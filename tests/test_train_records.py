@@ -18,8 +18,8 @@ def encoded(tmp_path_factory):
 
 
 def records_config(tmp_path, encoded, **kw):
-    return tiny_config(tmp_path, input="tfrecords", data_path=str(encoded), eval_data_path=str(encoded / "eval"),
-                       stitch=2, prefetch=2, **kw)
+    kw = {"stitch": 2, "prefetch": 2, **kw}
+    return tiny_config(tmp_path, input="tfrecords", data_path=str(encoded), eval_data_path=str(encoded / "eval"), **kw)
 
 
 def test_resumed_run_on_records_sees_the_same_batches(tmp_path, encoded, gpt2_tokenizer):
@@ -45,3 +45,18 @@ def test_main_py_trains_and_samples_from_records(tmp_path, encoded):
     sampled = run("main.py", "--model", str(path), "--predict_text", "import json", "--length", "5", "--seed", "1")
     assert sampled.returncode == 0, sampled.stderr
     assert "SAMPLE 0" in sampled.stdout
+
+
+def test_damaged_records_skipped_in_training_are_reported(tmp_path, encoded, gpt2_tokenizer):
+    import json
+    import shutil
+    from test_record_inputs import damage_record
+    data = tmp_path / "data"
+    shutil.copytree(encoded, data)
+    for path in data.glob("*.tfrecords"):  # whichever files the first steps read hold a damaged record
+        damage_record(str(path), 0)
+    cfg = records_config(tmp_path, data, max_steps=4, train_steps=2, iterations=2, skip_corrupt_records=True)
+    result = Trainer(cfg, gpt2_tokenizer, progress=False, log=lambda *a, **k: None).run()
+    assert result.skipped_records >= 1
+    lines = [json.loads(x) for x in (tmp_path / "model" / "metrics.jsonl").read_text().splitlines()]
+    assert [x.get("skipped_records") for x in lines if "tokens_per_s" in x][-1] == result.skipped_records
