@@ -78,9 +78,13 @@ def init_params(cfg: Config, key: jax.Array) -> Params:
     }
 
 
-def count_params(params: Params, include_positions: bool = True) -> int:
-    n = sum(x.size for x in jax.tree.leaves(params))
-    return n if include_positions else n - params["wpe"].size
+def abstract_params(cfg: Config) -> Params:
+    """The parameters' shapes and dtypes (jax.ShapeDtypeStruct leaves), nothing allocated."""
+    return jax.eval_shape(lambda: init_params(cfg, jax.random.PRNGKey(0)))
+
+
+def count_params(params: Params) -> int:
+    return sum(x.size for x in jax.tree.leaves(params))
 
 
 # ----------------------------------------------------------------------------- layers
