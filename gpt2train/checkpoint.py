@@ -64,7 +64,7 @@ class Checkpointer:
     def restore_params(self, step: int, sharding=None):
         """Only the parameters of a step (of either kind of checkpoint)."""
         from . import model
-        abstract = jax.eval_shape(lambda: model.init_params(self.cfg, jax.random.PRNGKey(0)))
+        abstract = model.abstract_params(self.cfg)
         if sharding is None:
             sharding = jax.tree.map(lambda _: jax.sharding.SingleDeviceSharding(jax.devices()[0]), abstract)
         abstract = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh), abstract, sharding)

@@ -22,6 +22,7 @@ from .optimizers import OPTIMIZERS
 PRECISIONS = ("float32", "bfloat16")
 DECAY_TYPES = ("pow", "adam")
 REMAT_POLICIES = ("nothing_saveable", "dots_saveable", "dots_with_no_batch_dims_saveable")
+KERNELS = ("auto", "cpu", "standard")
 
 
 # The keys that fix the parameter shapes (a checkpoint or a pretrained model fits a config only
@@ -93,6 +94,7 @@ class Config:
     skip_corrupt_records: bool = _key(False, "skip (and count) damaged records instead of stopping")
     prefetch: int = _key(4, "batches read ahead in a background thread (0: read in the training loop)")
     scan_unroll: int = _key(0, "layers per scan step: 1 compiles fastest, n_layer runs fastest (0: all if n_layer <= 12, else 1)")
+    kernels: str = _key("auto", "matmul and attention kernels: cpu (written for XLA:CPU), standard (fused attention, plain products: GPU/TPU) or auto (cpu on a CPU backend)")
 
     # ------------------------------------------------------------------
     @property
@@ -146,6 +148,7 @@ class Config:
                  f"train_batch_size ({self.train_batch_size}) must be divisible by "
                  f"grad_accum_steps ({self.grad_accum_steps})")
         need(self.remat_policy in REMAT_POLICIES, f"remat_policy must be one of {REMAT_POLICIES}, got {self.remat_policy!r}")
+        need(self.kernels in KERNELS, f"kernels must be one of {KERNELS}, got {self.kernels!r}")
         need(self.stitch >= 0 and self.minimum_size >= 0 and self.prefetch >= 0,
              "stitch, minimum_size and prefetch must be >= 0")
         if self.data_weights is not None:

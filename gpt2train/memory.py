@@ -66,11 +66,11 @@ def activation_bytes(cfg: Config, rows: int) -> float:
 
 def estimate(cfg: Config, n_devices: int, mesh: tuple[int, int] | None = None) -> MemoryEstimate:
     from .mesh import mesh_shape
-    from .model import count_params, init_params
+    from .model import abstract_params, count_params
     from .optimizers import make_optimizer
 
     data, fsdp = mesh or mesh_shape(n_devices, cfg.mesh_data, cfg.mesh_fsdp)
-    params = jax.eval_shape(lambda: init_params(cfg, jax.random.PRNGKey(0)))
+    params = abstract_params(cfg)
     opt_state = jax.eval_shape(make_optimizer(cfg).init, params)
     rows = cfg.train_batch_size // cfg.grad_accum_steps / n_devices
     p = _sharded_bytes(params, fsdp)

@@ -77,4 +77,4 @@ def param_shardings(cfg, mesh: Mesh | None = None):
     from . import model
 
     mesh = mesh or mesh_for(cfg)
-    return state_shardings(mesh, jax.eval_shape(lambda: model.init_params(cfg, jax.random.PRNGKey(0))))
+    return state_shardings(mesh, model.abstract_params(cfg))

@@ -14,17 +14,19 @@ Kernels are [in, out], as in GPT-2's checkpoints. The output head is tied to `wt
 `n_vocab` (padding for fast matmuls) are zero and their logits are masked to -inf-ish.
 Weights are stored in float32; `precision: bfloat16` casts them to bfloat16 for compute and
 accumulates every matmul in float32 (faster than bf16 accumulation on CPUs, and safer).
+The matrix products and causal attention come from kernels.py, which has an implementation
+written for XLA:CPU and a standard one for GPU/TPU (config key `kernels`).
 """
 
 from __future__ import annotations
 
-import functools
 import math
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 
+from . import kernels
 from .config import Config
 
 Params = dict[str, Any]
@@ -76,9 +78,13 @@ def init_params(cfg: Config, key: jax.Array) -> Params:
     }
 
 
-def count_params(params: Params, include_positions: bool = True) -> int:
-    n = sum(x.size for x in jax.tree.leaves(params))
-    return n if include_positions else n - params["wpe"].size
+def abstract_params(cfg: Config) -> Params:
+    """The parameters' shapes and dtypes (jax.ShapeDtypeStruct leaves), nothing allocated."""
+    return jax.eval_shape(lambda: init_params(cfg, jax.random.PRNGKey(0)))
+
+
+def count_params(params: Params) -> int:
+    return sum(x.size for x in jax.tree.leaves(params))
 
 
 # ----------------------------------------------------------------------------- layers
@@ -90,64 +96,15 @@ def layer_norm(x, p, dtype):
     return (y * p["scale"] + p["bias"]).astype(dtype)
 
 
-def _contract(a, b, a_axis: int, b_axis: int):
-    return jax.lax.dot_general(a, b, (((a_axis,), (b_axis,)), ((), ())), preferred_element_type=jnp.float32)
-
-
-def _outer_product_sum(a, b):
-    """a^T b over the M axis: a [..., M, P], b [..., M, Q] -> [..., P, Q], accumulated in float32.
-
-    XLA:CPU runs a bfloat16 product natively only when its left operand contracts over its
-    last axis; a plain transposed copy of `a` is folded back into the product by XLA (after
-    the pass that would have kept it in bfloat16), leaving a float32 product or one some
-    shapes cannot run. So in bfloat16 the M rows are visited in another order -- (M/2, 2)
-    instead of (2, M/2) -- in both operands: not a transpose XLA can fold, and the same sum.
-    Other dtypes, and an odd M, multiply in float32."""
-    *lead, M, P = a.shape
-    if a.dtype != jnp.bfloat16 or M % 2:
-        return jnp.einsum("...mp,...mq->...pq", a.astype(jnp.float32), b.astype(jnp.float32))
-    n, Q = len(lead), b.shape[-1]
-    at = a.reshape(*lead, 2, M // 2, P).transpose(*range(n), n + 2, n + 1, n).reshape(*lead, P, M)
-    bp = b.reshape(*lead, 2, M // 2, Q).transpose(*range(n), n + 1, n, n + 2).reshape(*lead, M, Q)
-    return jnp.einsum("...pm,...mq->...pq", at, bp, preferred_element_type=jnp.float32)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _low_precision_matmul(x, w, transposed: bool = False):
-    """x [N, K] (bfloat16) times the float32 kernel w -- [K, M], or [M, K] with transposed --
-    cast to x's dtype, accumulated in float32. Its own gradient so that both gradient products
-    run in x's dtype too: automatic differentiation multiplies the float32 output's cotangent
-    by the bfloat16 kernel, which promotes those products to float32."""
-    return _low_precision_matmul_fwd(x, w, transposed)[0]
-
-
-def _low_precision_matmul_fwd(x, w, transposed):
-    wc = w.astype(x.dtype)
-    return _contract(x, wc, 1, 1 if transposed else 0), (x, wc)
-
-
-def _low_precision_matmul_bwd(transposed, residuals, g):
-    x, wc = residuals
-    gc = g.astype(x.dtype)
-    dx = _contract(gc, wc, 1, 0 if transposed else 1)
-    dw = _outer_product_sum(gc, x) if transposed else _outer_product_sum(x, gc)
-    return dx.astype(x.dtype), dw
-
-
-_low_precision_matmul.defvjp(_low_precision_matmul_fwd, _low_precision_matmul_bwd)
-
-
-def dense(x, p, dtype):
+def dense(x, p, dtype, impl: str = "auto"):
+    """x [..., in] @ kernel + bias, in dtype. impl: the `kernels` to multiply with."""
     # As a 2-D matmul over all tokens: XLA:CPU differentiates a batched [B, T, D] einsum into
     # weight-gradient dots it runs ~30% slower than the same 2-D ones (measured at 4x256).
     x2 = x.reshape(-1, x.shape[-1])
     if "kernel_t" in p:  # [out, in], for batch-1 decoding (see decode_params)
-        y = jax.lax.dot_general(x2, p["kernel_t"].astype(dtype), (((1,), (1,)), ((), ())),
-                                preferred_element_type=jnp.float32)
-    elif dtype == jnp.bfloat16:
-        y = _low_precision_matmul(x2, p["kernel"])
+        y = kernels.matmul(x2, p["kernel_t"], transposed=True, impl=impl)
     else:
-        y = jnp.dot(x2, p["kernel"].astype(dtype), preferred_element_type=jnp.float32)
+        y = kernels.matmul(x2, p["kernel"], impl=impl)
     return (y + p["bias"]).astype(dtype).reshape(*x.shape[:-1], y.shape[-1])
 
 
@@ -168,69 +125,6 @@ def _attend_train(q, k, v, rate, key):
     return jnp.einsum("bhqk,bkhd->bqhd", probs, v)
 
 
-ATTN_BLOCK = 128  # query rows per block in _attend_causal
-
-
-def _causal_blocks(T: int, block: int):
-    return [(start, min(start + block, T)) for start in range(0, T, block)]
-
-
-def _block_probs(qh, kh, start: int, end: int):
-    """Softmax probabilities [B, H, end - start, end] of query rows start..end-1 (float32)."""
-    s = jnp.einsum("bhqd,bhkd->bhqk", qh[:, :, start:end], kh[:, :, :end], preferred_element_type=jnp.float32)
-    visible = jnp.arange(end)[None, :] <= jnp.arange(start, end)[:, None]
-    return jax.nn.softmax(jnp.where(visible, s / math.sqrt(qh.shape[-1]), -jnp.inf), axis=-1)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
-def _attend_causal(qkv, block: int = ATTN_BLOCK):
-    """Causal attention on the stacked qkv [B, T, 3, H, Dh] as c_attn produces it, by blocks of
-    query rows, each against only the keys it may see.
-
-    A full [T, T] score matrix computes and then masks away the upper triangle: half the
-    score and value products and half the softmax memory traffic. Query block i needs only
-    keys [0, (i+1) * block), which skips ~44% of that work at 8 blocks (measured on CPU at
-    8 x 1024 x 12 heads: 0.31 s per layer against 0.64 s for the fused full-matrix kernel).
-
-    qkv is moved to head-major [3, B, H, T, Dh] by one transpose, so that every product (forward
-    and backward) has its batch axes first and its operands in the layouts XLA:CPU multiplies
-    natively in bfloat16; the backward is written out for the same reason (autodiff left it in
-    float32, with the layout changes scattered through slow loops), and its gradient goes back
-    to qkv's layout by one transpose too."""
-    return _attend_causal_fwd(qkv, block)[0]
-
-
-def _attend_causal_fwd(qkv, block):
-    qh, kh, vh = qkv.transpose(2, 0, 3, 1, 4)
-    outs, probs = [], []
-    for start, end in _causal_blocks(qkv.shape[1], block):
-        p = _block_probs(qh, kh, start, end).astype(vh.dtype)
-        outs.append(jnp.einsum("bhqk,bhkd->bhqd", p, vh[:, :, :end], preferred_element_type=jnp.float32))
-        probs.append(p)
-    out = jnp.concatenate(outs, axis=2).astype(vh.dtype).transpose(0, 2, 1, 3)
-    return out, (qh, kh, vh, probs)
-
-
-def _attend_causal_bwd(block, residuals, g):
-    qh, kh, vh, probs = residuals
-    dtype, (B, H, T, Dh) = vh.dtype, vh.shape
-    gh = g.astype(dtype).transpose(0, 2, 1, 3)
-    dq, dk, dv = [], jnp.zeros((B, H, T, Dh), jnp.float32), jnp.zeros((B, H, T, Dh), jnp.float32)
-    for (start, end), p in zip(_causal_blocks(T, block), probs):
-        g_blk = gh[:, :, start:end]
-        dp = jnp.einsum("bhqd,bhkd->bhqk", g_blk, vh[:, :, :end], preferred_element_type=jnp.float32)
-        pf = p.astype(jnp.float32)
-        ds = (pf * (dp - jnp.sum(dp * pf, axis=-1, keepdims=True)) / math.sqrt(Dh)).astype(dtype)
-        dq.append(jnp.einsum("bhqk,bhkd->bhqd", ds, kh[:, :, :end], preferred_element_type=jnp.float32).astype(dtype))
-        dk = dk.at[:, :, :end].add(_outer_product_sum(ds, qh[:, :, start:end]))
-        dv = dv.at[:, :, :end].add(_outer_product_sum(p, g_blk))
-    grads = jnp.stack([jnp.concatenate(dq, axis=2), dk.astype(dtype), dv.astype(dtype)])
-    return (grads.transpose(1, 3, 0, 2, 4),)
-
-
-_attend_causal.defvjp(_attend_causal_fwd, _attend_causal_bwd)
-
-
 def attention(x, p, cfg: Config, dtype, key=None, cache=None):
     """Multi-head causal self-attention.
 
@@ -240,7 +134,7 @@ def attention(x, p, cfg: Config, dtype, key=None, cache=None):
     """
     B, T, D = x.shape
     H, Dh = cfg.n_head, cfg.head_dim
-    qkv = dense(x, p["c_attn"], dtype).reshape(B, T, 3, H, Dh)
+    qkv = dense(x, p["c_attn"], dtype, cfg.kernels).reshape(B, T, 3, H, Dh)
     q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
     new_cache = None
     if cache is not None:
@@ -262,13 +156,13 @@ def attention(x, p, cfg: Config, dtype, key=None, cache=None):
     elif key is not None and cfg.attn_dropout > 0:
         out = _attend_train(q, k, v, cfg.attn_dropout, key)
     else:
-        out = _attend_causal(qkv)
-    return dense(out.reshape(B, T, D), p["c_proj"], dtype), new_cache
+        out = kernels.causal_attention(qkv, cfg.kernels)
+    return dense(out.reshape(B, T, D), p["c_proj"], dtype, cfg.kernels), new_cache
 
 
-def mlp(x, p, dtype):
-    h = jax.nn.gelu(dense(x, p["c_fc"], dtype), approximate=True)
-    return dense(h, p["c_proj"], dtype)
+def mlp(x, p, dtype, impl: str):
+    h = jax.nn.gelu(dense(x, p["c_fc"], dtype, impl), approximate=True)
+    return dense(h, p["c_proj"], dtype, impl)
 
 
 def block(x, p, cfg: Config, dtype, key=None, cache=None):
@@ -276,21 +170,12 @@ def block(x, p, cfg: Config, dtype, key=None, cache=None):
     k_attn, k_res1, k_res2 = jax.random.split(key, 3) if key is not None else (None, None, None)
     a, new_cache = attention(layer_norm(x, p["ln_1"], dtype), p["attn"], cfg, dtype, k_attn, cache)
     x = x + dropout(a, cfg.res_dropout, k_res1)
-    m = mlp(layer_norm(x, p["ln_2"], dtype), p["mlp"], dtype)
+    m = mlp(layer_norm(x, p["ln_2"], dtype), p["mlp"], dtype, cfg.kernels)
     x = x + dropout(m, cfg.res_dropout, k_res2)
     return x, new_cache
 
 
 # ----------------------------------------------------------------------------- model
-def layer_unroll(cfg: Config) -> int:
-    """Layers per scan iteration. Unrolling lets XLA schedule across layers (measured on CPU:
-    ~17% faster steps at 2-4 layers, ~13% at 124M) at the cost of compile time that grows
-    with depth, so by default only models of up to 12 layers are fully unrolled."""
-    if cfg.scan_unroll > 0:
-        return min(cfg.scan_unroll, cfg.n_layer)
-    return cfg.n_layer if cfg.n_layer <= 12 else 1
-
-
 def embed(params, tokens, positions, cfg: Config, dtype, key=None):
     if "wte_t" in params:  # decoding's [D, V] table (decode_params): gather columns
         rows = jnp.moveaxis(jnp.take(params["wte_t"], tokens, axis=1), 0, -1)
@@ -300,22 +185,13 @@ def embed(params, tokens, positions, cfg: Config, dtype, key=None):
     return dropout(x.astype(dtype), cfg.embed_dropout, key)
 
 
-def logits_from_hidden(params, x, cfg: Config):
-    """Tied output head in float32 accumulation; padded vocabulary rows masked."""
-    x = layer_norm(x, params["ln_f"], x.dtype)
-    x2 = x.reshape(-1, x.shape[-1])  # 2-D for the same reason as in dense()
-    if "wte_t" in params:
-        logits = jnp.dot(x2, params["wte_t"].astype(x.dtype), preferred_element_type=jnp.float32)
-    elif x.dtype == jnp.bfloat16:
-        logits = _low_precision_matmul(x2, params["wte"], True)
-    else:
-        logits = jnp.einsum("nd,vd->nv", x2, params["wte"].astype(x.dtype), preferred_element_type=jnp.float32)
-    logits = logits.reshape(*x.shape[:-1], logits.shape[-1])
-    if cfg.padded_vocab != cfg.n_vocab:
-        # Added, not selected: the gradient of an added constant is the identity, while a
-        # select's backward is one more pass over the [tokens, V] logits (~0.1 s of a bf16 124M step).
-        logits = logits + jnp.where(jnp.arange(cfg.padded_vocab) < cfg.n_vocab, 0.0, MASKED)
-    return logits
+def layer_unroll(cfg: Config) -> int:
+    """Layers per scan iteration. Unrolling lets XLA schedule across layers (measured on CPU:
+    ~17% faster steps at 2-4 layers, ~13% at 124M) at the cost of compile time that grows
+    with depth, so by default only models of up to 12 layers are fully unrolled."""
+    if cfg.scan_unroll > 0:
+        return min(cfg.scan_unroll, cfg.n_layer)
+    return cfg.n_layer if cfg.n_layer <= 12 else 1
 
 
 def hidden_states(params: Params, tokens: jax.Array, cfg: Config, *, key: jax.Array | None = None) -> jax.Array:
@@ -338,6 +214,22 @@ def hidden_states(params: Params, tokens: jax.Array, cfg: Config, *, key: jax.Ar
         body = jax.checkpoint(body, policy=getattr(jax.checkpoint_policies, cfg.remat_policy))
     x, _ = jax.lax.scan(body, x, (params["h"], jnp.arange(cfg.n_layer)), unroll=layer_unroll(cfg))
     return x
+
+
+def logits_from_hidden(params, x, cfg: Config):
+    """Tied output head in float32 accumulation; padded vocabulary rows masked."""
+    x = layer_norm(x, params["ln_f"], x.dtype)
+    x2 = x.reshape(-1, x.shape[-1])  # 2-D for the same reason as in dense()
+    if "wte_t" in params:  # decoding's [D, V] table (decode_params)
+        logits = kernels.matmul(x2, params["wte_t"], impl=cfg.kernels)
+    else:  # wte [V, D] as it lies: through wte.T, XLA:CPU ran all three head products in float32
+        logits = kernels.matmul(x2, params["wte"], transposed=True, impl=cfg.kernels)
+    logits = logits.reshape(*x.shape[:-1], logits.shape[-1])
+    if cfg.padded_vocab != cfg.n_vocab:
+        # Added, not selected: the gradient of an added constant is the identity, while a
+        # select's backward is one more pass over the [tokens, V] logits (~0.1 s of a bf16 124M step).
+        logits = logits + jnp.where(jnp.arange(cfg.padded_vocab) < cfg.n_vocab, 0.0, MASKED)
+    return logits
 
 
 def forward(params: Params, tokens: jax.Array, cfg: Config, *, key: jax.Array | None = None) -> jax.Array:

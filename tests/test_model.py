@@ -3,6 +3,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from gpt2train import kernels as K
 from gpt2train import model as M
 from gpt2train.config import Config
 
@@ -140,11 +141,11 @@ def test_blocked_causal_attention_matches_full_matrix(T, dtype, tol):
     # Blocks of 16 query rows: 40 gives a ragged last block, 37 an odd length.
     q, k, v = (jax.random.normal(kk, (2, T, 3, 8), dtype) for kk in jax.random.split(jax.random.PRNGKey(2), 3))
     full = jax.nn.dot_product_attention(q, k, v, is_causal=True)
-    blocked = M._attend_causal(jnp.stack([q, k, v], axis=2), 16)
+    blocked = K._attend_causal(jnp.stack([q, k, v], axis=2), 16)
     np.testing.assert_allclose(np.asarray(blocked, np.float32), np.asarray(full, np.float32), atol=tol)
     loss = lambda f: lambda q, k, v: jnp.sum(jnp.sin(f(q, k, v).astype(jnp.float32)))  # noqa: E731
     g_full = jax.grad(loss(lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True)), (0, 1, 2))(q, k, v)
-    g_blocked = jax.grad(loss(lambda q, k, v: M._attend_causal(jnp.stack([q, k, v], axis=2), 16)), (0, 1, 2))(q, k, v)
+    g_blocked = jax.grad(loss(lambda q, k, v: K._attend_causal(jnp.stack([q, k, v], axis=2), 16)), (0, 1, 2))(q, k, v)
     for a, b in zip(g_blocked, g_full):
         np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), atol=tol * 5)
 
@@ -190,8 +191,8 @@ def _at(tree, path):
 
 @pytest.mark.parametrize("rows", [16, 15])  # an odd token count takes the float32 weight-gradient path
 @pytest.mark.parametrize("fn, w_shape, ref", [
-    (M._low_precision_matmul, (24, 40), lambda x, w: x @ w),
-    (lambda x, w: M._low_precision_matmul(x, w, True), (40, 24), lambda x, w: x @ w.T),  # the output head's use
+    (K._low_precision_matmul, (24, 40), lambda x, w: x @ w),
+    (lambda x, w: K._low_precision_matmul(x, w, True), (40, 24), lambda x, w: x @ w.T),  # the output head's use
 ])
 def test_low_precision_products_have_the_gradients_of_the_plain_product(fn, w_shape, ref, rows):
     kx, kw, kg = jax.random.split(jax.random.PRNGKey(3), 3)

@@ -1,0 +1,131 @@
+"""The `kernels` switch: the XLA:CPU kernels and the standard ones compute the same function.
+
+Tolerances. float32: 1e-5 of the compared array's largest magnitude. bfloat16 keeps 8
+significant bits, so one rounding moves a value by at most 2^-8 of it; where the two
+implementations round at different places (the cpu kernels round cotangents and attention's
+score gradients to bfloat16, autodiff keeps some of them in float32), their results may differ
+by a few such roundings, counted per comparison below, of the result's scale. Every input and
+weight is random with a spread (std ~0.3 to 1) so that a wrong kernel cannot hide in a
+near-uniform softmax or near-zero gradients.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from gpt2train import kernels as K
+from gpt2train import model as M
+from gpt2train.config import KERNELS, Config
+from gpt2train.errors import UserError
+
+BF16_ROUNDING = 2.0 ** -8  # the largest relative change one rounding to bfloat16 makes
+F32_TOL = 1e-5
+
+
+def assert_close(actual, expected, dtype, roundings, scale=None):
+    """|actual - expected| <= tolerance x scale, elementwise; scale defaults to max |expected|.
+    The tolerance is F32_TOL in float32 and `roundings` bfloat16 roundings in bfloat16."""
+    actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
+    assert actual.shape == expected.shape
+    scale = np.max(np.abs(expected)) if scale is None else np.asarray(scale, np.float64)
+    tol = (F32_TOL if dtype == jnp.float32 else roundings * BF16_ROUNDING) * scale
+    excess = np.abs(actual - expected) - tol
+    worst = np.max(np.abs(actual - expected) / np.maximum(scale, 1e-30))
+    assert np.all(excess <= 0), f"off by up to {worst:.3g} of the scale"
+
+
+def test_auto_is_cpu_on_this_cpu_and_every_config_value_resolves():
+    assert jax.default_backend() == "cpu"
+    assert Config().kernels == "auto" and K.resolve("auto") == "cpu"
+    assert {K.resolve(name) for name in KERNELS} == set(K.IMPLS) == {"cpu", "standard"}
+    with pytest.raises(ValueError, match="'gpu'"):
+        K.resolve("gpu")
+
+
+def test_unknown_kernels_value_is_a_config_error_naming_the_key():
+    with pytest.raises(UserError) as e:
+        Config().replace(kernels="fast")
+    assert "kernels must be one of" in str(e.value) and "'fast'" in str(e.value)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_attention_values_and_gradients_agree(dtype):
+    # T = 150: the cpu kernel's blocks of 128 query rows leave a ragged second block.
+    k_qkv, k_r = jax.random.split(jax.random.PRNGKey(0))
+    qkv = jax.random.normal(k_qkv, (2, 150, 3, 3, 16)).astype(dtype)
+    r = jax.random.normal(k_r, (2, 150, 3, 16))  # a random cotangent
+    out, grad = {}, {}
+    for impl in K.IMPLS:
+        out[impl] = K.causal_attention(qkv, impl)
+        grad[impl] = jax.grad(lambda qkv: jnp.sum(K.causal_attention(qkv, impl).astype(jnp.float32) * r))(qkv)
+    assert out["cpu"].shape == (2, 150, 3, 16) and out["cpu"].dtype == out["standard"].dtype == dtype
+    # Output: each rounds its float32 result to bfloat16 once, the probabilities once.
+    assert_close(out["cpu"], out["standard"], dtype, roundings=2)
+    # Gradient: the cotangent, probabilities, score gradient and result each rounded once more or less.
+    assert_close(grad["cpu"], grad["standard"], dtype, roundings=4)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("transposed", [False, True])  # [in, out] layers; the tied head's [V, D]
+@pytest.mark.parametrize("rows", [16, 15])  # an odd row count takes the float32 weight-gradient path
+def test_matmul_values_and_gradients_agree(dtype, transposed, rows):
+    kx, kw, kg = jax.random.split(jax.random.PRNGKey(1), 3)
+    x = jax.random.normal(kx, (rows, 48)).astype(dtype)
+    w = 0.3 * jax.random.normal(kw, (40, 48) if transposed else (48, 40))
+    g = jax.random.normal(kg, (rows, 40))
+    res = {}
+    for impl in K.IMPLS:
+        y, vjp = jax.vjp(lambda x, w: K.matmul(x, w, transposed=transposed, impl=impl), x, w)
+        res[impl] = (y, *vjp(g))
+    (y, dx, dw), (y_ref, dx_ref, dw_ref) = res["cpu"], res["standard"]
+    assert y.dtype == y_ref.dtype == jnp.float32 and dx.dtype == dx_ref.dtype == dtype
+    assert dw.dtype == dw_ref.dtype == jnp.float32
+    # Each product's error is bounded by the sum of its terms' magnitudes, |a| @ |b|.
+    wk = np.abs(np.asarray(w).T if transposed else np.asarray(w))  # [in, out]
+    xa, ga = np.abs(np.asarray(x, np.float32)), np.abs(np.asarray(g))
+    assert_close(y, y_ref, dtype, roundings=1, scale=xa @ wk)  # w rounded to x's dtype in both
+    assert_close(dx, dx_ref, dtype, roundings=3, scale=ga @ wk.T)  # cotangent, weight, result
+    dw_scale = xa.T @ ga if not transposed else ga.T @ xa
+    assert_close(dw, dw_ref, dtype, roundings=2, scale=dw_scale)  # the cotangent; sums in another order
+
+
+def _spread_params(cfg):
+    """init_params with every leaf moved by N(0, 0.3): no uniform LayerNorms, zero biases or tiny weights."""
+    params = M.init_params(cfg, jax.random.PRNGKey(0))
+    leaves, tree = jax.tree.flatten(params)
+    keys = jax.random.split(jax.random.PRNGKey(5), len(leaves))
+    return jax.tree.unflatten(tree, [a + 0.3 * jax.random.normal(k, a.shape) for a, k in zip(leaves, keys)])
+
+
+@pytest.mark.parametrize("precision", ["float32", "bfloat16"])
+def test_model_loss_and_gradients_agree(precision):
+    cfg = Config(n_ctx=256, n_embd=64, n_layer=2, n_head=4, n_vocab=300, embed_dropout=0.0, attn_dropout=0.0,
+                 res_dropout=0.0, precision=precision).validate()
+    params = _spread_params(cfg)
+    batch = jax.random.randint(jax.random.PRNGKey(1), (2, 151), 0, cfg.n_vocab)  # 150 positions: two blocks
+    res = {}
+    for impl in K.IMPLS:
+        c = cfg.replace(kernels=impl)
+        res[impl] = jax.jit(jax.value_and_grad(lambda p: M.token_losses(p, batch, c).mean()))(params)
+    (loss, grads), (loss_ref, grads_ref) = res["cpu"], res["standard"]
+    dtype = M.compute_dtype(cfg)
+    # Each of the 2 layers' attention and products rounds a few values differently (as above, ~4),
+    # and a layer's differences travel through the layers after it: 4 roundings a layer.
+    assert_close(loss, loss_ref, dtype, roundings=8)
+    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(grads), jax.tree.leaves(grads_ref)):
+        assert a.dtype == b.dtype == jnp.float32, jax.tree_util.keystr(path)
+        assert_close(a, b, dtype, roundings=8)
+
+
+@pytest.mark.parametrize("precision", ["float32", "bfloat16"])
+def test_each_setting_reaches_its_kernels(precision):
+    """The model passes cfg.kernels down: the cpu kernels carry their own gradients (custom VJPs)
+    and the standard ones none, so a model that ignored the setting would fail here."""
+    cfg = Config(n_ctx=32, n_embd=32, n_layer=1, n_head=2, n_vocab=100, precision=precision).validate()
+    params = M.init_params(cfg, jax.random.PRNGKey(0))
+    batch = jnp.zeros((1, 9), jnp.int32)
+    custom = {impl: str(jax.make_jaxpr(lambda p, c=cfg.replace(kernels=impl): M.token_losses(p, batch, c))(params))
+              .count("custom_vjp_call") for impl in KERNELS}
+    # float32: attention alone (the products are plain); bfloat16: attention and the five products.
+    assert custom == {"auto": custom["cpu"], "cpu": 1 if precision == "float32" else 6, "standard": 0}
