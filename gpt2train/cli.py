@@ -297,7 +297,8 @@ def run_main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
     if args.command == "keys":
-        from .config import describe_keys, keys_markdown
+        from .config import describe_keys
+        from .option_docs import keys_markdown
         print(keys_markdown() if args.markdown else describe_keys(), end="\n" if not args.markdown else "")
         return 0
     if args.command == "memory" and (args.sheet or not args.model):

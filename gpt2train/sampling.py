@@ -19,6 +19,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from .config import parse_bool
 from .errors import UserError
 
 SEED_LIMIT = 2**32  # JAX keys take 32 bits of a seed (with x64 off, 2**32 is the same key as 0)
@@ -107,15 +108,10 @@ def _flag_value(kind: type):
     if kind is not bool:
         return kind
 
-    def parse(text: str) -> bool:
-        low = text.strip().lower()
-        if low in ("1", "true", "yes", "on"):
-            return True
-        if low in ("0", "false", "no", "off"):
-            return False
-        raise ValueError(text)
-    parse.__name__ = "true or false"
-    return parse
+    def true_or_false(text: str) -> bool:  # argparse names the function in its error
+        return parse_bool(text)
+    true_or_false.__name__ = "true or false"
+    return true_or_false
 
 
 def add_flags(group) -> None:

@@ -101,7 +101,7 @@ def test_readable_aliases_mean_the_seed_keys(tmp_path):
 
 
 def test_options_doc_is_generated_from_the_declarations():
-    from gpt2train.config import keys_markdown
+    from gpt2train.option_docs import keys_markdown
     from gpt2train.optimizers import OPTIMIZERS
     from gpt2train.sampling import option_fields
     doc = (REPO / "docs" / "options.md").read_text()
