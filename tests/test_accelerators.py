@@ -128,3 +128,27 @@ def test_tpu_flag_with_tpu_support_but_no_chip_says_where_to_run(monkeypatch):
         check_tpu("my-tpu")
     assert "run on the Cloud TPU VM itself" in str(e.value) and "pip install" not in str(e.value)
     check_tpu(None)  # no flag, no check
+
+
+def test_tpu_flag_joins_the_tpu_vms_workers_through_jax(monkeypatch):
+    """--tpu with JAX's TPU runtime installed calls jax.distributed.initialize() without arguments,
+    which reads a Cloud TPU VM's workers from its metadata (no TPU here: JAX's call is stood in for)."""
+    import jax
+    from gpt2train import distributed
+    from gpt2train.errors import UserError
+    for name in ("TPU_WORKER_HOSTNAMES", "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    calls = []
+    monkeypatch.setattr(distributed, "tpu_runtime_installed", lambda: True)
+    monkeypatch.setattr(jax.distributed, "initialize", lambda *a, **k: calls.append((a, k)))
+    assert distributed.initialize(tpu=True) is True and calls == [((), {})]
+    assert distributed.initialize() is False and len(calls) == 1  # no --tpu and no cluster: one process
+
+    def no_metadata(*a, **k):
+        raise RuntimeError("Getting metadata['agent-worker-number'] failed for 6 tries\n(details)")
+    monkeypatch.setattr(jax.distributed, "initialize", no_metadata)
+    with pytest.raises(UserError, match=r"could not join this TPU VM's workers \(Getting metadata.*6 tries\)"):
+        distributed.initialize(tpu=True)
+
+    monkeypatch.setattr(distributed, "tpu_runtime_installed", lambda: False)  # CPU-only JAX: check_tpu explains
+    assert distributed.initialize(tpu=True) is False
