@@ -55,18 +55,31 @@ def add_sampling_flags(p: argparse.ArgumentParser, *, prompts: bool = True) -> N
 
 
 def check_tpu(requested: str | None) -> None:
+    """--tpu NAME: the seed's flag. On a Cloud TPU VM the program runs on the TPU's own host, so
+    the name is not dialled: the flag joins the slice's workers (distributed.initialize) and here
+    insists that JAX sees a TPU, naming the fix if not."""
     if not requested:
         return
     import jax
-    platforms = {d.platform for d in jax.devices()}
-    if "tpu" not in platforms:
-        raise UserError(f"--tpu {requested} was given but no TPU is attached to this machine "
-                        f"(found: {', '.join(sorted(platforms))}); run on the TPU VM, or drop --tpu")
+    from .distributed import tpu_runtime_installed
+    try:
+        platforms = {d.platform for d in jax.devices()}
+    except RuntimeError as e:  # libtpu present but the chips would not open (busy, or a driver mismatch)
+        raise UserError(f"--tpu {requested}: JAX could not open the TPU ({str(e).splitlines()[0]}); "
+                        "stop any other process using it (sudo lsof -w /dev/accel* /dev/vfio/*) and rerun") from None
+    if "tpu" in platforms:
+        return
+    found = ", ".join(sorted(platforms))
+    if not tpu_runtime_installed():  # JAX without its TPU runtime silently falls back to CPU
+        raise UserError(f"--tpu {requested} was given but JAX finds no TPU (devices: {found}) and JAX's TPU support "
+                        f"is not installed: on a Cloud TPU VM run pip install -e \".[tpu]\" in the clone; elsewhere drop --tpu")
+    raise UserError(f"--tpu {requested} was given but JAX finds no TPU (devices: {found}) although JAX's TPU support "
+                    "is installed: run on the Cloud TPU VM itself (on every worker of a pod slice), or drop --tpu")
 
 
 def join_hosts(args) -> None:
     from .distributed import initialize
-    initialize(args.coordinator_address, args.num_processes, args.process_id)
+    initialize(args.coordinator_address, args.num_processes, args.process_id, tpu=bool(getattr(args, "tpu", None)))
 
 
 # ----------------------------------------------------------------------------- commands

@@ -3,7 +3,8 @@
 `jax.distributed.initialize` must run before anything touches a device. It is called when
 the command line names a coordinator (GPU clusters, or two processes on one machine), or when
 the environment shows a multi-host launch that JAX discovers by itself: a TPU pod slice
-(several TPU workers), SLURM or Open MPI with more than one task.
+(several TPU workers), SLURM or Open MPI with more than one task, or when --tpu says this is a
+Cloud TPU VM (JAX then finds the slice's workers in the VM's metadata).
 """
 
 from __future__ import annotations
@@ -19,9 +20,15 @@ def _launched_by_cluster() -> bool:
             or int(os.environ.get("OMPI_COMM_WORLD_SIZE", "1")) > 1)
 
 
+def tpu_runtime_installed() -> bool:
+    """Whether JAX's TPU runtime (libtpu, the `.[tpu]` extra) is installed; without it JAX runs on CPU."""
+    import importlib.util
+    return importlib.util.find_spec("libtpu") is not None
+
+
 def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
-               process_id: int | None = None) -> bool:
-    """Join the multi-host program if there is one; returns whether it did."""
+               process_id: int | None = None, *, tpu: bool = False) -> bool:
+    """Join the multi-host program if there is one; returns whether it did. `tpu`: --tpu was given."""
     import jax
 
     explicit = [coordinator_address, num_processes, process_id]
@@ -35,6 +42,15 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
         return True
     if _launched_by_cluster():
         jax.distributed.initialize()  # TPU pods, SLURM and Open MPI describe themselves
+        return True
+    if tpu and tpu_runtime_installed():
+        # A Cloud TPU VM sets no environment variable naming its slice's workers (GKE does); JAX reads
+        # them from the VM's metadata, for one worker or many. Without libtpu, cli.check_tpu explains.
+        try:
+            jax.distributed.initialize()
+        except (RuntimeError, ValueError) as e:
+            raise UserError(f"--tpu: JAX could not join this TPU VM's workers ({str(e).splitlines()[0]}); run on the "
+                            "Cloud TPU VM itself, on every worker of a pod slice at once, or drop --tpu") from None
         return True
     return False
 
