@@ -222,6 +222,29 @@ def cmd_evaluate(cfg, data, stride=None) -> dict:
     return result
 
 
+def cmd_evaluate_tasks(cfg, args) -> dict:
+    """evaluate --task NAME ... / --per_document: the yardsticks' table, and eval_tasks.json beside the run."""
+    from .checkpoint import load_params
+    from .mesh import param_shardings
+    from .tasks.run import TaskRunner, table, write_results
+    from .tokenizer import load_tokenizer
+    documents = None
+    if args.per_document:
+        documents = args.data or cfg.eval_data_path
+        if not documents:
+            raise UserError("--per_document scores your own text: pass --data FILES or set eval_data_path")
+    tok = load_tokenizer(cfg.encoder_path)
+    runner = TaskRunner(cfg, tok, args.task or [], task_data=args.task_data or cfg.task_data or None,
+                        limit=args.limit, stride=args.stride, documents=documents)
+    params, step = load_params(cfg, sharding=param_shardings(cfg))
+    results = runner.run(params)
+    print(f"step {step} of {cfg.model_path}\n" + table(results))
+    record = {"step": step, "tasks": results}
+    if cfg.model_path:
+        print(f"wrote {write_results(cfg.model_path, record)}")
+    return record
+
+
 def cmd_tokenizer(args) -> None:
     from .paths import expand_paths
     from .tokenizer import train_tokenizer
@@ -265,6 +288,12 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--json", action="store_true", help="print the result as JSON too")
     e.add_argument("--stride", type=int, default=None,
                    help="sliding windows of n_ctx tokens moved by STRIDE; only new tokens are scored")
+    e.add_argument("--task", nargs="+", metavar="NAME",
+                   help="score standard tasks instead: lambada hellaswag wikitext2 wikitext103 enwik8 (several at once)")
+    e.add_argument("--task_data", help="a directory with local copies of the tasks' files (default: download and cache)")
+    e.add_argument("--per_document", action="store_true",
+                   help="perplexity of each document of --data on its own, as lm-evaluation-harness scores it")
+    e.add_argument("--limit", type=int, default=0, help="score only the first N items of each task (default: all)")
 
     k = sub.add_parser("tokenizer", allow_abbrev=False, help="train a byte-level BPE vocabulary on text files")
     k.add_argument("--input", required=True, nargs="+", help="text or JSONL files, directories or globs")
@@ -361,7 +390,10 @@ def run_main(argv: list[str] | None = None) -> int:
         export_hf(params, cfg, args.out, cfg.encoder_path or None)
         print(f"exported step {step} of {cfg.model_path} to {args.out} (Hugging Face GPT-2 format)")
     elif args.command == "evaluate":
-        result = cmd_evaluate(cfg, args.data, args.stride)
+        if args.task or args.per_document:
+            result = cmd_evaluate_tasks(cfg, args)
+        else:
+            result = cmd_evaluate(cfg, args.data, args.stride)
         if args.json:
             print(json.dumps(result))
     return 0

@@ -95,6 +95,10 @@ class Config:
     prefetch: int = _key(4, "batches read ahead in a background thread (0: read in the training loop)")
     scan_unroll: int = _key(0, "layers per scan step: 1 compiles fastest, n_layer runs fastest (0: all if n_layer <= 12, else 1)")
     kernels: str = _key("auto", "matmul and attention kernels: cpu (written for XLA:CPU), standard (fused attention, plain products: GPU/TPU) or auto (cpu on a CPU backend)")
+    eval_tasks: Any = _key(None, "tasks scored during training, a list of lambada, hellaswag, wikitext2, wikitext103, enwik8 (None: none)")
+    eval_tasks_every: int = _key(0, "steps between task scores (0: at every evaluation, i.e. every train_steps)")
+    eval_tasks_items: int = _key(0, "items per task scored during training (0: all; wikitext: articles, enwik8: lines)")
+    task_data: str = _key("", "directory with local copies of the tasks' files ('' = download and cache them)")
 
     # ------------------------------------------------------------------
     @property
@@ -151,6 +155,9 @@ class Config:
         need(self.kernels in KERNELS, f"kernels must be one of {KERNELS}, got {self.kernels!r}")
         need(self.stitch >= 0 and self.minimum_size >= 0 and self.prefetch >= 0,
              "stitch, minimum_size and prefetch must be >= 0")
+        need(self.eval_tasks is None or (isinstance(self.eval_tasks, list) and all(isinstance(t, str) for t in self.eval_tasks)),
+             f"eval_tasks must be a list of task names, got {self.eval_tasks!r}")
+        need(self.eval_tasks_every >= 0 and self.eval_tasks_items >= 0, "eval_tasks_every and eval_tasks_items must be >= 0")
         if self.data_weights is not None:
             need(isinstance(self.data_weights, list) and all(isinstance(w, (int, float)) for w in self.data_weights),
                  f"data_weights must be a list of numbers, got {self.data_weights!r}")
@@ -195,6 +202,8 @@ def _coerce(name: str, value: Any) -> Any:
     default = FIELDS[name].default
     if name in ("data_path", "eval_data_path", "long_data_path", "long_eval_data_path"):
         return value
+    if name == "eval_tasks" and isinstance(value, str):  # --eval_tasks hellaswag,lambada
+        return [t.strip() for t in value.split(",") if t.strip()]
     try:
         if isinstance(default, bool):
             return parse_bool(value) if isinstance(value, str) else bool(value)

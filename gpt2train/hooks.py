@@ -68,6 +68,33 @@ class Evaluate(Hook):
         trainer.log(f"step {step}: eval loss {ev['eval_loss']:.4f} perplexity {ev['eval_ppl']:.2f}")
 
 
+class TaskScores(Hook):
+    """The config's eval_tasks (lambada, hellaswag, ...) on the current parameters: one
+    `task_NAME_METRIC` record in metrics.jsonl and TensorBoard, the headline figures on the
+    progress line. The data is fetched and tokenized at the first call, the programs compiled
+    once; on several hosts each puts its share of every batch (tasks.scorer)."""
+
+    def __init__(self, cfg: Config):
+        from .tasks.run import check_names
+        self.every = cfg.eval_tasks_every or cfg.train_steps
+        self.names = check_names(cfg.eval_tasks)  # an unknown name fails before training starts
+        self._runner = None
+
+    def __call__(self, trainer, step, final):
+        from .tasks.run import TaskRunner, flat, headline
+        cfg = trainer.cfg
+        if self._runner is None:
+            self._runner = TaskRunner(cfg, trainer.tokenizer, self.names, task_data=cfg.task_data or None,
+                                      limit=cfg.eval_tasks_items, mesh=trainer.mesh, log=trainer.log)
+        results = self._runner.run(trainer.state["params"])
+        figures = flat(results)
+        trainer.metrics.write({"step": step, **figures})
+        trainer.note(figures)
+        shown = {name: headline(name, metrics) for name, metrics in results.items()}
+        trainer.shown_tasks.update({name: f"{v:.3f}" for name, v in shown.items() if v is not None})
+        trainer.log(f"step {step}: " + " ".join(f"{name} {v}" for name, v in trainer.shown_tasks.items()))
+
+
 class Checkpoint(Hook):
     """Save the train state and the data position (atomic; the last keep_checkpoints are kept)."""
 
@@ -96,10 +123,12 @@ class TimeLimit(Hook):
 
 
 def standard_hooks(cfg: Config, *, evaluate: bool) -> list[Hook]:
-    """Metrics every `iterations` steps, evaluation every `train_steps` (with eval data), a
-    checkpoint every `checkpoint_every` steps (0: with every evaluation); each also at the end."""
+    """Metrics every `iterations` steps, evaluation every `train_steps` (with eval data), task
+    scores every `eval_tasks_every` (with eval_tasks), a checkpoint every `checkpoint_every` steps (0: with every evaluation); each also at the end."""
     hooks: list[Hook] = [LogMetrics(cfg.iterations)]
     if evaluate:
         hooks.append(Evaluate(cfg.train_steps))
+    if cfg.eval_tasks:
+        hooks.append(TaskScores(cfg))
     hooks.append(Checkpoint(cfg.checkpoint_every or cfg.train_steps))
     return hooks

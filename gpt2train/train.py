@@ -175,6 +175,7 @@ class Trainer:
         self.history: collections.deque = collections.deque(maxlen=HISTORY_STEPS)
         self._stop: StopRequest | None = None
         self._last_loss = self._eval_loss = None
+        self.shown_tasks: dict[str, str] = {}  # task headline figures the progress line repeats (hooks.TaskScores)
 
         rep, data = replicated(self.mesh), batch_sharding(self.mesh)
         self._batch_sharding = data
@@ -267,13 +268,15 @@ class Trainer:
         shown = {"loss": ".3f", "ppl": ".1f", "lr": ".2e", "grad_norm": ".2f", "tokens_per_s": ".0f", "mfu": ".1%"}
         if self.progress:
             names = {"grad_norm": "gnorm", "tokens_per_s": "tok_s"}
-            self._bar.set_postfix({names.get(k, k): format(line[k], f) for k, f in shown.items() if k in line})
+            self._bar.set_postfix({**{names.get(k, k): format(line[k], f) for k, f in shown.items() if k in line},
+                                   **self.shown_tasks})
             return
         extra = " ".join(f"{k} {v:.4g}" for k, v in line.items()
                          if k not in shown and k not in ("step", "time") and isinstance(v, (int, float)))
         self.log(f"step {line['step']}: loss {line['loss']:.4f} ppl {line['ppl']:.2f} lr {line['lr']:.2e} "
                  f"grad_norm {line['grad_norm']:.3f} {line['tokens_per_s']:.0f} tokens/s MFU {line['mfu']:.1%}"
-                 + (f" {extra}" if extra else ""))
+                 + (f" {extra}" if extra else "")
+                 + "".join(f" {name} {v}" for name, v in self.shown_tasks.items()))
 
     # ------------------------------------------------------------------ loop
     def _record(self, step: int, metrics) -> dict:
