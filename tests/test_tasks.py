@@ -1,0 +1,200 @@
+"""The standard tasks (gpt2train/tasks/): the batched scorer against the model's own losses, the
+windows of long texts, `evaluate --task` offline against a stand-in hub serving the fixture files,
+local copies, download failures, and task scores during training across a stop and resume."""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from conftest import REPO, tiny_config, write_config
+from gpt2train import model
+from gpt2train.cli import run_main
+from gpt2train.errors import UserError
+from gpt2train.tasks import TASKS
+from gpt2train.tasks.data import CACHE_ENV, MIRROR_ENV
+from gpt2train.tasks.scorer import Request, Scorer, rolling_requests
+from gpt2train.train import Trainer, initial_params
+from hub_server import Hub, start
+
+FIXTURES = REPO / "tests" / "fixtures" / "tasks"
+
+
+class TaskHub(Hub):
+    files: dict = {}
+
+
+def fixture_for(f) -> pathlib.Path:
+    if f.hub and f.hub[1].endswith(".parquet"):  # WikiText-2 and -103 share their test set
+        return FIXTURES / "wikitext-2-raw-v1" / "test-00000-of-00001.parquet"
+    return FIXTURES / f.local_names[0]
+
+
+def serve_fixtures() -> dict:
+    """Each task's files where the registry looks for them: the hub's dataset paths, the mirror's URL paths."""
+    from urllib.parse import urlsplit
+    files = {}
+    for task in TASKS.values():
+        for f in task.files:
+            key = ("datasets/" + f.hub[0], f.hub[1]) if f.hub else ("mirror", urlsplit(f.url).netloc + urlsplit(f.url).path)
+            files[key] = fixture_for(f).read_bytes()
+    return files
+
+
+@pytest.fixture(scope="module")
+def hub():
+    TaskHub.files = serve_fixtures()
+    server, endpoint = start(TaskHub)
+    yield endpoint
+    server.shutdown()
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A tiny model's step-0 checkpoint, for the commands to load."""
+    tmp = tmp_path_factory.mktemp("tasks")
+    cfg = tiny_config(tmp, eval_steps=0, n_ctx=64)
+    from gpt2train.tokenizer import load_tokenizer
+    trainer = Trainer(cfg, load_tokenizer(cfg.encoder_path), progress=False, log=lambda *a: None)
+    trainer.save()
+    trainer.ckpt.close()
+    return cfg, write_config(tmp / "config.json", cfg)
+
+
+def test_scorer_matches_the_models_own_losses_and_argmax(tmp_path):
+    cfg = tiny_config(tmp_path, eval_batch_size=2)
+    params = initial_params(cfg)
+    rng = np.random.default_rng(0)
+    requests = [Request(rng.integers(0, cfg.n_vocab, n).astype(np.int32), int(rng.integers(1, n)))
+                for n in (3, 10, 33, 20, 7, 33, 2, 15)]
+    # One row repeats the model's own greedy choice, so "all greedy" is true somewhere.
+    seq = [11, 22]
+    for _ in range(6):
+        seq.append(int(np.argmax(model.forward(params, np.asarray([seq]), cfg)[0, -1, :cfg.n_vocab])))
+    requests.append(Request(np.asarray(seq, np.int32), 5))
+    ll, greedy = Scorer(cfg).score(params, requests)
+    for r, got, top in zip(requests, ll, greedy):
+        logits = model.forward(params, r.tokens[None, :-1], cfg)[0]
+        logp = jax.nn.log_softmax(logits[:, :cfg.n_vocab], axis=-1)
+        targets = r.tokens[1:]
+        want = float(np.take_along_axis(np.asarray(logp), targets[:, None], 1)[-r.n_scored:].sum())
+        assert got == pytest.approx(want, abs=1e-4)
+        assert top == bool(np.all(np.argmax(logits, -1)[-r.n_scored:] == targets[-r.n_scored:]))
+    assert greedy[-1] and not greedy[:-1].any()
+
+
+@pytest.mark.parametrize("n,n_ctx,stride", [(1, 4, None), (5, 4, None), (10, 4, None), (10, 4, 1), (37, 8, 3), (8, 8, 8)])
+def test_rolling_windows_score_every_target_once_with_full_context(n, n_ctx, stride):
+    tokens = np.arange(n + 1)
+    seen = []
+    for r in rolling_requests(tokens, n_ctx, stride):
+        assert 2 <= len(r.tokens) <= n_ctx + 1 and 1 <= r.n_scored <= len(r.tokens) - 1
+        for i in range(len(r.tokens) - r.n_scored, len(r.tokens)):
+            p = int(r.tokens[i])  # target p sees the i tokens before it in its window
+            seen.append(p)
+            assert i >= min(p, n_ctx + 1 - r.n_scored)  # all it can, or a window's full width less the new ones
+    assert seen == list(range(1, n + 1))
+
+
+def run_cli(*args, env_extra):
+    env = {**os.environ, "PYTHONPATH": str(REPO), "JAX_PLATFORMS": "cpu", "HF_HUB_DISABLE_TELEMETRY": "1",
+           **env_extra}
+    return subprocess.run([sys.executable, "-m", "gpt2train", *args], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=600)
+
+
+def test_evaluate_tasks_offline_from_the_stand_in_hub(hub, trained, tmp_path):
+    cfg, config = trained
+    env = {"HF_ENDPOINT": hub, "HF_HOME": str(tmp_path / "hf"), MIRROR_ENV: hub + "/mirror",
+           CACHE_ENV: str(tmp_path / "cache")}
+    got = run_cli("evaluate", "--model", str(config), "--task", "lambada", "hellaswag", "wikitext2", "enwik8",
+                  env_extra=env)
+    assert got.returncode == 0, got.stderr
+    for name in ("lambada", "hellaswag", "wikitext2", "enwik8"):
+        assert name in got.stdout
+    assert "word_perplexity" in got.stdout and "acc_norm" in got.stdout and "fixture" in got.stdout
+    record = json.loads(open(os.path.join(cfg.model_path, "eval_tasks.json")).read())
+    tasks = record["tasks"]
+    assert tasks["lambada"]["items"] == 40 and tasks["hellaswag"]["items"] == 40
+    assert all(t["data"] == "fixture" for t in tasks.values())
+    assert 0 <= tasks["hellaswag"]["acc_norm"] <= 1 and tasks["enwik8"]["bits_per_byte"] > 0
+    # The files are cached: the same command with the hub gone still works.
+    again = run_cli("evaluate", "--model", str(config), "--task", "hellaswag", "--limit", "4",
+                    env_extra={**env, MIRROR_ENV: "http://127.0.0.1:9/mirror"})
+    assert again.returncode == 0, again.stderr
+    # With nothing cached and nothing reachable: one line naming the file and where to put it.
+    offline = run_cli("evaluate", "--model", str(config), "--task", "lambada",
+                      env_extra={**env, "HF_ENDPOINT": "http://127.0.0.1:9", "HF_HOME": str(tmp_path / "hf2")})
+    assert offline.returncode == 2 and "Traceback" not in offline.stderr
+    assert "lambada_test_en.jsonl" in offline.stderr and "--task_data" in offline.stderr
+    assert len(offline.stderr.strip().splitlines()) == 1
+
+
+def test_task_data_directory_and_per_document(trained, tmp_path, capsys):
+    cfg, config = trained
+    assert run_main(["evaluate", "--model", str(config), "--task", "hellaswag", "wikitext103",
+                     "--task_data", str(FIXTURES), "--limit", "5"]) == 0
+    out = capsys.readouterr().out
+    assert "hellaswag" in out and "wikitext103" in out
+    record = json.loads(open(os.path.join(cfg.model_path, "eval_tasks.json")).read())
+    assert record["tasks"]["hellaswag"]["items"] == 5 and record["tasks"]["hellaswag"]["data"] == "fixture"
+    docs = tmp_path / "docs.jsonl"
+    docs.write_text("".join(json.dumps({"text": t}) + "\n" for t in ("A short one.", "Another " * 80)))
+    assert run_main(["evaluate", "--model", str(config), "--per_document", "--data", str(docs)]) == 0
+    record = json.loads(open(os.path.join(cfg.model_path, "eval_tasks.json")).read())
+    assert record["tasks"]["per_document"]["items"] == 2 and record["tasks"]["per_document"]["word_perplexity"] > 1
+
+
+def test_mistakes_are_one_line_errors(trained, hub, tmp_path, monkeypatch):
+    cfg, config = trained
+    with pytest.raises(UserError, match="unknown task 'hellaswog'"):
+        run_main(["evaluate", "--model", str(config), "--task", "hellaswog"])
+    with pytest.raises(UserError, match="needs hellaswag_val.jsonl"):
+        run_main(["evaluate", "--model", str(config), "--task", "hellaswag", "--task_data", str(tmp_path)])
+    with pytest.raises(UserError, match="one file but 2 tasks"):
+        run_main(["evaluate", "--model", str(config), "--task", "hellaswag", "lambada",
+                  "--task_data", str(FIXTURES / "hellaswag_val.jsonl")])
+    monkeypatch.setenv(MIRROR_ENV, hub + "/nowhere")
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))
+    with pytest.raises(UserError, match="HTTP 404"):
+        run_main(["evaluate", "--model", str(config), "--task", "enwik8"])
+
+
+def test_a_local_copy_that_is_not_the_fixture_is_marked_and_its_hash_shown(trained, tmp_path, capsys):
+    cfg, config = trained
+    mine = tmp_path / "hellaswag_val.jsonl"
+    mine.write_text((FIXTURES / "hellaswag_val.jsonl").read_text().splitlines()[3] + "\n")
+    assert run_main(["evaluate", "--model", str(config), "--task", "hellaswag", "--task_data", str(tmp_path)]) == 0
+    assert "sha256" in capsys.readouterr().out
+    record = json.loads(open(os.path.join(cfg.model_path, "eval_tasks.json")).read())
+    assert record["tasks"]["hellaswag"]["data"] == "unpinned" and record["tasks"]["hellaswag"]["items"] == 1
+
+
+def test_training_logs_task_scores_at_every_evaluation_and_after_a_resume(tmp_path):
+    from gpt2train.tokenizer import load_tokenizer
+    cfg = tiny_config(tmp_path, max_steps=6, train_steps=2, eval_steps=0, eval_tasks=["hellaswag", "lambada"],
+                      eval_tasks_items=4, task_data=str(FIXTURES), checkpoint_every=2)
+    tok = load_tokenizer(cfg.encoder_path)
+    lines = []
+    first = Trainer(cfg, tok, progress=False, log=lines.append)
+    first.run(until=3)  # stops at 3 (a checkpoint there), as a killed run's last save would
+    assert first.shown_tasks.keys() == {"hellaswag", "lambada"}
+    resumed = Trainer(cfg, tok, progress=False, log=lines.append)
+    resumed.run()
+    records = [json.loads(line) for line in open(os.path.join(cfg.model_path, "metrics.jsonl"))]
+    scored = [r for r in records if "task_hellaswag_acc_norm" in r]
+    assert [r["step"] for r in scored] == [2, 3, 4, 6]
+    assert all(0 <= r["task_hellaswag_acc_norm"] <= 1 and r["task_lambada_perplexity"] > 1 for r in scored)
+    assert any(line.startswith("step 6:") and "hellaswag" in line and "lambada" in line for line in lines)
+
+
+def test_unknown_task_in_the_config_stops_training_before_it_starts(tmp_path):
+    from gpt2train.tokenizer import load_tokenizer
+    cfg = tiny_config(tmp_path, eval_tasks=["lambda"])
+    with pytest.raises(UserError, match="unknown task 'lambda'"):
+        Trainer(cfg, load_tokenizer(cfg.encoder_path), progress=False, log=lambda *a: None)
