@@ -32,9 +32,11 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 
 SIZES = {  # name: (n_layer, n_embd, n_head, n_vocab, batch, n_ctx)
     "full": {"train_small": (4, 128, 4, 50257, 12, 64), "train_124M": (12, 768, 12, 50257, 4, 256),
-             "gen": (12, 768, 12, 50257), "eval": (12, 768, 12, 50257, 8, 1024)},
+             "gen": (12, 768, 12, 50257), "eval": (12, 768, 12, 50257, 8, 1024),
+             "tasks": (12, 768, 12, 50257, 8, 1024)},
     "smoke": {"train_small": (2, 32, 2, 50257, 4, 16), "train_124M": (2, 64, 4, 50257, 2, 32),
-              "gen": (2, 64, 4, 50257), "eval": (2, 64, 4, 50257, 2, 64)},
+              "gen": (2, 64, 4, 50257), "eval": (2, 64, 4, 50257, 2, 64),
+             "tasks": (2, 64, 4, 50257, 8, 64)},
 }
 
 
@@ -64,6 +66,11 @@ def alternate(fns: dict, repeats: int, fastest: tuple = ()) -> dict:
 
 
 # ---------------------------------------------------------------- machine
+
+
+def tasks_reference_available() -> bool:
+    import importlib.util
+    return importlib.util.find_spec("lm_eval") is not None and reference_available()
 
 
 def machine() -> dict:
@@ -258,6 +265,58 @@ def bench_eval(shape, repeats: int, ref) -> dict:
     return out
 
 
+# ---------------------------------------------------------------- standard tasks
+
+
+def bench_tasks(shape, repeats: int, reference: bool) -> dict:
+    """Items per second on LAMBADA + HellaSwag (the fixtures' 40 + 40 items): our TaskRunner
+    against lm-evaluation-harness's HF backend on the same random model exported to HF format.
+    Both sides have their data loaded and tokenized before timing; ours scores HellaSwag both
+    ways (8 requests an item), the harness its own way (4)."""
+    import subprocess
+    import sys
+
+    from gpt2train.pretrained import export_hf
+    from gpt2train.tasks.run import TaskRunner
+    from gpt2train.tokenizer import load_tokenizer
+    from gpt2train.train import initial_params
+
+    L, D, H, V, B, T = shape
+    cfg = config(L, D, H, V, B, T, encoder_path=GPT2_ENCODER_DIR)
+    params = initial_params(cfg)
+    fixtures = str(REPO / "tests" / "fixtures" / "tasks")
+    runner = TaskRunner(cfg, load_tokenizer(GPT2_ENCODER_DIR), ["lambada", "hellaswag"], task_data=fixtures,
+                        log=lambda *a: None)
+    items = sum(prepared.items for prepared, _ in runner.prepared.values())
+    fns = {"ours": lambda: runner.run(params)}  # returns host floats: the device work is done
+    child = None
+    if reference:
+        hf_dir = tempfile.mkdtemp(prefix="bench_tasks_hf_")
+        export_hf(params, cfg, hf_dir, GPT2_ENCODER_DIR)
+        child = subprocess.Popen([sys.executable, "-m", "bench.tasks_reference", hf_dir, fixtures, str(B)],
+                                 cwd=REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        while not json.loads(child.stdout.readline()).get("ready"):
+            pass
+
+        def harness() -> float:
+            child.stdin.write("time\n")
+            child.stdin.flush()
+            return float(json.loads(child.stdout.readline())["seconds"])
+        fns["reference"] = harness
+    try:
+        secs = alternate(fns, repeats)
+    finally:
+        if child is not None:
+            child.stdin.close()
+            child.wait(timeout=60)
+    out = {"shape": {"n_layer": L, "n_embd": D, "rows": B, "n_ctx": T}, "items": items,
+           "ours_items_s": items / secs["ours"]}
+    if "reference" in secs:
+        out["reference_items_s"] = items / secs["reference"]
+        out["ratio"] = out["ours_items_s"] / out["reference_items_s"]
+    return out
+
+
 # ---------------------------------------------------------------- data and time-to-quality
 
 
@@ -364,6 +423,11 @@ def markdown(report: dict) -> str:
                   f"ours with `precision: bfloat16` {e['ours_bf16_tok_s']:,.0f} tokens/s, "
                   f"{e.get('ratio_bf16', float('nan')):.2f}x the float32 reference (loss {e['loss_bfloat16']:.4f} "
                   f"against {e['loss_float32']:.4f} in float32)", ""]
+    if "tasks" in r:
+        k = r["tasks"]
+        lines += [f"## Standard tasks, LAMBADA + HellaSwag fixtures ({k['items']} items, {k['shape']})", "",
+                  f"ours {k['ours_items_s']:.2f} items/s; lm-evaluation-harness HF backend "
+                  f"{k.get('reference_items_s', float('nan')):.2f} items/s; ratio {k.get('ratio', float('nan')):.2f}x", ""]
     if "data" in r:
         d = r["data"]
         lines += ["## Data", "", f"encode {d['encode_mb_s']:.2f} MB/s ({d['encode_workers']} workers, "
@@ -402,6 +466,8 @@ TARGETS = [
                f"{r['generate']['batch_8'].get('ceiling_ratio', float('nan')):.2f}x the reference before any other "
                "work"),
     ("eval", "ratio", "evaluation 8 x 1024 vs reference", 1.5, "float32 matmul peak (compute-bound)"),
+    ("tasks", "ratio", "task items/s vs lm-evaluation-harness", 2.0,
+     "row padding to each batch's width and HellaSwag scored both ways (twice the harness's requests)"),
 ]
 
 
@@ -429,7 +495,7 @@ def main(argv=None) -> dict:
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--quick", action="store_true")
     mode.add_argument("--smoke", action="store_true")
-    p.add_argument("--only", default="train,generate,eval,data,ttq", help="comma list of benchmarks")
+    p.add_argument("--only", default="train,generate,eval,data,ttq", help="comma list of benchmarks (tasks: also available, not run by default)")
     p.add_argument("--out", default=str(REPO / "bench" / "results"))
     p.add_argument("--no-reference", action="store_true", help="skip the PyTorch side (no torch installed)")
     args = p.parse_args(argv)
@@ -457,6 +523,9 @@ def main(argv=None) -> dict:
     if "eval" in only:
         log("evaluation")
         r["eval"] = bench_eval(sizes["eval"], repeats, ref)
+    if "tasks" in only:  # not in the default list: --only tasks (it needs lm-eval for its reference)
+        log("standard tasks")
+        r["tasks"] = bench_tasks(sizes["tasks"], repeats, not args.no_reference and tasks_reference_available())
     if "data" in only:
         log("data")
         r["data"] = bench_data(0.3 if args.smoke else 10 if args.quick else 50)
