@@ -69,20 +69,28 @@ def trained(tmp_path_factory):
 def test_scorer_matches_the_models_own_losses_and_argmax(tmp_path):
     cfg = tiny_config(tmp_path, eval_batch_size=2)
     params = initial_params(cfg)
+    width = cfg.n_ctx + 1
+    # The model's own logits, each sequence alone (right-padded: causal, so padding changes nothing before it).
+    forward = jax.jit(lambda p, t: model.forward(p, t, cfg)[0, :, :cfg.n_vocab])
+
+    def logits_of(tokens):
+        padded = np.zeros((1, width), np.int32)
+        padded[0, :len(tokens)] = tokens
+        return np.asarray(forward(params, padded))[:len(tokens)]
+
     rng = np.random.default_rng(0)
     requests = [Request(rng.integers(0, cfg.n_vocab, n).astype(np.int32), int(rng.integers(1, n)))
                 for n in (3, 10, 33, 20, 7, 33, 2, 15)]
-    # One row repeats the model's own greedy choice, so "all greedy" is true somewhere.
-    seq = [11, 22]
+    seq = [11, 22]  # one request continues with the model's own top choices, so "all greedy" is true once
     for _ in range(6):
-        seq.append(int(np.argmax(model.forward(params, np.asarray([seq]), cfg)[0, -1, :cfg.n_vocab])))
+        seq.append(int(np.argmax(logits_of(seq)[-1])))
     requests.append(Request(np.asarray(seq, np.int32), 5))
     ll, greedy = Scorer(cfg).score(params, requests)
     for r, got, top in zip(requests, ll, greedy):
-        logits = model.forward(params, r.tokens[None, :-1], cfg)[0]
-        logp = jax.nn.log_softmax(logits[:, :cfg.n_vocab], axis=-1)
+        logits = logits_of(r.tokens[:-1])
+        logp = np.asarray(jax.nn.log_softmax(logits, axis=-1))
         targets = r.tokens[1:]
-        want = float(np.take_along_axis(np.asarray(logp), targets[:, None], 1)[-r.n_scored:].sum())
+        want = float(np.take_along_axis(logp, targets[:, None], 1)[-r.n_scored:].sum())
         assert got == pytest.approx(want, abs=1e-4)
         assert top == bool(np.all(np.argmax(logits, -1)[-r.n_scored:] == targets[-r.n_scored:]))
     assert greedy[-1] and not greedy[:-1].any()
