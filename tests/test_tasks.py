@@ -183,20 +183,22 @@ def test_a_local_copy_that_is_not_the_fixture_is_marked_and_its_hash_shown(train
     assert record["tasks"]["hellaswag"]["data"] == "unpinned" and record["tasks"]["hellaswag"]["items"] == 1
 
 
-def test_training_logs_task_scores_at_every_evaluation_and_after_a_resume(tmp_path):
+def test_training_logs_task_scores_at_every_evaluation_and_after_a_kill(tmp_path):
     from gpt2train.tokenizer import load_tokenizer
     cfg = tiny_config(tmp_path, max_steps=6, train_steps=2, eval_steps=0, eval_tasks=["hellaswag", "lambada"],
                       eval_tasks_items=4, task_data=str(FIXTURES), checkpoint_every=2)
     tok = load_tokenizer(cfg.encoder_path)
     lines = []
     first = Trainer(cfg, tok, progress=False, log=lines.append)
-    first.run(until=3)  # stops at 3 (a checkpoint there), as a killed run's last save would
+    first.run(until=3)  # stops at 3 with a checkpoint there ...
     assert first.shown_tasks.keys() == {"hellaswag", "lambada"}
+    with open(os.path.join(cfg.model_path, "metrics.jsonl"), "a") as f:  # ... and, as a run killed at step 4
+        f.write(json.dumps({"step": 4, "task_hellaswag_acc_norm": 9.0, "task_lambada_perplexity": 9.0}) + "\n")
     resumed = Trainer(cfg, tok, progress=False, log=lines.append)
     resumed.run()
     records = [json.loads(line) for line in open(os.path.join(cfg.model_path, "metrics.jsonl"))]
     scored = [r for r in records if "task_hellaswag_acc_norm" in r]
-    assert [r["step"] for r in scored] == [2, 3, 4, 6]
+    assert [r["step"] for r in scored] == [2, 3, 4, 6]  # the killed run's step 4 replaced by the resumed run's
     assert all(0 <= r["task_hellaswag_acc_norm"] <= 1 and r["task_lambada_perplexity"] > 1 for r in scored)
     assert any(line.startswith("step 6:") and "hellaswag" in line and "lambada" in line for line in lines)
 
