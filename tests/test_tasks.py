@@ -208,3 +208,31 @@ def test_unknown_task_in_the_config_stops_training_before_it_starts(tmp_path):
     cfg = tiny_config(tmp_path, eval_tasks=["lambda"])
     with pytest.raises(UserError, match="unknown task 'lambda'"):
         Trainer(cfg, load_tokenizer(cfg.encoder_path), progress=False, log=lambda *a: None)
+
+
+def test_two_hosts_score_their_shares_and_agree_with_one(tmp_path):
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    tests = REPO / "tests"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "JAX_PLATFORMS": "cpu"}
+    procs = [subprocess.Popen([sys.executable, str(tests / "multihost_tasks_worker.py"), str(tests), str(port), str(pid),
+                               str(tmp_path)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for pid in (0, 1)]
+    seen = []
+    for p in procs:
+        out, err = p.communicate(timeout=600)
+        assert p.returncode == 0, err[-3000:]
+        seen.append(json.loads(out.split("RESULT ", 1)[1]))
+    assert [s["process"] for s in seen] == [0, 1] and all(s["devices"] == 2 for s in seen)
+    from gpt2train.tasks.run import TaskRunner
+    from gpt2train.tokenizer import load_tokenizer
+    cfg = tiny_config(tmp_path, eval_batch_size=2)
+    alone = TaskRunner(cfg, load_tokenizer(cfg.encoder_path), ["hellaswag", "lambada"], limit=10,
+                       task_data=str(FIXTURES)).run(initial_params(cfg))
+    for s in seen:
+        for name, metrics in alone.items():
+            for k, v in metrics.items():
+                if k not in ("items_per_s", "data"):
+                    assert s["results"][name][k] == pytest.approx(v, rel=1e-5), (name, k)
