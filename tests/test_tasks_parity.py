@@ -66,14 +66,15 @@ def both(tmp_path_factory):
     assert run_main(["evaluate", "--model", str(config), "--per_document", "--data", str(docs_path)]) == 0
     ours.update(json.loads(open(os.path.join(cfg.model_path, "eval_tasks.json")).read())["tasks"])
 
-    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
     harness_configs(tmp, docs_path)
-    out = simple_evaluate(model="hf", model_args=f"pretrained={tmp / 'hf'},dtype=float32", device="cpu",
-                          tasks=["fixture_lambada", "fixture_hellaswag", "fixture_documents"], batch_size=4,
-                          task_manager=TaskManager(include_path=str(tmp)), log_samples=True)
+    with pytest.MonkeyPatch.context() as env:  # offline for the harness only, not for later tests
+        env.setenv("HF_DATASETS_OFFLINE", "1")
+        env.setenv("HF_HUB_OFFLINE", "1")
+        out = simple_evaluate(model="hf", model_args=f"pretrained={tmp / 'hf'},dtype=float32", device="cpu",
+                              tasks=["fixture_lambada", "fixture_hellaswag", "fixture_documents"], batch_size=4,
+                              task_manager=TaskManager(include_path=str(tmp)), log_samples=True)
     # Our per-item log-likelihoods, to hold against the harness's own for every item.
     from gpt2train.checkpoint import load_params
     from gpt2train.tasks.run import TaskRunner
