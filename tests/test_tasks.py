@@ -164,6 +164,8 @@ def test_mistakes_are_one_line_errors(trained, hub, tmp_path, monkeypatch):
         run_main(["evaluate", "--model", str(config), "--task", "hellaswog"])
     with pytest.raises(UserError, match="needs hellaswag_val.jsonl"):
         run_main(["evaluate", "--model", str(config), "--task", "hellaswag", "--task_data", str(tmp_path)])
+    with pytest.raises(UserError, match="--stride 999 must be between 1 and n_ctx"):
+        run_main(["evaluate", "--model", str(config), "--task", "enwik8", "--task_data", str(FIXTURES), "--stride", "999"])
     with pytest.raises(UserError, match="one file but 2 tasks"):
         run_main(["evaluate", "--model", str(config), "--task", "hellaswag", "lambada",
                   "--task_data", str(FIXTURES / "hellaswag_val.jsonl")])

@@ -33,6 +33,8 @@ class TaskRunner:
         if task_data and os.path.isfile(task_data) and len(names) > 1:
             raise UserError(f"--task_data {task_data} is one file but {len(names)} tasks were asked for: "
                             "give a directory holding each task's file")
+        if stride is not None and not 1 <= stride <= cfg.n_ctx:
+            raise UserError(f"--stride {stride} must be between 1 and n_ctx ({cfg.n_ctx})")
         self.scorer, self.log = Scorer(cfg, mesh), log
         self.prepared: dict[str, tuple[Prepared, str]] = {}
         for name in names:
