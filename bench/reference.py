@@ -32,24 +32,40 @@ def gpt2(L, D, H, V, T):
                                       embd_pdrop=0, attn_pdrop=0))
 
 
-def train_workload(L, D, H, V, B, T):
-    """One full step: forward with labels, backward, AdamW."""
+def autocast(precision: str):
+    """PyTorch's own mixed precision for `precision: bfloat16` (float32 weights, bfloat16 products),
+    nothing for float32."""
+    import contextlib
+
+    import torch
+    if precision == "bfloat16":
+        return torch.autocast("cpu", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def train_workload(L, D, H, V, B, T, precision="float32"):
+    """One full step: forward with labels (under autocast for bfloat16), backward, AdamW."""
     import torch
     model = gpt2(L, D, H, V, T)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.01)
     x = torch.tensor(np.random.default_rng(0).integers(0, V, (B, T)))
 
     def step():
-        model(x, labels=x).loss.backward()
+        with autocast(precision):
+            loss = model(x, labels=x).loss
+        loss.backward()
         opt.step()
         opt.zero_grad()
     return step
 
 
-def generate_workload(L, D, H, V, T, ids, new_tokens):
-    """Greedy `generate()` with its KV cache, exactly `new_tokens` new tokens per row."""
+def generate_workload(L, D, H, V, T, ids, new_tokens, precision="float32"):
+    """Greedy `generate()` with its KV cache, exactly `new_tokens` new tokens per row; for bfloat16
+    the model itself is cast to bfloat16 (weights and cache), as one decodes in bfloat16."""
     import torch
     model = gpt2(L, D, H, V, T).eval()
+    if precision == "bfloat16":
+        model = model.to(torch.bfloat16)
     x = torch.tensor(ids)
 
     def run():
@@ -59,14 +75,14 @@ def generate_workload(L, D, H, V, T, ids, new_tokens):
     return run
 
 
-def eval_workload(L, D, H, V, B, T):
-    """Forward pass with the loss (labels), no gradients."""
+def eval_workload(L, D, H, V, B, T, precision="float32"):
+    """Forward pass with the loss (labels; under autocast for bfloat16), no gradients."""
     import torch
     model = gpt2(L, D, H, V, T).eval()
     x = torch.tensor(np.random.default_rng(0).integers(0, V, (B, T + 1))[:, :-1])
 
     def run():
-        with torch.no_grad():
+        with torch.no_grad(), autocast(precision):
             model(x, labels=x)
     return run
 

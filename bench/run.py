@@ -132,6 +132,7 @@ def bench_train(shape, repeats: int, ref) -> dict:
         mfu[precision] = (train_flops_per_token(cfg) * B * T, peak)
     if ref is not None:
         fns["reference"] = ref.workload("train", L, D, H, V, B, T)
+        fns["reference_bf16"] = ref.workload("train", L, D, H, V, B, T, "bfloat16")  # torch.autocast
     secs = alternate(fns, repeats)
     out = {"shape": {"n_layer": L, "n_embd": D, "n_head": H, "n_vocab": V, "batch": B, "n_ctx": T},
            "compile_s": compile_s}
@@ -142,7 +143,7 @@ def bench_train(shape, repeats: int, ref) -> dict:
         out[f"peak_gflops_{precision}"] = peak / 1e9
     if ref is not None:
         out["ratio_f32"] = out["ours_float32_tok_s"] / out["reference_tok_s"]
-        out["ratio_bf16"] = out["ours_bfloat16_tok_s"] / out["reference_tok_s"]
+        out["ratio_bf16"] = out["ours_bfloat16_tok_s"] / out["reference_bf16_tok_s"]  # against autocast
     out["bf16_over_f32"] = out["ours_bfloat16_tok_s"] / out["ours_float32_tok_s"]
     return out
 
@@ -155,50 +156,59 @@ def bench_generate(shape, batches, new_tokens: int, repeats: int, ref, bandwidth
     on a machine whose speed drifts by a fifth from minute to minute, a limit measured at
     another moment would move the fraction reached by as much as the code does. The probes
     count their fastest run (the most the machine gave in those minutes: the highest limit
-    and ceiling), the generators their median."""
+    and ceiling), the generators their median. Each batch size runs in float32 (rows
+    `batch_B`) and in bfloat16 (`batch_B_bf16`: our weights held in bfloat16, `inference_precision:
+    bfloat16`; HF's model cast to bfloat16), each against the reference in the same precision."""
+    import jax
+
     from gpt2train.generate import Generator
+    from gpt2train.inference import hold_params
     from gpt2train.sampling import SamplingOptions
-    from gpt2train.model import count_params
     from gpt2train.tokenizer import load_tokenizer
     from gpt2train.train import initial_params
 
     L, D, H, V = shape
     T = 1024 if D >= 768 else 256
-    cfg = config(L, D, H, V, 1, T)
-    params = initial_params(cfg)
     tok = load_tokenizer(GPT2_ENCODER_DIR)
     prompt_ids = np.random.default_rng(0).integers(0, V, 20).tolist()
     prompt = tok.decode(prompt_ids)
-    gen = Generator(cfg, params, tok)
     opts = SamplingOptions(length=new_tokens, temperature=0.0, stop_at_eot=False)
     out = {"shape": {"n_layer": L, "n_embd": D, "n_vocab": V}, "prompt_tokens": 20, "new_tokens": new_tokens}
-    weight_bytes = count_params(params) * 4
-    # Keys and values a step must read at the least: every filled slot once, in float32
-    # (prompt tokens + on average half the new ones, plus the step's own).
-    cache_bytes = (len(prompt_ids) + (new_tokens + 1) / 2) * H * (D // H) * 4 * 2 * L
     copy, copy_bytes = copy_probe(bandwidth_mb)
     steps = 16
-    for b in batches:
-        fns = {"ours": lambda b=b: gen.generate([prompt] * b, opts, return_tokens=True),
-               "step": context_free_step_probe(gen.params_for(b), cfg, b, steps), "copy": copy}
-        if ref is not None:
-            fns["reference"] = ref.workload("generate", L, D, H, V, T, [tok.encode(prompt)] * b, new_tokens)
-        secs = alternate(fns, repeats, fastest=("step", "copy"))
-        row = {f"{k}_tok_s": b * new_tokens / secs[k] for k in ("ours", "reference") if k in secs}
-        if ref is not None:
-            row["ratio"] = row["ours_tok_s"] / row["reference_tok_s"]
-        row["bandwidth_gb_s"] = copy_bytes / secs["copy"] / 1e9
-        if b == 1:
-            limit = row["bandwidth_gb_s"] * 1e9 / weight_bytes
-            row["bandwidth_limit_tok_s"] = limit
-            row["fraction_of_bandwidth_limit"] = row["ours_tok_s"] / limit
-        row["context_free_step_ms"] = secs["step"] / steps * 1e3
-        row["cache_read_ms"] = b * cache_bytes / (row["bandwidth_gb_s"] * 1e9) * 1e3
-        row["ceiling_tok_s"] = b / ((row["context_free_step_ms"] + row["cache_read_ms"]) / 1e3)
-        row["fraction_of_ceiling"] = row["ours_tok_s"] / row["ceiling_tok_s"]
-        if ref is not None:
-            row["ceiling_ratio"] = row["ceiling_tok_s"] / row["reference_tok_s"]
-        out[f"batch_{b}"] = row
+    for precision, suffix in (("float32", ""), ("bfloat16", "_bf16")):
+        cfg = config(L, D, H, V, 1, T, precision=precision)
+        gen = Generator(cfg, hold_params(initial_params(cfg), cfg), tok)
+        size = 2 if precision == "bfloat16" else 4
+        # Bytes a step must read at the least: every weight it multiplies by (all but the position
+        # table, of which it reads one row), in the dtype held; and every filled key/value slot once
+        # (prompt tokens + on average half the new ones, plus the step's own), in the compute dtype.
+        weight_bytes = sum(a.nbytes for k, a in jax.tree_util.tree_leaves_with_path(gen.params_for(1))
+                           if "wpe" not in jax.tree_util.keystr(k))
+        cache_bytes = (len(prompt_ids) + (new_tokens + 1) / 2) * H * (D // H) * size * 2 * L
+        for b in batches:
+            fns = {"ours": lambda b=b, gen=gen: gen.generate([prompt] * b, opts, return_tokens=True),
+                   "step": context_free_step_probe(gen.params_for(b), cfg, b, steps), "copy": copy}
+            if ref is not None:
+                fns["reference"] = ref.workload("generate", L, D, H, V, T, [tok.encode(prompt)] * b, new_tokens,
+                                                precision)
+            secs = alternate(fns, repeats, fastest=("step", "copy"))
+            row = {f"{k}_tok_s": b * new_tokens / secs[k] for k in ("ours", "reference") if k in secs}
+            if ref is not None:
+                row["ratio"] = row["ours_tok_s"] / row["reference_tok_s"]
+            row["bandwidth_gb_s"] = copy_bytes / secs["copy"] / 1e9
+            row["weight_bytes_per_token"] = weight_bytes
+            if b == 1:
+                limit = row["bandwidth_gb_s"] * 1e9 / weight_bytes
+                row["bandwidth_limit_tok_s"] = limit
+                row["fraction_of_bandwidth_limit"] = row["ours_tok_s"] / limit
+            row["context_free_step_ms"] = secs["step"] / steps * 1e3
+            row["cache_read_ms"] = b * cache_bytes / (row["bandwidth_gb_s"] * 1e9) * 1e3
+            row["ceiling_tok_s"] = b / ((row["context_free_step_ms"] + row["cache_read_ms"]) / 1e3)
+            row["fraction_of_ceiling"] = row["ours_tok_s"] / row["ceiling_tok_s"]
+            if ref is not None:
+                row["ceiling_ratio"] = row["ceiling_tok_s"] / row["reference_tok_s"]
+            out[f"batch_{b}{suffix}"] = row
     return out
 
 
@@ -255,13 +265,14 @@ def bench_eval(shape, repeats: int, ref) -> dict:
         fns[name] = lambda loss=loss: jax.block_until_ready(loss(params, batch))
     if ref is not None:
         fns["reference"] = ref.workload("eval", L, D, H, V, B, T)  # the same tokens: same seed and shape
+        fns["reference_bf16"] = ref.workload("eval", L, D, H, V, B, T, "bfloat16")  # torch.autocast
     secs = alternate(fns, repeats)
     out = {"shape": {"n_layer": L, "n_embd": D, "batch": B, "n_ctx": T},
            "loss_float32": losses["ours"], "loss_bfloat16": losses["ours_bf16"]}
     out.update({f"{k}_tok_s": B * T / s for k, s in secs.items()})
     if ref is not None:
         out["ratio"] = out["ours_tok_s"] / out["reference_tok_s"]
-        out["ratio_bf16"] = out["ours_bf16_tok_s"] / out["reference_tok_s"]
+        out["ratio_bf16"] = out["ours_bf16_tok_s"] / out["reference_bf16_tok_s"]  # same precision
     return out
 
 
@@ -384,26 +395,34 @@ def markdown(report: dict) -> str:
     for name in ("train_small", "train_124M"):
         if name in r:
             t = r[name]
-            ref = t.get("reference_tok_s")
             lines += [f"## Training, {name[6:]} ({t['shape']})", "",
-                      "| | tokens/s | vs reference | MFU | compile |", "| --- | --- | --- | --- | --- |"]
-            for p in ("float32", "bfloat16"):
+                      "| | tokens/s | vs the reference in the same precision | MFU | compile |",
+                      "| --- | --- | --- | --- | --- |"]
+            for p, ref_key in (("float32", "reference_tok_s"), ("bfloat16", "reference_bf16_tok_s")):
+                ref = t.get(ref_key)
                 ratio = f"{t[f'ours_{p}_tok_s'] / ref:.2f}x" if ref else "n/a"
                 lines.append(f"| ours {p} | {t[f'ours_{p}_tok_s']:,.0f} | {ratio} | {t[f'mfu_{p}']:.1%} of "
                              f"{t[f'peak_gflops_{p}']:.0f} GFLOP/s | {t['compile_s'][p]:.1f} s |")
-            if ref:
-                lines.append(f"| HF GPT-2 + torch AdamW | {ref:,.0f} | 1.00x | | |")
+            if t.get("reference_tok_s"):
+                lines.append(f"| HF GPT-2 + torch AdamW, float32 | {t['reference_tok_s']:,.0f} | | | |")
+            if t.get("reference_bf16_tok_s"):
+                lines.append(f"| HF GPT-2 + torch AdamW, torch.autocast(bfloat16) | {t['reference_bf16_tok_s']:,.0f} | | | |")
             lines += [f"\nbf16 / f32: {t['bf16_over_f32']:.2f}x", ""]
     if "generate" in r:
         g = r["generate"]
         lines += [f"## Generation ({g['shape']}, greedy, {g['prompt_tokens']}-token prompt + {g['new_tokens']} new)",
-                  "", "| batch | ours tokens/s | HF generate tokens/s | ratio | bandwidth limit |", "| --- | --- | --- | --- | --- |"]
+                  "", "Each row against HF `generate` in the same precision (bfloat16: our weights held in bfloat16, "
+                  "HF's model cast to bfloat16); the bandwidth limit is the copy bandwidth over the weight bytes a step "
+                  "reads in that precision.", "",
+                  "| batch | precision | ours tokens/s | HF generate tokens/s | ratio | bandwidth limit |",
+                  "| --- | --- | --- | --- | --- | --- |"]
         for key, row in g.items():
             if key.startswith("batch_"):
                 lim = (f"{row['bandwidth_limit_tok_s']:.1f} tok/s at {row['bandwidth_gb_s']:.1f} GB/s "
                        f"({row['fraction_of_bandwidth_limit']:.0%} reached)" if "bandwidth_limit_tok_s" in row else "")
-                lines.append(f"| {key[6:]} | {row['ours_tok_s']:.1f} | {row.get('reference_tok_s', float('nan')):.1f} | "
-                             f"{row.get('ratio', float('nan')):.2f}x | {lim} |")
+                batch, _, bf16 = key[6:].partition("_")
+                lines.append(f"| {batch} | {'bfloat16' if bf16 else 'float32'} | {row['ours_tok_s']:.1f} | "
+                             f"{row.get('reference_tok_s', float('nan')):.1f} | {row.get('ratio', float('nan')):.2f}x | {lim} |")
         lines += ["", "No decode step can be faster than the model's own decode step with no context (its weight products, "
                   "LayerNorms and head over a one-slot cache, on the generator's own buffers) plus one read of the filled "
                   "key/value cache at the measured copy bandwidth. Both were measured in the same turns as the generators:",
@@ -420,9 +439,10 @@ def markdown(report: dict) -> str:
         lines += [f"## Evaluation, forward only ({e['shape']})", "",
                   f"ours {e['ours_tok_s']:,.0f} tokens/s; HF {e.get('reference_tok_s', float('nan')):,.0f}; "
                   f"ratio {e.get('ratio', float('nan')):.2f}x", "",
-                  f"ours with `precision: bfloat16` {e['ours_bf16_tok_s']:,.0f} tokens/s, "
-                  f"{e.get('ratio_bf16', float('nan')):.2f}x the float32 reference (loss {e['loss_bfloat16']:.4f} "
-                  f"against {e['loss_float32']:.4f} in float32)", ""]
+                  f"ours with `precision: bfloat16` {e['ours_bf16_tok_s']:,.0f} tokens/s; HF under "
+                  f"torch.autocast(bfloat16) {e.get('reference_bf16_tok_s', float('nan')):,.0f}; ratio "
+                  f"{e.get('ratio_bf16', float('nan')):.2f}x (loss {e['loss_bfloat16']:.4f} against "
+                  f"{e['loss_float32']:.4f} in float32)", ""]
     if "tasks" in r:
         k = r["tasks"]
         lines += [f"## Standard tasks, LAMBADA + HellaSwag fixtures ({k['items']} items, {k['shape']})", "",
@@ -448,24 +468,40 @@ def markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-# What the performance issue asks for, and what the profiles showed to bound each figure on XLA:CPU.
+# What the performance issues ask for, and what the profiles showed to bound each figure on XLA:CPU.
 TARGETS = [
     ("train_small", "ratio_f32", "training small, float32 vs reference", 1.0, "per-op overhead at tiny shapes"),
     ("train_124M", "ratio_f32", "training 124M, float32 vs reference", 1.2, "matmul efficiency (MFU near 70% already)"),
-    ("train_124M", "bf16_over_f32", "training 124M, bfloat16 vs our float32", 1.5,
+    ("train_124M", "ratio_bf16", "training 124M, bfloat16 vs torch.autocast(bfloat16)", 1.5,
+     "XLA:CPU's bfloat16 products on this CPU (see the MFU against the bfloat16 peak)"),
+    ("train_124M", "mfu_bfloat16", "training 124M, bfloat16 MFU of the bfloat16 peak", 0.5,
      "what bf16 does not speed up: AdamW's float32 update, LayerNorm, GELU, softmax and conversions, "
      "and the gaps between operations (README)"),
-    ("generate", "batch_1.ratio", "generation batch 1 vs reference", 2.0, "weight streaming of the matrix-vector products"),
-    ("generate", "batch_1.fraction_of_bandwidth_limit", "generation batch 1, fraction of the bandwidth limit", 0.8,
-     lambda r: "the streaming rate of XLA:CPU's matrix-vector products: a decode step with no context takes "
-               f"{r['generate']['batch_1']['context_free_step_ms']:.1f} ms per token"),
-    ("generate", "batch_8.ratio", "generation batch 8 vs reference", 4.0,
+    ("generate", "batch_1.ratio", "generation batch 1 vs reference, float32", 2.0,
+     "weight streaming of the matrix-vector products"),
+    ("generate", "batch_1.fraction_of_bandwidth_limit", "generation batch 1, float32, fraction of the bandwidth limit",
+     0.8, lambda r: "the streaming rate of XLA:CPU's matrix-vector products: a decode step with no context takes "
+                    f"{r['generate']['batch_1']['context_free_step_ms']:.1f} ms per token"),
+    ("generate", "batch_8.ratio", "generation batch 8 vs reference, float32", 4.0,
      lambda r: "XLA:CPU's [8, K] x [K, N] products: a decode step with no context takes "
                f"{r['generate']['batch_8']['context_free_step_ms']:.1f} ms, and reading the filled cache "
                f"once {r['generate']['batch_8']['cache_read_ms']:.1f} ms more: a ceiling of "
                f"{r['generate']['batch_8'].get('ceiling_ratio', float('nan')):.2f}x the reference before any other "
                "work"),
-    ("eval", "ratio", "evaluation 8 x 1024 vs reference", 1.5, "float32 matmul peak (compute-bound)"),
+    ("generate", "batch_1_bf16.ratio", "generation batch 1, bfloat16 vs HF's bfloat16 generate", 1.5,
+     lambda r: f"a step with no context takes {r['generate']['batch_1_bf16']['context_free_step_ms']:.1f} ms"),
+    ("generate", "batch_1_bf16.fraction_of_bandwidth_limit",
+     "generation batch 1, bfloat16, fraction of the bfloat16 bandwidth limit", 0.8,
+     lambda r: "XLA:CPU's bfloat16 matrix-vector products: a step with no context takes "
+               f"{r['generate']['batch_1_bf16']['context_free_step_ms']:.1f} ms, against "
+               f"{r['generate']['batch_1_bf16']['weight_bytes_per_token'] / r['generate']['batch_1_bf16']['bandwidth_gb_s'] / 1e6:.1f}"
+               " ms to read its weights at the copy bandwidth"),
+    ("generate", "batch_8_bf16.ratio", "generation batch 8, bfloat16 vs HF's bfloat16 generate", 3.0,
+     lambda r: f"a step with no context takes {r['generate']['batch_8_bf16']['context_free_step_ms']:.1f} ms; "
+               f"ceiling {r['generate']['batch_8_bf16'].get('ceiling_ratio', float('nan')):.2f}x the reference"),
+    ("eval", "ratio", "evaluation 8 x 1024 vs reference, float32", 1.5, "float32 matmul peak (compute-bound)"),
+    ("eval", "ratio_bf16", "evaluation 8 x 1024, bfloat16 vs torch.autocast(bfloat16)", 1.5,
+     "XLA:CPU's bfloat16 products on this CPU"),
     ("tasks", "ratio", "task items/s vs lm-evaluation-harness", 2.0,
      "row padding to each batch's width and HellaSwag scored both ways (twice the harness's requests)"),
 ]

@@ -121,13 +121,12 @@ def _prompts_from_args(args) -> list[str] | None:
 
 def load_generator(cfg, args):
     """The trained model's Generator, its checkpoint step, and the sampling flags as options."""
-    from .checkpoint import load_params
     from .generate import Generator
-    from .mesh import param_shardings
+    from .inference import load_for_inference
     from .sampling import SamplingOptions
     from .tokenizer import load_tokenizer
     tok = load_tokenizer(cfg.encoder_path)
-    params, step = load_params(cfg, sharding=param_shardings(cfg))
+    params, step, cfg = load_for_inference(cfg)
     return Generator(cfg, params, tok), step, SamplingOptions.from_values(vars(args), cfg)
 
 
@@ -207,18 +206,18 @@ def cmd_serve(cfg, args) -> None:
 
 
 def cmd_evaluate(cfg, data, stride=None) -> dict:
-    from .checkpoint import load_params
-    from .mesh import param_shardings
     from .evaluate import evaluate_text
+    from .inference import load_for_inference
     from .tokenizer import load_tokenizer
     spec = data or cfg.eval_data_path
     if not spec:
         raise UserError("nothing to evaluate: pass --data FILES or set eval_data_path in the config")
     tok = load_tokenizer(cfg.encoder_path)
-    params, step = load_params(cfg, sharding=param_shardings(cfg))
-    result = {"step": step, **evaluate_text(cfg, params, tok, spec, stride=stride)}
+    params, step, cfg = load_for_inference(cfg)
+    result = {"step": step, "precision": cfg.precision, **evaluate_text(cfg, params, tok, spec, stride=stride)}
     print(f"step {step}: loss {result['loss']:.4f}  perplexity {result['perplexity']:.3f}  "
-          f"bits/byte {result['bits_per_byte']:.4f}  ({result['tokens']} tokens, {result['bytes']} bytes)")
+          f"bits/byte {result['bits_per_byte']:.4f}  ({result['tokens']} tokens, {result['bytes']} bytes; "
+          f"{cfg.precision})")
     return result
 
 

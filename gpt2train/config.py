@@ -94,6 +94,7 @@ class Config:
     skip_corrupt_records: bool = _key(False, "skip (and count) damaged records instead of stopping")
     prefetch: int = _key(4, "batches read ahead in a background thread (0: read in the training loop)")
     scan_unroll: int = _key(0, "layers per scan step: 1 compiles fastest, n_layer runs fastest (0: all if n_layer <= 12, else 1)")
+    inference_precision: str = _key("auto", "generate, evaluate and serve: float32, bfloat16 (weight matrices held in bfloat16: half the bytes per token) or auto (bfloat16 where the hardware computes it natively: TPU, GPU, CPUs with AVX-512 BF16 or AMX; else precision)")
     kernels: str = _key("auto", "matmul and attention kernels: cpu (written for XLA:CPU), standard (fused attention, plain products: GPU/TPU) or auto (cpu on a CPU backend)")
     eval_tasks: Any = _key(None, "tasks scored during training, a list of lambada, hellaswag, wikitext2, wikitext103, enwik8 (None: none)")
     eval_tasks_every: int = _key(0, "steps between task scores (0: at every evaluation, i.e. every train_steps)")
@@ -141,6 +142,8 @@ class Config:
                  f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
         need(self.model == "GPT2", f"model must be 'GPT2', got {self.model!r}")
         need(self.precision in PRECISIONS, f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+        need(self.inference_precision in ("auto", *PRECISIONS),
+             f"inference_precision must be one of {('auto', *PRECISIONS)}, got {self.inference_precision!r}")
         need(self.opt_name in OPTIMIZERS, f"opt_name must be one of {tuple(OPTIMIZERS)}, got {self.opt_name!r}")
         need(self.decay_type in DECAY_TYPES, f"decay_type must be one of {DECAY_TYPES}, got {self.decay_type!r}")
         for name in ("embed_dropout", "attn_dropout", "res_dropout", "min_lr_ratio"):

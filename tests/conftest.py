@@ -20,6 +20,11 @@ if _OWN_CACHE:
     os.environ["GPT2TRAIN_COMPILE_CACHE"] = _OWN_CACHE
 
 
+# Inference precision `auto` follows the CPU (bfloat16 where it is native): pin it to "not native"
+# so every machine runs the same precision; tests of bfloat16 inference ask for it themselves.
+os.environ["GPT2TRAIN_NATIVE_BF16"] = "0"
+
+
 def pytest_sessionfinish(session, exitstatus):
     if _OWN_CACHE:
         shutil.rmtree(_OWN_CACHE, ignore_errors=True)

@@ -17,15 +17,19 @@ def test_smoke_suite_writes_a_complete_report(tmp_path):
     assert report["mode"] == "smoke" and report["machine"]["cores"] >= 1 and report["bandwidth_gb_s"] > 0
     r = report["results"]
     for name in ("train_small", "train_124M"):
-        for key in ("ours_float32_tok_s", "ours_bfloat16_tok_s", "reference_tok_s", "mfu_float32", "ratio_f32"):
+        for key in ("ours_float32_tok_s", "ours_bfloat16_tok_s", "reference_tok_s", "reference_bf16_tok_s",
+                    "mfu_float32", "ratio_f32", "ratio_bf16"):
             assert math.isfinite(r[name][key]) and r[name][key] > 0, (name, key)
         assert r[name]["compile_s"]["float32"] > 0
-    for batch in ("batch_1", "batch_2"):
+    for batch in ("batch_1", "batch_2", "batch_1_bf16", "batch_2_bf16"):
         assert r["generate"][batch]["ours_tok_s"] > 0 and r["generate"][batch]["reference_tok_s"] > 0
     assert 0 < r["generate"]["batch_1"]["fraction_of_bandwidth_limit"] and r["generate"]["batch_1"]["bandwidth_gb_s"] > 0
     assert all(r["generate"][b]["context_free_step_ms"] > 0 and r["generate"][b]["ceiling_ratio"] > 0
                and 0 < r["generate"][b]["fraction_of_ceiling"] and r["generate"][b]["cache_read_ms"] > 0 for b in ("batch_1", "batch_2"))
-    assert r["eval"]["ratio"] > 0 and r["eval"]["ours_bf16_tok_s"] > 0
+    assert r["eval"]["ratio"] > 0 and r["eval"]["ours_bf16_tok_s"] > 0 and r["eval"]["ratio_bf16"] > 0
+    # bfloat16 weights are half the bytes a step reads
+    g = r["generate"]
+    assert g["batch_1_bf16"]["weight_bytes_per_token"] < 0.52 * g["batch_1"]["weight_bytes_per_token"]
     assert abs(r["eval"]["loss_bfloat16"] - r["eval"]["loss_float32"]) < 0.05
     assert r["data"]["encode_mb_s"] > 0 and r["data"]["tokens"] > 0 and r["data"]["pipeline_tok_s_ctx128_b16"] > 0
     q = r["ttq"]
