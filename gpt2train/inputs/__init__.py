@@ -14,6 +14,7 @@ from gpt2train.inputs.base import (
     split_settings,
 )
 from gpt2train.inputs import openwebtext, text, tfrecords  # noqa: F401  (each registers its inputs)
+from gpt2train.inputs import bin  # noqa: F401  (nanoGPT and llm.c token shards)
 
 __all__ = [
     "InputFactory",
