@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
+from typing import TypeVar
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
 from gpt2train.errors import UserError
 
+T = TypeVar("T")
 
 
 def _split_spec(spec: str | Sequence[str]) -> list[str]:
@@ -84,3 +87,55 @@ def checkpoint_dir(model_path: str) -> str:
         f"model_path {model_path!r}: checkpoints can be written to a local directory, gs:// or s3://, "
         "not this filesystem; point model_path at one of those"
     )
+
+
+# ---------------------------------------------------------------- remote reads
+
+# Errors that say the request will never succeed: retrying them only delays the message.
+_FINAL = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, UserError)
+
+
+def with_retries(read: Callable[[], T], what: str, *, attempts: int = 6, first_wait: float = 0.5) -> T:
+    """`read()`, tried again after a dropped connection or a server error, waiting 0.5, 1, 2, 4, 8 s
+    (about 15 s in all, longer than an object store's usual brief outages); the last failure is raised
+    as a UserError naming `what`."""
+    for attempt in range(attempts):
+        try:
+            return read()
+        except _FINAL:
+            raise
+        except (OSError, ConnectionError, TimeoutError, RuntimeError, ValueError) as e:
+            # fsspec's HTTP filesystems raise several types for one dropped connection
+            if attempt == attempts - 1:
+                raise UserError(f"reading {what} failed {attempts} times, the last with {type(e).__name__}: "
+                                f"{str(e)[:200]}: check the network and the path") from None
+            time.sleep(first_wait * 2**attempt)
+    raise AssertionError("unreachable")
+
+
+def check_bucket(url: str, key: str) -> None:
+    """A gs:// or s3:// URL's bucket exists and can be listed, or one UserError naming `key`.
+
+    Object stores answer a missing bucket and a refused one in several ways (404, 403, a bare
+    OSError); this turns each into one line before a run writes anything there."""
+    if not str(url).startswith(CHECKPOINT_PROTOCOLS):
+        return
+    fs, path = fsspec.core.url_to_fs(url)
+    bucket = path.split("/", 1)[0]
+    scheme = str(url).split("://", 1)[0]
+    try:
+        fs.ls(bucket, detail=False)
+    except FileNotFoundError:
+        raise UserError(f"{key} {url!r}: the bucket {scheme}://{bucket} does not exist: create it or fix {key}") from None
+    except PermissionError:
+        raise UserError(f"{key} {url!r}: access to the bucket {scheme}://{bucket} is denied: grant these credentials "
+                        f"read and write access, or fix {key}") from None
+    except OSError as e:
+        text = str(e)
+        if "403" in text or "Forbidden" in text or "AccessDenied" in text:
+            raise UserError(f"{key} {url!r}: access to the bucket {scheme}://{bucket} is denied ({text[:120]}): "
+                            f"grant these credentials access, or fix {key}") from None
+        if "404" in text or "NoSuchBucket" in text or "Not Found" in text:
+            raise UserError(f"{key} {url!r}: the bucket {scheme}://{bucket} does not exist: create it or fix {key}") from None
+        raise UserError(f"{key} {url!r}: the bucket {scheme}://{bucket} cannot be reached ({type(e).__name__}: "
+                        f"{text[:120]}): check the network, credentials and {key}") from None
