@@ -30,12 +30,25 @@ def _files_under(fs, directory: str) -> list[str]:
     return sorted(p for p in fs.find(directory) if not _is_hidden(p, directory))
 
 
+def _matches(fs, path: str, item: str) -> list[str]:
+    try:
+        if any(c in path for c in "*?["):
+            return sorted(fs.glob(path))
+        return [path] if fs.exists(path) else []
+    except FileNotFoundError:  # a missing repository or bucket; check_bucket names the bucket case
+        return []
+    except PermissionError:
+        raise UserError(f"{item!r}: access is denied: use credentials that may read it, or fix the path") from None
+    except OSError as e:
+        raise UserError(f"{item!r} cannot be listed ({type(e).__name__}: {str(e)[:200]}): check the path, the "
+                        "network and the credentials") from None
+
+
 def _expand_one(item: str) -> list[str]:
     fs, path = fsspec.core.url_to_fs(item)
-    if any(c in path for c in "*?["):
-        matches = sorted(fs.glob(path))
-    else:
-        matches = [path] if fs.exists(path) else []
+    matches = _matches(fs, path, item)
+    if not matches:
+        check_bucket(item, "the path")  # a missing or refused bucket says so, not just "no files"
     files = []
     for match in matches:
         files.extend(_files_under(fs, match) if fs.isdir(match) else [match])
@@ -95,6 +108,15 @@ def checkpoint_dir(model_path: str) -> str:
 _FINAL = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, UserError)
 
 
+# Clients of object stores and hubs raise their own types for one dropped connection.
+_CLIENT_PACKAGES = {"aiohttp", "aiobotocore", "botocore", "gcsfs", "google", "httpcore", "httpx", "httpx2",
+                    "huggingface_hub", "requests", "s3fs", "urllib3"}
+
+
+def _transient(error: Exception) -> bool:
+    return isinstance(error, (OSError, TimeoutError)) or type(error).__module__.split(".")[0] in _CLIENT_PACKAGES
+
+
 def with_retries(read: Callable[[], T], what: str, *, attempts: int = 6, first_wait: float = 0.5) -> T:
     """`read()`, tried again after a dropped connection or a server error, waiting 0.5, 1, 2, 4, 8 s
     (about 15 s in all, longer than an object store's usual brief outages); the last failure is raised
@@ -104,8 +126,9 @@ def with_retries(read: Callable[[], T], what: str, *, attempts: int = 6, first_w
             return read()
         except _FINAL:
             raise
-        except (OSError, ConnectionError, TimeoutError, RuntimeError, ValueError) as e:
-            # fsspec's HTTP filesystems raise several types for one dropped connection
+        except Exception as e:
+            if not _transient(e):
+                raise
             if attempt == attempts - 1:
                 raise UserError(f"reading {what} failed {attempts} times, the last with {type(e).__name__}: "
                                 f"{str(e)[:200]}: check the network and the path") from None

@@ -148,3 +148,51 @@ def test_main_py_trains_on_parquet_and_resumes(tmp_path, parquet_dir):
     ckpt.close()
     wrong = run("main.py", "--model", str(path), "--text_field", "body", "--max_steps", "6")
     assert wrong.returncode == 2 and "has no column 'body'" in wrong.stderr and "Traceback" not in wrong.stderr
+
+
+@pytest.fixture(scope="module")
+def hub_dataset(parquet_dir):
+    """The training Parquet files as the dataset org/web on the stand-in hub."""
+    from hub_server import Hub, start
+    Hub.datasets = {("org/web", f"data/{p.name}"): p.read_bytes() for p in (parquet_dir / "train").glob("*.parquet")}
+    Hub.datasets[("org/web", "README.md")] = b"# web\n"
+    server, endpoint = start()
+    yield Hub, endpoint
+    server.shutdown()
+
+
+def test_hf_datasets_are_read_through_the_hub_and_survive_a_dropped_connection(hub_dataset, tmp_path, parquet_dir,
+                                                                             gpt2_tokenizer):
+    import os
+    import subprocess
+    import sys
+    from conftest import REPO
+    from test_cli import step_losses, write_config
+    hub, endpoint = hub_dataset
+    env = {**os.environ, "PYTHONPATH": str(REPO), "JAX_PLATFORMS": "cpu", "HF_ENDPOINT": endpoint,
+           "HF_HOME": str(tmp_path / "hf"), "HF_HUB_DISABLE_TELEMETRY": "1"}
+    def run(*args):
+        return subprocess.run([sys.executable, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    # encode reads the hub's Parquet rows as it reads local ones
+    hub.drop_once, hub.dropped = {"data/part-1.parquet"}, []
+    encoded = run("-m", "gpt2train", "encode", "--input", "hf://datasets/org/web/data", "--text_field", "content",
+                  "--out", str(tmp_path / "shards"), "--name", "web", "--encoder_path", str(ENCODER_DIR),
+                  "--format", "bin", "--workers", "0", "--minimum_size", "1")
+    assert encoded.returncode == 0, encoded.stderr
+    assert hub.dropped == ["data/part-1.parquet"]  # cut once, read again
+    ids = np.fromfile(tmp_path / "shards" / "web_0.bin", dtype="<u2")[512:]  # after llm.c's 1024-byte header
+    docs = [gpt2_tokenizer.encode(clean_text(t)) for t in sorted_texts(parquet_dir)]
+    assert ids.tolist() == [i for d in docs if d for i in [gpt2_tokenizer.eot_id, *d]]  # empty files are dropped
+    # training streams it
+    cfg = parquet_config(tmp_path, parquet_dir, max_steps=2, train_steps=2, eval_steps=0)
+    path = write_config(tmp_path / "hf.json", cfg.replace(data_path="hf://datasets/org/web/data/*.parquet"))
+    trained = run("main.py", "--model", str(path))
+    assert trained.returncode == 0, trained.stderr
+    assert 2 in step_losses(tmp_path / "model")
+    missing = run("main.py", "--model", str(path), "--data_path", "hf://datasets/org/other/*.parquet", "--max_steps", "3")
+    assert missing.returncode == 2 and "matches no files" in missing.stderr and "Traceback" not in missing.stderr
+
+
+def sorted_texts(parquet_dir):
+    return [t for p in sorted((parquet_dir / "train").glob("*.parquet"))
+            for t in pq.read_table(p, columns=["content"]).column(0).to_pylist()]
