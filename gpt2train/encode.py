@@ -31,7 +31,7 @@ from fsspec.implementations.local import LocalFileSystem
 
 from gpt2train import records, shards
 from gpt2train.errors import UserError
-from gpt2train.paths import expand_paths
+from gpt2train.paths import check_bucket, expand_paths
 from gpt2train.text_sources import clean_text, iter_documents
 
 SETTINGS_VERSION = 1
@@ -195,6 +195,7 @@ def encode_corpus(
     if "/" in name or not name:
         raise UserError(f"--name {name!r} must be a plain file-name prefix")
     load_tokenizer(encoder_path)  # a missing or broken vocabulary fails here, before any work
+    check_bucket(out, "--out")  # object stores would create a missing bucket on the first write
     files = expand_paths(inputs)
     held_files = expand_paths(holdout_inputs) if holdout_inputs else []
     settings = {
@@ -250,7 +251,7 @@ def encode_corpus(
             bar.update(nbytes)
         else:
             summary.input_bytes += nbytes  # MB/s counts the text this run encodes
-            writer.submit(path, chunk, nbytes)
+            writer.submit(path if local else fs.unstrip_protocol(path), chunk, nbytes)  # workers open it by URL
 
     def route(docs, split_of) -> None:
         for doc in docs:

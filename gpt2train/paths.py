@@ -84,8 +84,11 @@ def local_path(path: str) -> str | None:
     return os.path.abspath(path)
 
 
-# Filesystems Orbax writes checkpoints to itself (through TensorStore / etils epath).
-CHECKPOINT_PROTOCOLS = ("gs://", "s3://")
+# Filesystems Orbax writes checkpoints to itself (through TensorStore / etils epath). Orbax 0.12
+# turns s3://bucket/x into s3:/bucket/x and refuses it ("Checkpoint path should be absolute").
+CHECKPOINT_PROTOCOLS = ("gs://",)
+# Object stores whose buckets check_bucket knows.
+BUCKET_PROTOCOLS = ("gs://", "s3://")
 
 
 def checkpoint_dir(model_path: str) -> str:
@@ -96,8 +99,11 @@ def checkpoint_dir(model_path: str) -> str:
         return local  # Orbax needs absolute local paths; configs usually hold relative ones
     if path.startswith(CHECKPOINT_PROTOCOLS):
         return path
+    if path.startswith("s3://"):
+        raise UserError(f"model_path {model_path!r}: Orbax 0.12 cannot write checkpoints to s3://; use a local "
+                        "model_path (or gs://) and copy the run to S3 afterwards; data_path may stay on s3://")
     raise UserError(
-        f"model_path {model_path!r}: checkpoints can be written to a local directory, gs:// or s3://, "
+        f"model_path {model_path!r}: checkpoints can be written to a local directory or gs://, "
         "not this filesystem; point model_path at one of those"
     )
 
@@ -141,7 +147,7 @@ def check_bucket(url: str, key: str) -> None:
 
     Object stores answer a missing bucket and a refused one in several ways (404, 403, a bare
     OSError); this turns each into one line before a run writes anything there."""
-    if not str(url).startswith(CHECKPOINT_PROTOCOLS):
+    if not str(url).startswith(BUCKET_PROTOCOLS):
         return
     fs, path = fsspec.core.url_to_fs(url)
     bucket = path.split("/", 1)[0]
