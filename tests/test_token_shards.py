@@ -171,3 +171,11 @@ def test_main_py_trains_on_nanogpt_and_llmc_shards_and_resumes(tmp_path, shard_d
     ckpt = Checkpointer(cfg.replace(max_steps=4), create=False)
     assert ckpt.read_meta(2)["data"] == {"batches": 2} and ckpt.read_meta(4)["data"] == {"batches": 4}
     ckpt.close()
+
+
+def test_the_fineweb_recipe_config_loads():
+    from conftest import REPO
+    from gpt2train.config import load_config
+    cfg = load_config(str(REPO / "configs" / "124M-fineweb.json"))
+    assert cfg.input == "bin" and cfg.train_batch_size * cfg.n_ctx == 524288 and cfg.max_steps == 19073
+    assert (cfg.n_layer, cfg.n_embd, cfg.n_head, cfg.n_vocab) == (12, 768, 12, 50257)

@@ -121,7 +121,7 @@ def text_input(cfg, split: str, tokenizer, *, process_index: int = 0, process_co
     """UTF-8 text files (a .jsonl file: one document per line; a .parquet file: one per row); tokenized once
     and kept in memory."""
     path_key, spec, global_batch, batch_key = split_settings(cfg, split)
-    docs = token_documents(expand_paths(spec), tokenizer, text_field=cfg.text_field)
+    docs = token_documents(expand_paths(spec), tokenizer, text_field=getattr(cfg, "text_field", "text"))  # a bare namespace as cfg (tests) reads "text"
     return DocumentWindows(
         docs,
         tokenizer.eot_id,
