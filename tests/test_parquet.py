@@ -196,3 +196,24 @@ def test_hf_datasets_are_read_through_the_hub_and_survive_a_dropped_connection(h
 def sorted_texts(parquet_dir):
     return [t for p in sorted((parquet_dir / "train").glob("*.parquet"))
             for t in pq.read_table(p, columns=["content"]).column(0).to_pylist()]
+
+
+def test_remote_reads_are_retried_and_give_up_in_one_line():
+    from gpt2train.paths import with_retries
+    calls = []
+    def flaky():
+        calls.append(1)
+        if len(calls) < 3:
+            raise ConnectionResetError("connection reset by peer")
+        return "rows"
+    assert with_retries(flaky, "part-0.parquet", first_wait=0.001) == "rows" and len(calls) == 3
+    def gone():
+        calls.append(1)
+        raise FileNotFoundError("part-9.parquet")
+    calls.clear()
+    with pytest.raises(FileNotFoundError):  # not retried: it will not appear
+        with_retries(gone, "part-9.parquet", first_wait=0.001)
+    assert len(calls) == 1
+    with pytest.raises(UserError, match="reading part-0.parquet failed 3 times, the last with TimeoutError"):
+        with_retries(lambda: (_ for _ in ()).throw(TimeoutError("timed out")), "part-0.parquet", attempts=3,
+                     first_wait=0.001)
