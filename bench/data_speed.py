@@ -1,4 +1,4 @@
-"""Data-path speed: `encode` throughput, and the record input pipeline against the train step.
+"""Data-path speed: `encode` throughput, and the record, Parquet and token-shard inputs against the train step.
 
     python -m bench.data_speed                 # 50 MB corpus, 2 workers; pipeline vs demo + 124M steps
     python -m bench.data_speed --mb 5 --quick  # smaller corpus, demo-shape step only
@@ -7,7 +7,9 @@ The corpus is the standard library's .py files, repeated with a counter in each 
 until it reaches --mb megabytes (one document per file). `encode` runs with --workers worker
 processes (GPT-2's vocabulary from --encoder_path). The pipeline figure is the record input
 (stitch 2, random windows, prefetch off) alone, in tokens/s of model input; the step figure is
-one jitted training step (float32, AdamW) of the named shape on random tokens, median of 3.
+the Parquet input (row groups read and tokenized as the
+windows are drawn, 2 reader threads) and the bin input (random windows from the corpus encoded
+with `encode --format bin`) likewise; the step figure is one jitted training step (float32, AdamW) of the named shape on random tokens, median of 3.
 Training is input-bound only if the first is not many times the second.
 """
 
@@ -79,6 +81,48 @@ def pipeline_tokens_per_s(files, n_ctx: int, batch: int, seconds: float = 5.0) -
     return n * batch * n_ctx / (time.perf_counter() - start)
 
 
+def write_parquet(text_dir: pathlib.Path, out: pathlib.Path, files: int = 2, rows_per_group: int = 64) -> list[str]:
+    """The corpus's documents as `files` Parquet files (a "text" column, row groups of rows_per_group)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    texts = [p.read_text(encoding="utf-8") for p in sorted(text_dir.iterdir())]
+    out.mkdir(parents=True)
+    paths = []
+    for i in range(files):
+        paths.append(str(out / f"part-{i}.parquet"))
+        pq.write_table(pa.table({"text": texts[i::files]}), paths[-1], row_group_size=rows_per_group)
+    return paths
+
+
+def parquet_tokens_per_s(files, n_ctx: int, batch: int, seconds: float = 5.0, readers: int = 2) -> float:
+    """The parquet input's windows (row groups read and tokenized by `readers` threads), tokens/s."""
+    from gpt2train.inputs.parquet import ParquetWindows
+    from gpt2train.tokenizer import GPT2_ENCODER_DIR, load_tokenizer
+
+    src = ParquetWindows(files, load_tokenizer(GPT2_ENCODER_DIR), n_ctx, batch, readers=readers)
+    try:
+        return _tokens_per_s(src, n_ctx, batch, seconds)
+    finally:
+        src.close()
+
+
+def shard_tokens_per_s(files, n_ctx: int, batch: int, seconds: float = 5.0) -> float:
+    """The bin input's random windows from llm.c shards (memory-mapped), tokens/s."""
+    from gpt2train.inputs.bin import ShardWindows
+
+    return _tokens_per_s(ShardWindows(files, n_ctx, batch, 50257, order="random"), n_ctx, batch, seconds)
+
+
+def _tokens_per_s(src, n_ctx: int, batch: int, seconds: float) -> float:
+    src.next_batch()
+    n, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        src.next_batch()
+        n += 1
+    return n * batch * n_ctx / (time.perf_counter() - start)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--mb", type=float, default=50.0, help="corpus size in MB (default 50)")
@@ -99,14 +143,20 @@ def main() -> None:
         print(f"encode: {summary.mb_per_s:.2f} MB/s with {args.workers} workers "
               f"({summary.tokens:,} tokens, {summary.seconds:.1f} s)")
         files = [str(f) for f in sorted((work / "records").glob("*.tfrecords"))]
-        print("| shape | input pipeline tok/s | train step tok/s | pipeline / step |")
-        print("| --- | --- | --- | --- |")
+        encode_corpus(str(work / "text"), str(work / "shards"), "bench", args.encoder_path, files_per=500,
+                      minimum_size=16, workers=args.workers, progress=False, fmt="bin", log=lambda *_: None)
+        shard_files = [str(f) for f in sorted((work / "shards").glob("*.bin"))]
+        parquet_files = write_parquet(work / "text", work / "parquet")
+        print("| shape | input | pipeline tok/s | train step tok/s | pipeline / step |")
+        print("| --- | --- | --- | --- | --- |")
         for name, shape in SHAPES.items():
             if args.quick and "124M" in name:
                 continue
-            pipe = pipeline_tokens_per_s(files, shape[5], shape[4])
             step = step_tokens_per_s(shape)
-            print(f"| {name} | {pipe:,.0f} | {step:,.0f} | {pipe / step:.0f}x |", flush=True)
+            for source, speed in (("tfrecords", pipeline_tokens_per_s(files, shape[5], shape[4])),
+                                  ("parquet (tokenized as read)", parquet_tokens_per_s(parquet_files, shape[5], shape[4])),
+                                  ("llm.c shards", shard_tokens_per_s(shard_files, shape[5], shape[4]))):
+                print(f"| {name} | {source} | {speed:,.0f} | {step:,.0f} | {speed / step:.0f}x |", flush=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -334,7 +334,7 @@ def bench_tasks(shape, repeats: int, reference: bool) -> dict:
 def bench_data(megabytes: float) -> dict:
     import shutil
 
-    from .data_speed import build_corpus, pipeline_tokens_per_s
+    from .data_speed import build_corpus, parquet_tokens_per_s, pipeline_tokens_per_s, shard_tokens_per_s, write_parquet
 
     from gpt2train.encode import encode_corpus
     work = pathlib.Path(tempfile.mkdtemp(prefix="bench_data_"))
@@ -343,9 +343,16 @@ def bench_data(megabytes: float) -> dict:
         s = encode_corpus(str(work / "text"), str(work / "records"), "bench", GPT2_ENCODER_DIR, files_per=50,
                           minimum_size=16, workers=2, progress=False, log=lambda *_: None)
         files = [str(f) for f in sorted((work / "records").glob("*.tfrecords"))]
+        encode_corpus(str(work / "text"), str(work / "shards"), "bench", GPT2_ENCODER_DIR, files_per=500,
+                      minimum_size=16, workers=2, progress=False, log=lambda *_: None, fmt="bin")
+        shard_files = [str(f) for f in sorted((work / "shards").glob("*.bin"))]
+        parquet_files = write_parquet(work / "text", work / "parquet")
         return {"corpus_mb": size / 1e6, "encode_mb_s": s.mb_per_s, "encode_workers": 2, "tokens": s.tokens,
                 "pipeline_tok_s_ctx128_b16": pipeline_tokens_per_s(files, 128, 16, seconds=3.0),
-                "pipeline_tok_s_ctx1024_b8": pipeline_tokens_per_s(files, 1024, 8, seconds=3.0)}
+                "pipeline_tok_s_ctx1024_b8": pipeline_tokens_per_s(files, 1024, 8, seconds=3.0),
+                # windows with their decoding: Parquet read and tokenized as drawn; shards memory-mapped
+                "parquet_tok_s_ctx1024_b8": parquet_tokens_per_s(parquet_files, 1024, 8, seconds=3.0),
+                "shards_tok_s_ctx1024_b8": shard_tokens_per_s(shard_files, 1024, 8, seconds=3.0)}
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -452,7 +459,9 @@ def markdown(report: dict) -> str:
         d = r["data"]
         lines += ["## Data", "", f"encode {d['encode_mb_s']:.2f} MB/s ({d['encode_workers']} workers, "
                   f"{d['corpus_mb']:.0f} MB); record input pipeline {d['pipeline_tok_s_ctx128_b16']:,.0f} tokens/s "
-                  f"(ctx 128 x 16), {d['pipeline_tok_s_ctx1024_b8']:,.0f} tokens/s (ctx 1024 x 8)", ""]
+                  f"(ctx 128 x 16), {d['pipeline_tok_s_ctx1024_b8']:,.0f} tokens/s (ctx 1024 x 8)", "",
+                  f"Parquet input (read and tokenized as drawn) {d['parquet_tok_s_ctx1024_b8']:,.0f} tokens/s, "
+                  f"llm.c shards (bin input) {d['shards_tok_s_ctx1024_b8']:,.0f} tokens/s (ctx 1024 x 8)", ""]
     if "ttq" in r:
         q = r["ttq"]
         lines += ["## Time to quality", "", f"demo recipe {q['recipe']}: {q['steps']} steps in {q['seconds']:.0f} s -> "

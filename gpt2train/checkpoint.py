@@ -15,7 +15,7 @@ import orbax.checkpoint as ocp
 
 from .config import SHAPE_KEYS, Config
 from .errors import UserError
-from .paths import checkpoint_dir
+from .paths import check_bucket, checkpoint_dir
 
 # A checkpoint only fits a config that agrees on the model's shape and the padded vocabulary.
 CHECKPOINT_SHAPE_KEYS = (*SHAPE_KEYS, "pad_vocab_to")
@@ -27,6 +27,8 @@ class Checkpointer:
     def __init__(self, cfg: Config, *, create: bool = True):
         self.cfg = cfg
         self.dir = checkpoint_dir(cfg.model_path)
+        if create:
+            check_bucket(self.dir, "model_path")  # one line, not Orbax's traceback, for a missing or refused bucket
         # cleanup_tmp_directories: a save killed half-way leaves a temporary directory; drop it.
         opts = ocp.CheckpointManagerOptions(max_to_keep=cfg.keep_checkpoints, create=create,
                                             cleanup_tmp_directories=create)

@@ -248,14 +248,15 @@ def cmd_tokenizer(args) -> None:
     from .paths import expand_paths
     from .tokenizer import train_tokenizer
     files = expand_paths(args.input)
-    tok = train_tokenizer(files, args.vocab_size, args.out)
+    tok = train_tokenizer(files, args.vocab_size, args.out, text_field=args.text_field)
     print(f"trained a {tok.n_vocab}-token BPE vocabulary on {len(files)} files; "
           f"wrote {args.out}/encoder.json and {args.out}/vocab.bpe")
 
 
 def cmd_encode(args) -> None:
     from .encode import encode_corpus
-    encode_corpus(args.input, args.out, args.name, args.encoder_path, files_per=args.files_per,
+    encode_corpus(args.input, args.out, args.name, args.encoder_path, fmt=args.format, text_field=args.text_field,
+                  files_per=args.files_per,
                   minimum_size=args.minimum_size, workers=args.workers,
                   holdout_fraction=args.holdout_fraction, holdout_inputs=args.holdout_input)
 
@@ -295,18 +296,22 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--limit", type=int, default=0, help="score only the first N items of each task (default: all)")
 
     k = sub.add_parser("tokenizer", allow_abbrev=False, help="train a byte-level BPE vocabulary on text files")
-    k.add_argument("--input", required=True, nargs="+", help="text or JSONL files, directories or globs")
+    k.add_argument("--input", required=True, nargs="+", help="text, JSONL or Parquet files, directories or globs")
+    k.add_argument("--text_field", default="text", help="the text column of Parquet inputs / field of JSONL lines (default text)")
     k.add_argument("--vocab_size", type=int, required=True)
     k.add_argument("--out", required=True, help="directory for encoder.json + vocab.bpe")
 
     n = sub.add_parser("encode", allow_abbrev=False, help="text -> BPE tokens -> NAME_i.tfrecords (parallel, resumable)")
-    n.add_argument("--input", required=True, nargs="+", help="text or JSONL (a \"text\" field per line) files, directories or globs")
+    n.add_argument("--input", required=True, nargs="+", help="text, JSONL (a \"text\" field per line) or Parquet (a \"text\" column) files, directories or globs, local or remote (gs://, s3://, hf://datasets/...)")
     n.add_argument("--out", required=True, help="output directory (local or gs://)")
     n.add_argument("--name", required=True, help="file-name prefix: NAME_0.tfrecords, NAME_1.tfrecords, ...")
     n.add_argument("--encoder_path", required=True, help="directory with encoder.json and vocab.bpe")
     n.add_argument("--files_per", type=int, default=100_000, help="documents per output file (default 100000)")
     n.add_argument("--minimum_size", type=int, default=128, help="drop documents under this many tokens (default 128)")
     n.add_argument("--workers", type=int, default=None, help="worker processes (default: one per core; 0 = in-process)")
+    n.add_argument("--format", choices=("tfrecords", "bin"), default="tfrecords",
+                   help="tfrecords (default) or bin: llm.c token shards NAME_i.bin, read by the bin input, nanoGPT and llm.c")
+    n.add_argument("--text_field", default="text", help="the text column of Parquet inputs / field of JSONL lines (default text)")
     held = n.add_mutually_exclusive_group()
     held.add_argument("--holdout_fraction", type=float, default=0.0, help="share of documents written to OUT/eval/ instead")
     held.add_argument("--holdout_input", nargs="+", help="inputs written to OUT/eval/ as the held-out set")

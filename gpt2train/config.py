@@ -23,6 +23,7 @@ PRECISIONS = ("float32", "bfloat16")
 DECAY_TYPES = ("pow", "adam")
 REMAT_POLICIES = ("nothing_saveable", "dots_saveable", "dots_with_no_batch_dims_saveable")
 KERNELS = ("auto", "cpu", "standard")
+WINDOW_ORDERS = ("random", "sequential")
 
 
 # The keys that fix the parameter shapes (a checkpoint or a pretrained model fits a config only
@@ -93,6 +94,9 @@ class Config:
     minimum_size: int = _key(128, "smallest document (tokens) in the records; sets stitch when stitch is 0")
     skip_corrupt_records: bool = _key(False, "skip (and count) damaged records instead of stopping")
     prefetch: int = _key(4, "batches read ahead in a background thread (0: read in the training loop)")
+    window_order: str = _key("random", "bin and parquet inputs' training windows: random (nanoGPT: drawn per batch, seeded) or sequential (in file order, as llm.c)")
+    text_field: str = _key("text", "the text column of Parquet files and the text field of JSONL lines")
+    readers: int = _key(4, "parquet input: row groups read and tokenized ahead by this many threads")
     scan_unroll: int = _key(0, "layers per scan step: 1 compiles fastest, n_layer runs fastest (0: all if n_layer <= 12, else 1)")
     inference_precision: str = _key("auto", "generate, evaluate and serve: float32, bfloat16 (weight matrices held in bfloat16: half the bytes per token) or auto (bfloat16 where the hardware computes it natively: TPU, GPU, CPUs with AVX-512 BF16 or AMX; else precision)")
     kernels: str = _key("auto", "matmul and attention kernels: cpu (written for XLA:CPU), standard (fused attention, plain products: GPU/TPU) or auto (cpu on a CPU backend)")
@@ -161,6 +165,9 @@ class Config:
         need(self.eval_tasks is None or (isinstance(self.eval_tasks, list) and all(isinstance(t, str) for t in self.eval_tasks)),
              f"eval_tasks must be a list of task names, got {self.eval_tasks!r}")
         need(self.eval_tasks_every >= 0 and self.eval_tasks_items >= 0, "eval_tasks_every and eval_tasks_items must be >= 0")
+        need(self.window_order in WINDOW_ORDERS, f"window_order must be one of {WINDOW_ORDERS}, got {self.window_order!r}")
+        need(self.readers >= 1, f"readers must be at least 1, got {self.readers}")
+        need(isinstance(self.text_field, str) and bool(self.text_field), f"text_field must be a column name, got {self.text_field!r}")
         if self.data_weights is not None:
             need(isinstance(self.data_weights, list) and all(isinstance(w, (int, float)) for w in self.data_weights),
                  f"data_weights must be a list of numbers, got {self.data_weights!r}")

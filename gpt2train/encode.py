@@ -1,7 +1,9 @@
-"""Text -> BPE tokens -> NAME_i.tfrecords, in parallel worker processes, resumable.
+"""Text -> BPE tokens -> NAME_i.tfrecords (or llm.c token shards NAME_i.bin), in parallel worker processes, resumable.
 
 Documents are taken in a fixed order (sorted inputs, JSONL lines in order) and cut into chunks
-of `files_per`; chunk i becomes OUT/NAME_i.tfrecords, written by one worker under a temporary
+of `files_per`; chunk i becomes OUT/NAME_i.tfrecords (format "tfrecords": one record per
+document) or OUT/NAME_i.bin (format "bin": an llm.c shard, each document preceded by
+<|endoftext|> as llm.c's own encoder writes them; see gpt2train/shards.py), written by one worker under a temporary
 name and renamed when complete. A rerun skips every chunk whose file exists, so an interrupted
 encode resumes where it stopped. OUT/NAME.encode.json records the settings; a rerun with other
 settings is refused rather than mixing two encodings in one dataset.
@@ -24,14 +26,16 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 
 import fsspec
+import numpy as np
 from fsspec.implementations.local import LocalFileSystem
 
-from gpt2train import records
+from gpt2train import records, shards
 from gpt2train.errors import UserError
-from gpt2train.paths import expand_paths
+from gpt2train.paths import check_bucket, expand_paths
 from gpt2train.text_sources import clean_text, iter_documents
 
 SETTINGS_VERSION = 1
+FORMATS = ("tfrecords", "bin")
 
 
 @dataclass
@@ -73,12 +77,18 @@ def _init_worker(encoder_path: str) -> None:
     _worker_tokenizer = load_tokenizer(encoder_path)
 
 
-def _encode_chunk(path: str, docs: list[tuple[str, str]], minimum_size: int) -> tuple[int, int, int]:
+def _encode_chunk(path: str, docs: list[tuple[str, str]], minimum_size: int,
+                  fmt: str = "tfrecords") -> tuple[int, int, int]:
     """Clean, tokenize and write one file; returns (documents, tokens, dropped)."""
     texts = [clean_text(text) for _, text in docs]
     ids = _worker_tokenizer.encode_batch(texts, num_threads=1)
     kept = [(tokens, name) for (name, _), tokens in zip(docs, ids) if len(tokens) >= max(minimum_size, 1)]
-    records.write_documents(path, kept)
+    if fmt == "bin":
+        eot = _worker_tokenizer.eot_id
+        stream = np.concatenate([np.asarray([eot, *tokens], dtype=np.int64) for tokens, _ in kept] or [[]])
+        shards.write_shard(path, stream, _worker_tokenizer.n_vocab)
+    else:
+        records.write_documents(path, kept)
     return len(docs), sum(len(t) for t, _ in kept), len(docs) - len(kept)
 
 
@@ -96,7 +106,7 @@ def _check_settings(out: str, name: str, settings: dict) -> None:
     path = posixpath.join(root, f"{name}.encode.json")
     if fs.exists(path):
         with fs.open(path, "r") as f:
-            earlier = json.load(f)
+            earlier = {"format": "tfrecords", "text_field": "text", **json.load(f)}  # keys older encodings lack
         if earlier != settings:
             changed = sorted(k for k in settings.keys() | earlier.keys() if settings.get(k) != earlier.get(k))
             raise UserError(
@@ -117,8 +127,9 @@ def _chunks(docs: Iterable[tuple[str, str]], size: int) -> Iterator[list[tuple[s
 class _Writer:
     """Sends chunks to the workers (or encodes in-process with workers=0), bounded in flight."""
 
-    def __init__(self, pool, minimum_size: int, summary: EncodeSummary, progress):
+    def __init__(self, pool, minimum_size: int, summary: EncodeSummary, progress, fmt: str = "tfrecords"):
         self.pool, self.minimum_size, self.summary, self.progress = pool, minimum_size, summary, progress
+        self.fmt = fmt
         self.pending: dict[futures.Future, int] = {}
 
     def _collect(self, fut: futures.Future, nbytes: int) -> None:
@@ -132,14 +143,14 @@ class _Writer:
     def submit(self, path: str, docs: list[tuple[str, str]], nbytes: int) -> None:
         if self.pool is None:
             fut = futures.Future()
-            fut.set_result(_encode_chunk(path, docs, self.minimum_size))
+            fut.set_result(_encode_chunk(path, docs, self.minimum_size, self.fmt))
             self._collect(fut, nbytes)
             return
         while len(self.pending) >= 2 * self.pool._max_workers:
             done, _ = futures.wait(self.pending, return_when=futures.FIRST_COMPLETED)
             for fut in done:
                 self._collect(fut, self.pending.pop(fut))
-        self.pending[self.pool.submit(_encode_chunk, path, docs, self.minimum_size)] = nbytes
+        self.pending[self.pool.submit(_encode_chunk, path, docs, self.minimum_size, self.fmt)] = nbytes
 
     def finish(self) -> None:
         for fut in futures.as_completed(list(self.pending)):
@@ -163,8 +174,10 @@ def encode_corpus(
     holdout_inputs: str | Sequence[str] | None = None,
     progress: bool = True,
     log=print,
+    fmt: str = "tfrecords",
+    text_field: str = "text",
 ) -> EncodeSummary:
-    """Encode every document of `inputs` into OUT/NAME_i.tfrecords (held-out ones into OUT/eval/)."""
+    """Encode every document of `inputs` into OUT/NAME_i.tfrecords or .bin (held-out ones into OUT/eval/)."""
     from tqdm import tqdm
 
     from gpt2train.tokenizer import load_tokenizer
@@ -177,9 +190,12 @@ def encode_corpus(
         raise UserError(f"--holdout_fraction {holdout_fraction} must be in [0, 1)")
     if holdout_fraction and holdout_inputs:
         raise UserError("give either --holdout_fraction or --holdout_input, not both")
+    if fmt not in FORMATS:
+        raise UserError(f"--format {fmt!r} must be one of {FORMATS}")
     if "/" in name or not name:
         raise UserError(f"--name {name!r} must be a plain file-name prefix")
     load_tokenizer(encoder_path)  # a missing or broken vocabulary fails here, before any work
+    check_bucket(out, "--out")  # object stores would create a missing bucket on the first write
     files = expand_paths(inputs)
     held_files = expand_paths(holdout_inputs) if holdout_inputs else []
     settings = {
@@ -190,6 +206,8 @@ def encode_corpus(
         "files_per": files_per,
         "minimum_size": minimum_size,
         "holdout_fraction": holdout_fraction,
+        "format": fmt,
+        "text_field": text_field,
     }
     _check_settings(out, name, settings)
     fs, root = fsspec.core.url_to_fs(out)
@@ -199,7 +217,7 @@ def encode_corpus(
     start = time.perf_counter()
 
     def target(split_root: str, index: int) -> str:
-        return posixpath.join(split_root, f"{name}_{index}.tfrecords")
+        return posixpath.join(split_root, f"{name}_{index}.{fmt}")
 
     train_root, eval_root = root, posixpath.join(root, "eval")
     if holdout_fraction or held_files:
@@ -212,7 +230,7 @@ def encode_corpus(
     else:
         _init_worker(encoder_path)
     bar = tqdm(total=total, unit="B", unit_scale=True, desc=f"encode {name}", disable=not progress)
-    writer = _Writer(pool, minimum_size, summary, bar)
+    writer = _Writer(pool, minimum_size, summary, bar, fmt)
     local = isinstance(fs, LocalFileSystem)
     buffers = {train_root: [], eval_root: []}
     counts = {train_root: 0, eval_root: 0}
@@ -233,7 +251,7 @@ def encode_corpus(
             bar.update(nbytes)
         else:
             summary.input_bytes += nbytes  # MB/s counts the text this run encodes
-            writer.submit(path, chunk, nbytes)
+            writer.submit(path if local else fs.unstrip_protocol(path), chunk, nbytes)  # workers open it by URL
 
     def route(docs, split_of) -> None:
         for doc in docs:
@@ -244,10 +262,11 @@ def encode_corpus(
 
     try:
         if holdout_fraction:
-            route(iter_documents(files), lambda d: eval_root if _held_out(d[0], holdout_fraction) else train_root)
+            route(iter_documents(files, text_field),
+                  lambda d: eval_root if _held_out(d[0], holdout_fraction) else train_root)
         else:
-            route(iter_documents(files), lambda d: train_root)
-            route(iter_documents(held_files), lambda d: eval_root)
+            route(iter_documents(files, text_field), lambda d: train_root)
+            route(iter_documents(held_files, text_field), lambda d: eval_root)
         flush(train_root)
         flush(eval_root)
         writer.finish()

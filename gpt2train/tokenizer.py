@@ -174,9 +174,9 @@ def _chunks(text: str, size: int = 1 << 20) -> Iterator[str]:
     yield text[start:]
 
 
-def _corpus(files: Sequence[str]) -> Iterator[str]:
-    """Text of every document (plain files and JSONL lines), cut into pieces."""
-    for _, text in iter_documents(files):
+def _corpus(files: Sequence[str], text_field: str = "text") -> Iterator[str]:
+    """Text of every document (plain files, JSONL lines, Parquet rows), cut into pieces."""
+    for _, text in iter_documents(files, text_field):
         yield from _chunks(text)
 
 
@@ -214,7 +214,8 @@ def _write_gpt2_files(encoder: dict[str, int], merges: list[str], out_dir: str) 
         f.write(MERGES_HEADER + "\n" + "".join(m + "\n" for m in merges))
 
 
-def train_tokenizer(files: list[str], vocab_size: int, out_dir: str, *, min_frequency: int = 2) -> Tokenizer:
+def train_tokenizer(files: list[str], vocab_size: int, out_dir: str, *, min_frequency: int = 2,
+                    text_field: str = "text") -> Tokenizer:
     """Learn a byte-level BPE of `vocab_size` ids (the last is <|endoftext|>) and save it in out_dir."""
     if vocab_size < 257:
         raise UserError(
@@ -222,7 +223,7 @@ def train_tokenizer(files: list[str], vocab_size: int, out_dir: str, *, min_freq
         )
     if not files:
         raise UserError("no text files to train the tokenizer on: pass at least one")
-    hf = _train_hf(_corpus(files), vocab_size - 1, min_frequency)
+    hf = _train_hf(_corpus(files, text_field), vocab_size - 1, min_frequency)
     encoder, merges = _vocab_and_merges(hf)
     if len(encoder) != vocab_size - 1:
         raise UserError(

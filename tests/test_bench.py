@@ -32,6 +32,7 @@ def test_smoke_suite_writes_a_complete_report(tmp_path):
     assert g["batch_1_bf16"]["weight_bytes_per_token"] < 0.52 * g["batch_1"]["weight_bytes_per_token"]
     assert abs(r["eval"]["loss_bfloat16"] - r["eval"]["loss_float32"]) < 0.05
     assert r["data"]["encode_mb_s"] > 0 and r["data"]["tokens"] > 0 and r["data"]["pipeline_tok_s_ctx128_b16"] > 0
+    assert r["data"]["parquet_tok_s_ctx1024_b8"] > 0 and r["data"]["shards_tok_s_ctx1024_b8"] > 0
     q = r["ttq"]
     assert q["steps"] > 1 and 0 < q["heldout_bits_per_byte"] < 10
     md = (tmp_path / "report.md").read_text()

@@ -12,8 +12,8 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 from conftest import ENCODER_DIR, REPO, STDLIB  # noqa: E402
-from gpt2train.cli import run_main  # noqa: E402
 from hub_server import Hub, start  # noqa: E402
+from gpt2train.cli import run_main  # noqa: E402
 
 REPO_ID = "openai-community/gpt2"
 

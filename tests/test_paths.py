@@ -59,5 +59,7 @@ def test_checkpoint_locations(tmp_path, monkeypatch):
     assert checkpoint_dir("runs/a") == f"{tmp_path}/runs/a/checkpoints"
     assert checkpoint_dir("file:///data/run/") == "/data/run/checkpoints"
     assert checkpoint_dir("gs://bucket/run") == "gs://bucket/run/checkpoints"
-    with pytest.raises(UserError, match="memory://x.*local directory, gs:// or s3://"):
+    with pytest.raises(UserError, match="memory://x.*local directory or gs://"):
         checkpoint_dir("memory://x")
+    with pytest.raises(UserError, match="Orbax 0.12 cannot write checkpoints to s3://"):
+        checkpoint_dir("s3://bucket/run")

@@ -14,6 +14,8 @@ from gpt2train.inputs.base import (
     split_settings,
 )
 from gpt2train.inputs import openwebtext, text, tfrecords  # noqa: F401  (each registers its inputs)
+from gpt2train.inputs import bin  # noqa: F401  (nanoGPT and llm.c token shards)
+from gpt2train.inputs import parquet  # noqa: F401  (Parquet files, streamed by row group)
 
 __all__ = [
     "InputFactory",

@@ -56,6 +56,7 @@ class Prefetched(WindowSource):
             self._thread.join()
             self._thread, self._queue = None, None
             self.source.restore(self._state)
+            self.source.close()  # its own readers (the parquet input's threads) start again when read
 
     def next_batch(self):
         if self._thread is None:

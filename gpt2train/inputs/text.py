@@ -118,9 +118,10 @@ def _token_dtype(docs: Sequence[np.ndarray], eot_id: int) -> type:
 
 @register_input("text")
 def text_input(cfg, split: str, tokenizer, *, process_index: int = 0, process_count: int = 1) -> WindowSource:
-    """UTF-8 text files (a .jsonl file: one document per line); tokenized once and kept in memory."""
+    """UTF-8 text files (a .jsonl file: one document per line; a .parquet file: one per row); tokenized once
+    and kept in memory."""
     path_key, spec, global_batch, batch_key = split_settings(cfg, split)
-    docs = token_documents(expand_paths(spec), tokenizer)
+    docs = token_documents(expand_paths(spec), tokenizer, text_field=getattr(cfg, "text_field", "text"))  # a bare namespace as cfg (tests) reads "text"
     return DocumentWindows(
         docs,
         tokenizer.eot_id,
