@@ -243,7 +243,7 @@ def _coerce(name: str, value: Any, *, text: bool = False) -> Any:
     """Convert a value to the key's type, or explain why it cannot be. Command-line values
     (`text`) are strings and are parsed; JSON values must already have the key's type."""
     default = FIELDS[name].default
-    if name in PATH_KEYS:
+    if name in PATH_KEYS or default is None:  # paths and data_weights: validate() checks their shapes
         return value
     if not (text and isinstance(value, str)):
         return _strict(name, value)
@@ -293,6 +293,10 @@ def load_config(path: str, overrides: dict | None = None) -> Config:
             text = f.read()
     except FileNotFoundError:
         raise UserError(f"config file not found: {path} (the configs/ folder has examples)") from None
+    except UnicodeDecodeError as e:
+        raise UserError(f"config {path} is not UTF-8 text ({e.reason} at byte {e.start}): write it as JSON") from None
+    except OSError as e:
+        raise UserError(f"config {path} cannot be read ({e.strerror or e})") from None
     try:
         raw = json.loads(text)
     except json.JSONDecodeError as e:
