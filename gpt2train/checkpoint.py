@@ -11,9 +11,11 @@ with its step and the array named instead of loading silently.
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import posixpath
+import sys
 
 import fsspec
 import jax
@@ -28,6 +30,29 @@ from .paths import checkpoint_dir
 CHECKPOINT_SHAPE_KEYS = (*SHAPE_KEYS, "pad_vocab_to")
 
 logging.getLogger("absl").setLevel(logging.WARNING)
+
+
+def _quiet_failed_saves() -> None:
+    """A save that fails (a full disk) makes Orbax's background threads log the same error with
+    its traceback several times (~300 lines), and TensorStore's callbacks report a closed event
+    loop. Checkpointer turns the failure into one UserError naming the cause, so those repeats
+    are dropped: Orbax's error records, and that one RuntimeError reaching sys.excepthook."""
+    class DropOrbaxErrors(logging.Filter):
+        def filter(self, record):
+            return not (record.levelno >= logging.ERROR and "orbax" in record.pathname)
+
+    logging.getLogger("absl").addFilter(DropOrbaxErrors())
+    previous = sys.excepthook
+
+    def excepthook(kind, value, tb):
+        if kind is RuntimeError and str(value) == "Event loop is closed":
+            return
+        previous(kind, value, tb)
+
+    sys.excepthook = excepthook
+
+
+_quiet_failed_saves()
 
 
 class Checkpointer:
@@ -204,8 +229,12 @@ def _root_cause(e: BaseException) -> str:
         if isinstance(seen, OSError) and seen.strerror:
             return f"{seen.strerror}" + (f": {seen.filename}" if seen.filename else "")
         seen = seen.__cause__ or seen.__context__
-    text = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {text[0][:300] if text else ''}"
+    text = str(e)
+    # TensorStore reports the OS's reason inside its own message: name it first.
+    for code in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO):
+        if os.strerror(code) in text:
+            return f"{os.strerror(code)}: {type(e).__name__}: {text.splitlines()[0][:200]}"
+    return f"{type(e).__name__}: {text.strip().splitlines()[0][:300] if text.strip() else ''}"
 
 
 def _exists(path: str) -> bool:

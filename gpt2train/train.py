@@ -198,6 +198,7 @@ class Trainer:
         self.history: collections.deque = collections.deque(maxlen=HISTORY_STEPS)
         self._stop: StopRequest | None = None
         self._last_loss = self._eval_loss = None
+        self._saved_step = None
         self.origin = "It started from freshly initialised parameters; "  # what the NaN message says of the start
 
         rep, data = replicated(self.mesh), batch_sharding(self.mesh)
@@ -262,8 +263,9 @@ class Trainer:
                 self.log(f"{first_error}; moved step {', '.join(map(str, damaged))} to {aside} and resuming from "
                          f"step {step}, the newest intact checkpoint (resume_fallback)")
             return step, state, meta
-        raise UserError(f"{first_error}. No intact checkpoint is left in {self.ckpt.dir}: start over with a new "
-                        "model_path")
+        raise UserError(f"{first_error}. No checkpoint in {self.ckpt.dir} reads back: if the optimizer settings "
+                        "(opt_name, grad_clip, weight_decay) changed since, restore them; otherwise start over with a "
+                        "new model_path")
 
     def _resume(self, sharding):
         step, state, meta = self._newest_intact(sharding)
@@ -318,6 +320,9 @@ class Trainer:
         return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0))}
 
     def save(self) -> None:
+        if self.step == self._saved_step:  # two hooks due at one step (steps and seconds): one save
+            return
+        self._saved_step = self.step
         # The last update can overflow after a finite loss was reported: never save such a state.
         if not bool(_all_finite(self.state["params"])):
             raise self._non_finite("the parameters became non-finite", self.step)
