@@ -98,7 +98,7 @@ class Checkpointer:
             logging.getLogger("asyncio").setLevel(logging.CRITICAL)  # the abandoned tasks' tracebacks
             complete = [s for s in self.all_steps() if s != step]
             last = f"step {complete[-1]}" if complete else "none yet"
-            raise UserError(f"saving the checkpoint of step {step} in {self.dir} failed ({_root_cause(e)}); "
+            raise SaveFailed(f"saving the checkpoint of step {step} in {self.dir} failed ({_root_cause(e)}); "
                             f"the newest complete checkpoint is {last}, nothing before it is lost: free disk space "
                             "or fix the directory's permissions, then rerun to resume") from None
 
@@ -143,11 +143,15 @@ class Checkpointer:
         """Move damaged steps out of the checkpoint directory (kept for inspection, never loaded
         again), so training from an earlier step can save those step numbers anew."""
         aside = posixpath.join(self.cfg.model_path.rstrip("/"), "damaged_checkpoints")
-        fs, root = fsspec.core.url_to_fs(aside)
-        fs.makedirs(root, exist_ok=True)
-        for step in steps:
-            _, src = fsspec.core.url_to_fs(posixpath.join(self.dir, str(step)))
-            fs.mv(src, posixpath.join(root, f"{step}-{os.getpid()}"), recursive=True)
+        if jax.process_index() == 0:  # one host moves; the others wait for it
+            fs, root = fsspec.core.url_to_fs(aside)
+            fs.makedirs(root, exist_ok=True)
+            for step in steps:
+                _, src = fsspec.core.url_to_fs(posixpath.join(self.dir, str(step)))
+                fs.mv(src, posixpath.join(root, f"{step}-{os.getpid()}"), recursive=True)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+            multihost_utils.sync_global_devices("gpt2train: damaged checkpoints moved aside")
         self.manager.reload()
         return aside
 
@@ -201,6 +205,14 @@ def load_params(cfg: Config, step: int | None = None, sharding=None, tokenizer=N
     params = ckpt.restore_params(step, sharding)
     ckpt.close()
     return params, step
+
+
+class SaveFailed(UserError):
+    """A save that could not be written (disk full, permissions). Orbax's abandoned writes may
+    still call back into Python while the interpreter shuts down, each printing a traceback, so
+    the command line exits at once after the message (cli.guarded)."""
+
+    exit_at_once = True
 
 
 class UnreadableCheckpoint(UserError):

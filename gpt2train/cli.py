@@ -408,6 +408,10 @@ def guarded(fn, argv=None) -> int:
         return fn(argv)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
+        if getattr(e, "exit_at_once", False):  # checkpoint.SaveFailed: skip the shutdown's noise
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(EXIT_USER_ERROR)
         return EXIT_USER_ERROR
     except OSError as e:  # the machine's fault (disk full, read-only, permission), not a bug: one line too
         from .paths import os_reason

@@ -228,6 +228,7 @@ class Trainer:
             from .pretrained import fit, load_pretrained
             pre = load_pretrained(self.cfg.init_from)
             self.log(f"initialised from the pretrained model {pre.source}")
+            self.origin = f"It started from the pretrained model {pre.source}; "
             return self._state_from_params(fit(pre, self.cfg), sharding)
         return jax.jit(lambda: init_state(self.cfg, self.tx), out_shardings=sharding)()
 

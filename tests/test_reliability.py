@@ -63,7 +63,8 @@ def copy_run(run4, dest: Path, **changes):
 
 def test_a_damaged_checkpoint_is_refused_and_the_fallback_resumes_bitwise(run4, tmp_path):
     cfg, tok, params4 = copy_run(run4, tmp_path)
-    flip_byte(array_files(Path(cfg.model_path), 4)[1], 5000)  # the file of the parameters
+    params_file = array_files(Path(cfg.model_path), 4)[1]  # the parameters, wte first
+    flip_byte(params_file, params_file.stat().st_size // 2)
     with pytest.raises(UserError) as e:
         Trainer(cfg, tok, **QUIET)
     msg = str(e.value)
@@ -335,7 +336,7 @@ def test_sigkills_at_any_moment_and_during_a_save_end_bitwise_equal(tmp_path, gp
     exists, i.e. during a save), then a run to the end; the final parameters equal, bit for bit,
     those of a run never interrupted."""
     import time
-    common = dict(max_steps=14, checkpoint_every=1, train_steps=14, eval_steps=0, iterations=1, res_dropout=0.1,
+    common = dict(max_steps=10, checkpoint_every=1, train_steps=10, eval_steps=0, iterations=1, res_dropout=0.1,
                   keep_checkpoints=2)
     reference = Trainer(tiny_config(tmp_path / "ref", **common), gpt2_tokenizer, **QUIET)
     reference.run()
@@ -370,4 +371,44 @@ def test_sigkills_at_any_moment_and_during_a_save_end_bitwise_equal(tmp_path, gp
     assert final.wait(timeout=300) == 0
     assert len(kills) == 3
     params, step = load_params(cfg)
-    assert step == 14 and same_trees(params, jax.device_get(reference.state["params"]))
+    assert step == 10 and same_trees(params, jax.device_get(reference.state["params"]))
+
+
+def test_json_types_are_strict_and_floats_finite(tmp_path):
+    from gpt2train.config import load_config
+    cases = [({"n_layer": True}, "'n_layer' must be an int (a whole number), got True (true/false)"),
+             ({"n_layer": "2"}, "'n_layer' must be an int (a whole number), got '2' (a quoted string): write 2 without quotes"),
+             ({"lr": "inf"}, "'lr' must be a number, got 'inf'"),
+             ({"remat": 1}, "'remat' must be true or false"),
+             ({"model_path": 5}, "'model_path' must be a string")]
+    for values, words in cases:
+        (tmp_path / "c.json").write_text(json.dumps(values))
+        with pytest.raises(UserError) as e:
+            load_config(str(tmp_path / "c.json"))
+        assert words in str(e.value)
+    (tmp_path / "c.json").write_text(json.dumps({"n_layer": 2, "lr": 1e-3}))
+    with pytest.raises(UserError, match="lr must be a finite number, got inf"):
+        load_config(str(tmp_path / "c.json"), {"lr": "inf"})  # the command line's strings are converted...
+    assert load_config(str(tmp_path / "c.json"), {"n_layer": "3", "remat": "true"}).n_layer == 3  # ...and checked
+
+
+def test_a_record_error_counts_records_in_its_own_file(tmp_path):
+    good = [np.arange(5) + i for i in range(4)]
+    _records(tmp_path / "a_0.tfrecords", good)
+    frames = [records._frame(records.encode_example(d, "x")) for d in good[:2]]
+    second = tmp_path / "a_1.tfrecords"
+    second.write_bytes(b"".join(frames) + records._frame(b"\x0a\x03abc"))  # record 2 is not an Example
+    stats = records.ReadStats()
+    list(records.read_documents(str(tmp_path / "a_0.tfrecords"), stats=stats))
+    with pytest.raises(UserError) as e:
+        list(records.read_documents(str(second), stats=stats))  # the shared stats once said "record 6"
+    assert f"a_1.tfrecords: record 2 (byte offset {sum(map(len, frames))}) is not a tf.train.Example" in str(e.value)
+
+
+def test_a_smaller_vocabulary_is_refused_before_generating(run4, tmp_path):
+    from gpt2train.cli import check_vocabulary
+    from gpt2train.tokenizer import Tokenizer
+    encoder = json.loads((ENCODER_DIR / "encoder.json").read_text())
+    small = {t: i for t, i in encoder.items() if i < 256} | {"<|endoftext|>": 256}
+    with pytest.raises(UserError, match="n_vocab is 50257 in the config but the tokenizer .* has 257 tokens"):
+        check_vocabulary(run4[1], Tokenizer(small))  # generating with it was an IndexError traceback
