@@ -145,26 +145,34 @@ def _int64_list(buf: memoryview) -> np.ndarray:
     return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
 
 
+def _submessages(buf: memoryview, wanted: tuple[int, ...]) -> Iterator[tuple[int, memoryview]]:
+    """(field number, bytes) of the `wanted` fields of a message, each a message or bytes (wire
+    type 2), as at every level of an Example above the int64 list; other fields are skipped, as
+    protobuf does, but a wanted field of another wire type is a damaged record."""
+    for number, wire, value in _fields(buf):
+        if number not in wanted:
+            continue
+        if wire != 2:
+            raise _Malformed(f"field {number} has wire type {wire} where a message belongs")
+        yield number, value
+
+
 def decode_example(data: bytes | memoryview) -> tuple[np.ndarray, bytes]:
     """(token ids, name) of a serialised Example; a missing "text" is an error, "hash" optional."""
     tokens, name = None, b""
-    for number, _, features in _fields(memoryview(data)):
-        if number != 1:
-            continue
-        for entry_number, _, entry in _fields(features):
-            if entry_number != 1:
-                continue
+    for _, features in _submessages(memoryview(data), (1,)):
+        for _, entry in _submessages(features, (1,)):
             key, feature = b"", memoryview(b"")
-            for n, _, v in _fields(entry):
+            for n, v in _submessages(entry, (1, 2)):
                 if n == 1:
                     key = bytes(v)
                 elif n == 2:
                     feature = v
-            for kind, _, values in _fields(feature):
+            for kind, values in _submessages(feature, (1, 3)):
                 if key == b"text" and kind == 3:
                     tokens = _int64_list(values)
                 elif key == b"hash" and kind == 1:
-                    name = b"".join(bytes(v) for n, _, v in _fields(values) if n == 1)
+                    name = b"".join(bytes(v) for _, v in _submessages(values, (1,)))
             if key == b"text" and tokens is None:
                 tokens = np.zeros(0, dtype=np.int64)
     if tokens is None:

@@ -149,6 +149,38 @@ def test_framed_payloads_decode_or_name_their_record(payloads):
     assert len(docs) == len(payloads)
 
 
+def _wire(fields) -> bytes:
+    """Serialise [(number, value)]: an int as a varint (wire type 0), bytes as wire type 2."""
+    out = b""
+    for number, value in fields:
+        if isinstance(value, int):
+            out += records._varint(number << 3) + records._varint(value)
+        else:
+            out += records._field(number, value)
+    return out
+
+
+# Messages shaped like an Example (fields 1-3, nested), but with any wire types and values.
+messages = st.recursive(
+    st.one_of(st.binary(max_size=8), st.sampled_from([b"text", b"hash"])),
+    lambda inner: st.lists(st.tuples(st.integers(1, 3), st.one_of(inner, st.integers(0, 2**64 - 1))),
+                           max_size=4).map(_wire),
+    max_leaves=12)
+
+
+@examples("frames")
+@given(payload=messages)
+def test_example_shaped_messages_decode_or_are_named_damaged(payload):
+    """Wrong wire types deep inside an Example: once a MemoryError (a varint read as a length of
+    bytes) and TypeErrors; now a record error with its offset, or tokens."""
+    try:
+        docs = list(records.read_documents(put("shaped.tfrecords", records._frame(payload)), n_vocab=50257))
+    except records.CorruptRecord as e:
+        assert "record 0 (byte offset 0)" in str(e)
+        return
+    assert len(docs) == 1
+
+
 @examples("round_trips")
 @given(docs=st.lists(st.tuples(st.lists(st.integers(-2**63, 2**63 - 1), max_size=40), st.binary(max_size=20)),
                      max_size=6))
