@@ -115,18 +115,20 @@ def _check_settings(out: str, name: str, settings: dict) -> None:
 def check_manifests(files: Sequence[str], tokenizer, key: str) -> None:
     """The records in `files` must have been encoded with `tokenizer`'s vocabulary: compare the
     fingerprint in each NAME.encode.json beside them (or one directory up, for OUT/eval/)."""
-    seen: set[str] = set()
+    looked: dict[str, bool] = {}  # manifest path -> exists (thousands of files share a few manifests)
     for path in files:
         folder, base = posixpath.split(path)
         prefix = base.rsplit("_", 1)[0]
         for where in (folder, posixpath.dirname(folder)):
             manifest = posixpath.join(where, f"{prefix}.encode.json")
-            if manifest in seen:
-                break
-            fs, p = fsspec.core.url_to_fs(manifest)
-            if not fs.exists(p):
+            if manifest in looked:
+                if looked[manifest]:
+                    break
                 continue
-            seen.add(manifest)
+            fs, p = fsspec.core.url_to_fs(manifest)
+            looked[manifest] = fs.exists(p)
+            if not looked[manifest]:
+                continue
             with fs.open(p, "r") as f:
                 settings = json.load(f)
             saved = settings.get("encoder_fingerprint")
