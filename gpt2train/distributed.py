@@ -73,8 +73,14 @@ def add_flags(parser) -> None:
 def preemption_service() -> bool:
     """Whether this run has several hosts joined with JAX's preemption service on."""
     import jax
-    from jax._src import distributed as jax_distributed
-    return jax.process_count() > 1 and jax_distributed.global_state.preemption_sync_manager is not None
+    if jax.process_count() == 1:
+        return False
+    try:  # JAX keeps the manager in its (private) distributed state; without it, no agreement is possible
+        from jax._src import distributed as jax_distributed
+    except ImportError:
+        return False
+    state = getattr(jax_distributed, "global_state", None)
+    return getattr(state, "preemption_sync_manager", None) is not None
 
 
 def reached_stop_point(step: int) -> bool:
