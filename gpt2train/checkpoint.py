@@ -36,20 +36,26 @@ def _quiet_failed_saves() -> None:
     """A save that fails (a full disk) makes Orbax's background threads log the same error with
     its traceback several times (~300 lines), and TensorStore's callbacks report a closed event
     loop. Checkpointer turns the failure into one UserError naming the cause, so those repeats
-    are dropped: Orbax's error records, and that one RuntimeError reaching sys.excepthook."""
+    are dropped: Orbax's error records, and that one RuntimeError wherever Python reports it."""
     class DropOrbaxErrors(logging.Filter):
         def filter(self, record):
             return not (record.levelno >= logging.ERROR and "orbax" in record.pathname)
 
     logging.getLogger("absl").addFilter(DropOrbaxErrors())
-    previous = sys.excepthook
+    def closed_loop(value) -> bool:
+        return isinstance(value, RuntimeError) and str(value) == "Event loop is closed"
+
+    previous_hook, previous_unraisable = sys.excepthook, sys.unraisablehook
 
     def excepthook(kind, value, tb):
-        if kind is RuntimeError and str(value) == "Event loop is closed":
-            return
-        previous(kind, value, tb)
+        if not closed_loop(value):
+            previous_hook(kind, value, tb)
 
-    sys.excepthook = excepthook
+    def unraisablehook(unraisable):  # how TensorStore's callbacks report it, with no object named
+        if not closed_loop(unraisable.exc_value):
+            previous_unraisable(unraisable)
+
+    sys.excepthook, sys.unraisablehook = excepthook, unraisablehook
 
 
 _quiet_failed_saves()
