@@ -29,6 +29,9 @@ def parse_overrides(rest: list[str]) -> dict:
         if "=" in name:
             name, value = name.split("=", 1)
             i += 1
+        elif _is_switch(name) and (i + 1 == len(rest) or rest[i + 1].startswith("--")):
+            value = "true"  # a yes/no key given alone: --resume_fallback
+            i += 1
         elif i + 1 < len(rest):
             value = rest[i + 1]
             i += 2
@@ -36,6 +39,11 @@ def parse_overrides(rest: list[str]) -> dict:
             raise UserError(f"{arg} needs a value")
         out[name] = value
     return out
+
+
+def _is_switch(name: str) -> bool:
+    from .config import FIELDS
+    return name in FIELDS and isinstance(FIELDS[name].default, bool)
 
 
 def load(args, overrides: dict):
@@ -126,13 +134,38 @@ def load_generator(cfg, args):
     from .sampling import SamplingOptions
     from .tokenizer import load_tokenizer
     tok = load_tokenizer(cfg.encoder_path)
-    params, step, cfg = load_for_inference(cfg)
+    check_vocabulary(cfg, tok)
+    params, step, cfg = load_for_inference(cfg, tokenizer=tok)
     return Generator(cfg, params, tok), step, SamplingOptions.from_values(vars(args), cfg)
+
+
+def check_vocabulary(cfg, tok) -> None:
+    if tok.n_vocab != cfg.n_vocab:
+        raise UserError(f"n_vocab is {cfg.n_vocab} in the config but the tokenizer in {cfg.encoder_path} has "
+                        f"{tok.n_vocab} tokens: set encoder_path to the encoder the model was trained with")
+
+
+def check_predict_path(path: str) -> None:
+    """Open the file samples are appended to before generating, so a read-only place is one
+    error up front rather than after the first sample."""
+    import fsspec
+    from .paths import os_reason
+    fs, p = fsspec.core.url_to_fs(path)
+    parent = p.rsplit("/", 1)[0] if "/" in p else ""
+    try:
+        if parent:
+            fs.makedirs(parent, exist_ok=True)
+        with fs.open(p, "a"):
+            pass
+    except OSError as e:
+        raise UserError(f"cannot write samples to predict_path {path} ({os_reason(e)}): set --predict_path "
+                        "to a file you can write") from None
 
 
 def cmd_generate(cfg, args, *, interactive_ok: bool = True) -> list[str]:
     if args.samples is not None and args.samples < 1:
         raise UserError(f"--samples must be at least 1, got {args.samples}")
+    check_predict_path(cfg.resolved_predict_path)
     gen, _, opts = load_generator(cfg, args)
     samples = args.samples or cfg.predict_batch_size
     prompts = _prompts_from_args(args)
@@ -213,7 +246,8 @@ def cmd_evaluate(cfg, data, stride=None) -> dict:
     if not spec:
         raise UserError("nothing to evaluate: pass --data FILES or set eval_data_path in the config")
     tok = load_tokenizer(cfg.encoder_path)
-    params, step, cfg = load_for_inference(cfg)
+    check_vocabulary(cfg, tok)
+    params, step, cfg = load_for_inference(cfg, tokenizer=tok)
     result = {"step": step, "precision": cfg.precision, **evaluate_text(cfg, params, tok, spec, stride=stride)}
     print(f"step {step}: loss {result['loss']:.4f}  perplexity {result['perplexity']:.3f}  "
           f"bits/byte {result['bits_per_byte']:.4f}  ({result['tokens']} tokens, {result['bytes']} bytes; "
@@ -235,7 +269,8 @@ def cmd_evaluate_tasks(cfg, args) -> dict:
     tok = load_tokenizer(cfg.encoder_path)
     runner = TaskRunner(cfg, tok, args.task or [], task_data=args.task_data or cfg.task_data or None,
                         limit=args.limit, stride=args.stride, documents=documents)
-    params, step = load_params(cfg, sharding=param_shardings(cfg))
+    check_vocabulary(cfg, tok)
+    params, step = load_params(cfg, sharding=param_shardings(cfg), tokenizer=tok)
     results = runner.run(params)
     print(f"step {step} of {cfg.model_path}\n" + table(results))
     record = {"step": step, "tasks": results}
@@ -410,6 +445,14 @@ def guarded(fn, argv=None) -> int:
         return fn(argv)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
+        if getattr(e, "exit_at_once", False):  # checkpoint.SaveFailed: skip the shutdown's noise
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(EXIT_USER_ERROR)
+        return EXIT_USER_ERROR
+    except OSError as e:  # the machine's fault (disk full, read-only, permission), not a bug: one line too
+        from .paths import os_reason
+        print(f"error: {os_reason(e)}: free space or fix the path's permissions, then rerun", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

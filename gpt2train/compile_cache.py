@@ -6,12 +6,19 @@ On by default in ~/.cache/gpt2train/xla (or $XDG_CACHE_HOME/gpt2train/xla), at m
 least recently used entries evicted first. GPT2TRAIN_COMPILE_CACHE=DIR picks another
 directory, GPT2TRAIN_COMPILE_CACHE=off turns it off; JAX_COMPILATION_CACHE_DIR, when set,
 is left to JAX.
+
+The cache holds native code that JAX loads and runs, so the folder must belong to the user who
+runs the program (or root) and be writable by no one else: a world- or group-writable folder,
+or one owned by another user, is refused (anyone who can write there could run code as you).
 """
 
 from __future__ import annotations
 
 import os
+import stat
 import warnings
+
+from .errors import UserError
 
 ENV = "GPT2TRAIN_COMPILE_CACHE"
 MAX_BYTES = 4 << 30
@@ -38,7 +45,18 @@ def enable() -> str | None:
         warnings.warn(f"compilation cache off: cannot create {path} ({e.strerror}); "
                       f"set {ENV}=DIR to a writable directory, or {ENV}=off")
         return None
+    check_private(path)
     jax.config.update("jax_compilation_cache_dir", path)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", MIN_COMPILE_SECONDS)
     jax.config.update("jax_compilation_cache_max_size", MAX_BYTES)
     return path
+
+
+def check_private(path: str) -> None:
+    """Refuse a cache folder that someone other than this user (or root) can write to."""
+    info = os.stat(path)
+    others = info.st_mode & (stat.S_IWOTH | stat.S_IWGRP)
+    if others or info.st_uid not in (os.getuid(), 0):
+        who = "other users can write to it" if others else f"it belongs to another user (uid {info.st_uid})"
+        raise UserError(f"the compilation cache {path} holds native code this program runs, and {who}: "
+                        f"run chmod go-w {path} (and own it), or set {ENV}=DIR to a folder of your own, or {ENV}=off")

@@ -81,6 +81,9 @@ class Config:
     min_lr_ratio: float = _key(0.1, "cosine decay ends at lr * min_lr_ratio at max_steps")
     checkpoint_every: int = _key(0, "save a checkpoint every N steps (0: at every evaluation)")
     keep_checkpoints: int = _key(3, "how many recent checkpoints to keep")
+    checkpoint_every_seconds: float = _key(0.0, "also save a checkpoint when this many seconds passed since the last save (0: off)")
+    resume_fallback: bool = _key(False, "when the newest checkpoint is damaged, move it aside and resume from the newest intact one")
+    allow_data_change: bool = _key(False, "resume although the data settings differ from the checkpoint's (the new data starts from its beginning)")
     pad_vocab_to: int = _key(128, "pad the embedding rows to a multiple of this (logits masked); 1 = no padding")
     remat: bool = _key(False, "recompute block activations in the backward pass to save memory")
     mesh_data: int = _key(0, "devices along the data axis of the mesh (0: all devices not used by mesh_fsdp)")
@@ -134,12 +137,29 @@ class Config:
             if not cond:
                 problems.append(msg)
 
+        for f in dataclasses.fields(self):
+            value, kind = getattr(self, f.name), type(f.default)
+            if f.name == "data_weights":  # checked below
+                continue
+            if f.name in PATH_KEYS:
+                need(value is None or isinstance(value, str) or (isinstance(value, list) and value
+                                                                  and all(isinstance(v, str) for v in value)),
+                     f"{f.name} must be a path or a list of paths, got {value!r}")
+            elif kind is float:
+                need(isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value),
+                     f"{f.name} must be a finite number, got {value!r}")
+            elif kind is int:
+                need(isinstance(value, int) and not isinstance(value, bool), f"{f.name} must be a whole number, got {value!r}")
+            else:
+                need(isinstance(value, kind), f"{f.name} must be {_KINDS[kind]}, got {value!r}")
+        if problems:  # the range checks below need values of the right types
+            raise UserError("invalid config:\n  - " + "\n  - ".join(problems))
         for name in ("n_ctx", "n_embd", "n_layer", "n_head", "n_vocab", "train_batch_size",
                      "eval_batch_size", "predict_batch_size", "max_steps", "train_steps",
                      "iterations", "grad_accum_steps", "keep_checkpoints", "pad_vocab_to"):
             need(getattr(self, name) > 0, f"{name} must be positive, got {getattr(self, name)}")
         for name in ("eval_steps", "warmup_steps", "checkpoint_every", "weight_decay", "grad_clip", "lr",
-                     "scan_unroll"):
+                     "scan_unroll", "checkpoint_every_seconds"):
             need(getattr(self, name) >= 0, f"{name} must be >= 0, got {getattr(self, name)}")
         if self.n_head > 0:
             need(self.n_embd % self.n_head == 0,
@@ -169,7 +189,8 @@ class Config:
         need(self.readers >= 1, f"readers must be at least 1, got {self.readers}")
         need(isinstance(self.text_field, str) and bool(self.text_field), f"text_field must be a column name, got {self.text_field!r}")
         if self.data_weights is not None:
-            need(isinstance(self.data_weights, list) and all(isinstance(w, (int, float)) for w in self.data_weights),
+            need(isinstance(self.data_weights, list) and all(isinstance(w, (int, float)) and not isinstance(w, bool)
+                                                             and math.isfinite(w) for w in self.data_weights),
                  f"data_weights must be a list of numbers, got {self.data_weights!r}")
         if problems:
             raise UserError("invalid config:\n  - " + "\n  - ".join(problems))
@@ -207,13 +228,44 @@ def canonical_keys(values: dict) -> dict:
     return out
 
 
-def _coerce(name: str, value: Any) -> Any:
-    """Convert a JSON or command-line value to the key's type, or explain why it cannot be."""
+PATH_KEYS = ("data_path", "eval_data_path", "long_data_path", "long_eval_data_path")
+_KINDS = {bool: "true or false", int: "an int (a whole number)", float: "a number", str: "a string"}
+
+
+def _strict(name: str, value: Any) -> Any:
+    """A JSON (or Python) value of the key's own type: no bool or string passes as a number, no
+    number as a string; a whole float (2.0) is accepted as an int."""
+    kind = type(FIELDS[name].default)
+    ok = {bool: isinstance(value, bool),
+          int: (isinstance(value, int) and not isinstance(value, bool))
+          or (isinstance(value, float) and math.isfinite(value) and value.is_integer()),
+          float: isinstance(value, (int, float)) and not isinstance(value, bool),
+          str: isinstance(value, str)}[kind]
+    if not ok:
+        given = "a quoted string" if isinstance(value, str) else "true/false" if isinstance(value, bool) else \
+            "null" if value is None else type(value).__name__
+        raise UserError(f"config key {name!r} must be {_KINDS[kind]}, got {value!r} ({given})"
+                        + (f": write {value} without quotes" if kind in (int, float) and _numeric(value) else ""))
+    return kind(value)
+
+
+def _numeric(value: Any) -> bool:
+    try:
+        return isinstance(value, str) and math.isfinite(float(value))
+    except ValueError:
+        return False
+
+
+def _coerce(name: str, value: Any, *, text: bool = False) -> Any:
+    """Convert a value to the key's type, or explain why it cannot be. Command-line values
+    (`text`) are strings and are parsed; JSON values must already have the key's type."""
     default = FIELDS[name].default
-    if name in ("data_path", "eval_data_path", "long_data_path", "long_eval_data_path"):
+    if name in PATH_KEYS or default is None:  # paths and data_weights: validate() checks their shapes
         return value
     if name == "eval_tasks" and isinstance(value, str):  # --eval_tasks hellaswag,lambada
         return [t.strip() for t in value.split(",") if t.strip()]
+    if not (text and isinstance(value, str)):
+        return _strict(name, value)
     try:
         if isinstance(default, bool):
             return parse_bool(value) if isinstance(value, str) else bool(value)
@@ -237,15 +289,20 @@ def _coerce(name: str, value: Any) -> Any:
     return value
 
 
-def apply_overrides(cfg: Config, overrides: dict) -> Config:
-    values = cfg.to_dict()
+def _merge(values: dict, overrides: dict, *, text: bool) -> dict:
+    values = dict(values)
     for name, value in canonical_keys(overrides).items():
         if name not in FIELDS:
             hint = nearest_key(name)
             raise UserError(f"unknown config key {name!r}; did you mean {hint!r}? "
                             f"(`python -m gpt2train keys` lists every key)")
-        values[name] = _coerce(name, value)
-    return Config(**values).validate()
+        values[name] = _coerce(name, value, text=text)
+    return values
+
+
+def apply_overrides(cfg: Config, overrides: dict, *, text: bool = False) -> Config:
+    """`cfg` with keys changed: Python values of each key's type, or command-line strings (`text`)."""
+    return Config(**_merge(cfg.to_dict(), overrides, text=text)).validate()
 
 
 def load_config(path: str, overrides: dict | None = None) -> Config:
@@ -255,6 +312,10 @@ def load_config(path: str, overrides: dict | None = None) -> Config:
             text = f.read()
     except FileNotFoundError:
         raise UserError(f"config file not found: {path} (the configs/ folder has examples)") from None
+    except UnicodeDecodeError as e:
+        raise UserError(f"config {path} is not UTF-8 text ({e.reason} at byte {e.start}): write it as JSON") from None
+    except OSError as e:
+        raise UserError(f"config {path} cannot be read ({e.strerror or e})") from None
     try:
         raw = json.loads(text)
     except json.JSONDecodeError as e:
@@ -264,7 +325,8 @@ def load_config(path: str, overrides: dict | None = None) -> Config:
     # Keys starting with '_' are comments, as some configs in the wild use them.
     raw = {k: v for k, v in raw.items() if not k.startswith("_")}
     try:
-        cfg = apply_overrides(Config(), {**canonical_keys(raw), **canonical_keys(overrides or {})})
+        values = _merge(Config().to_dict(), raw, text=False)  # JSON: each key of its own type
+        cfg = Config(**_merge(values, overrides or {}, text=True)).validate()  # the command line's strings
     except UserError as e:
         raise UserError(f"{path}: {e}") from None
     return cfg

@@ -60,3 +60,40 @@ def add_flags(parser) -> None:
     g.add_argument("--coordinator_address", help="host:port of process 0, reachable from every process")
     g.add_argument("--num_processes", type=int, help="number of processes (hosts) in the run")
     g.add_argument("--process_id", type=int, help="this process's index, 0 .. num_processes - 1")
+
+
+# ---------------------------------------------------------------- stopping together
+# A collective save hangs unless every host takes part, so hosts must agree on the step where
+# a run stops. JAX's preemption service does that: its notifier catches SIGTERM (the preemption
+# notice of TPU VMs, GKE and SLURM) on any host, the coordinator picks a step every host can
+# still reach (the largest step any host is at, plus one), and reached_preemption_sync_point
+# turns true at that step on every host.
+
+
+def preemption_service() -> bool:
+    """Whether this run has several hosts joined with JAX's preemption service on."""
+    import jax
+    if jax.process_count() == 1:
+        return False
+    try:  # JAX keeps the manager in its (private) distributed state; without it, no agreement is possible
+        from jax._src import distributed as jax_distributed
+    except ImportError:
+        return False
+    state = getattr(jax_distributed, "global_state", None)
+    return getattr(state, "preemption_sync_manager", None) is not None
+
+
+def reached_stop_point(step: int) -> bool:
+    """True at the step all hosts agreed to stop at after one of them got SIGTERM (call every step)."""
+    from jax.experimental import multihost_utils
+    return multihost_utils.reached_preemption_sync_point(step)
+
+
+def any_host(flag: bool) -> bool:
+    """True on every host if `flag` is true on any (a collective: every host must call it)."""
+    import jax
+    import numpy as np
+    if jax.process_count() == 1:
+        return flag
+    from jax.experimental import multihost_utils
+    return bool(np.any(multihost_utils.process_allgather(np.array([flag], np.int32))))

@@ -102,20 +102,52 @@ def _held_out(name: str, fraction: float) -> bool:
 
 def _check_settings(out: str, name: str, settings: dict) -> None:
     fs, root = fsspec.core.url_to_fs(out)
-    fs.makedirs(root, exist_ok=True)
     path = posixpath.join(root, f"{name}.encode.json")
-    if fs.exists(path):
-        with fs.open(path, "r") as f:
-            earlier = {"format": "tfrecords", "text_field": "text", **json.load(f)}  # keys older encodings lack
-        if earlier != settings:
-            changed = sorted(k for k in settings.keys() | earlier.keys() if settings.get(k) != earlier.get(k))
-            raise UserError(
-                f"{out} already holds an encoding of {name!r} made with other settings ({', '.join(changed)} "
-                f"differ): rerun with the same settings to resume it, or choose a new --out or --name"
-            )
-    else:
-        with fs.open(path, "w") as f:
-            json.dump(settings, f, indent=1)
+    try:
+        fs.makedirs(root, exist_ok=True)
+        if not fs.exists(path):
+            with fs.open(path, "w") as f:
+                json.dump(settings, f, indent=1)
+            return
+    except OSError as e:
+        raise UserError(f"cannot write to --out {out} ({e.strerror or e}): choose a directory you can write to") from None
+    with fs.open(path, "r") as f:
+        earlier = {"format": "tfrecords", "text_field": "text", **json.load(f)}  # keys older encodings lack
+    earlier.setdefault("encoder_fingerprint", settings["encoder_fingerprint"])  # written before it was recorded
+    if earlier != settings:
+        changed = sorted(k for k in settings.keys() | earlier.keys() if settings.get(k) != earlier.get(k))
+        raise UserError(
+            f"{out} already holds an encoding of {name!r} made with other settings ({', '.join(changed)} "
+            f"differ): rerun with the same settings to resume it, or choose a new --out or --name"
+        )
+
+
+def check_manifests(files: Sequence[str], tokenizer, key: str) -> None:
+    """The records in `files` must have been encoded with `tokenizer`'s vocabulary: compare the
+    fingerprint in each NAME.encode.json beside them (or one directory up, for OUT/eval/)."""
+    looked: dict[str, bool] = {}  # manifest path -> exists (thousands of files share a few manifests)
+    for path in files:
+        folder, base = posixpath.split(path)
+        prefix = base.rsplit("_", 1)[0]
+        for where in (folder, posixpath.dirname(folder)):
+            manifest = posixpath.join(where, f"{prefix}.encode.json")
+            if manifest in looked:
+                if looked[manifest]:
+                    break
+                continue
+            fs, p = fsspec.core.url_to_fs(manifest)
+            looked[manifest] = fs.exists(p)
+            if not looked[manifest]:
+                continue
+            with fs.open(p, "r") as f:
+                settings = json.load(f)
+            saved = settings.get("encoder_fingerprint")
+            if saved is not None and saved != tokenizer.fingerprint:
+                raise UserError(
+                    f"{key}: {path} was encoded with the vocabulary {saved} (encoder_path "
+                    f"{settings.get('encoder_path')!r}, see {manifest}) but encoder_path {tokenizer.name!r} holds "
+                    f"{tokenizer.fingerprint}: set encoder_path to the one the data was encoded with, or re-encode")
+            break
 
 
 def _chunks(docs: Iterable[tuple[str, str]], size: int) -> Iterator[list[tuple[str, str]]]:
@@ -194,7 +226,7 @@ def encode_corpus(
         raise UserError(f"--format {fmt!r} must be one of {FORMATS}")
     if "/" in name or not name:
         raise UserError(f"--name {name!r} must be a plain file-name prefix")
-    load_tokenizer(encoder_path)  # a missing or broken vocabulary fails here, before any work
+    tokenizer = load_tokenizer(encoder_path)  # a missing or broken vocabulary fails here, before any work
     check_bucket(out, "--out")  # object stores would create a missing bucket on the first write
     files = expand_paths(inputs)
     held_files = expand_paths(holdout_inputs) if holdout_inputs else []
@@ -208,6 +240,7 @@ def encode_corpus(
         "holdout_fraction": holdout_fraction,
         "format": fmt,
         "text_field": text_field,
+        "encoder_fingerprint": tokenizer.fingerprint,  # checked when training on the records
     }
     _check_settings(out, name, settings)
     fs, root = fsspec.core.url_to_fs(out)

@@ -105,6 +105,27 @@ class Checkpoint(Hook):
         trainer.save()
 
 
+class CheckpointEverySeconds(Hook):
+    """Save when `seconds` have passed since the last save (by any hook), so a slow run loses at
+    most that much work whatever checkpoint_every is. The clock is read every `check_every`
+    steps, and on several hosts they agree through `agree` (any host's clock decides for all),
+    so every host saves at the same step."""
+
+    at_end = False  # the Checkpoint hook saves at the end
+
+    def __init__(self, seconds: float, check_every: int, agree=lambda due: due, clock=time.monotonic):
+        self.seconds, self.check_every, self.agree, self.clock = seconds, max(1, check_every), agree, clock
+        self.last_save = clock()
+
+    def due(self, step, final):
+        if step % self.check_every:
+            return False
+        return self.agree(self.clock() - self.last_save >= self.seconds)
+
+    def __call__(self, trainer, step, final):
+        trainer.save()
+
+
 class TimeLimit(Hook):
     """Stop after `seconds` of training, not counting the first (compiling) step."""
 
@@ -122,13 +143,18 @@ class TimeLimit(Hook):
         return None
 
 
-def standard_hooks(cfg: Config, *, evaluate: bool) -> list[Hook]:
+def standard_hooks(cfg: Config, *, evaluate: bool, agree=None) -> list[Hook]:
     """Metrics every `iterations` steps, evaluation every `train_steps` (with eval data), task
-    scores every `eval_tasks_every` (with eval_tasks), a checkpoint every `checkpoint_every` steps (0: with every evaluation); each also at the end."""
+    scores every `eval_tasks_every` (with eval_tasks), a checkpoint every `checkpoint_every` steps
+    (0: with every evaluation); each also at the end. With checkpoint_every_seconds, also a
+    checkpoint when that much time passed since the last."""
     hooks: list[Hook] = [LogMetrics(cfg.iterations)]
     if evaluate:
         hooks.append(Evaluate(cfg.train_steps))
     if cfg.eval_tasks:
         hooks.append(TaskScores(cfg))
+    if cfg.checkpoint_every_seconds:  # one host reads its clock every step; several agree at log steps
+        hooks.append(CheckpointEverySeconds(cfg.checkpoint_every_seconds, 1 if agree is None else cfg.iterations,
+                                            agree or (lambda due: due)))
     hooks.append(Checkpoint(cfg.checkpoint_every or cfg.train_steps))
     return hooks

@@ -168,3 +168,25 @@ def check_bucket(url: str, key: str) -> None:
             raise UserError(f"{key} {url!r}: the bucket {scheme}://{bucket} does not exist: create it or fix {key}") from None
         raise UserError(f"{key} {url!r}: the bucket {scheme}://{bucket} cannot be reached ({type(e).__name__}: "
                         f"{text[:120]}): check the network, credentials and {key}") from None
+
+
+def check_writable(directory: str, what: str) -> None:
+    """Create `directory` and write (then remove) a small file in it, so a read-only disk, a
+    path under a file or a missing permission is one clear error before any work starts."""
+    fs, path = fsspec.core.url_to_fs(directory)
+    probe = f"{path.rstrip('/')}/.write-probe-{os.getpid()}-{os.urandom(4).hex()}"
+    try:
+        fs.makedirs(path, exist_ok=True)
+        with fs.open(probe, "wb") as f:
+            f.write(b"probe")
+        fs.rm(probe)
+    except OSError as e:
+        raise UserError(f"{what} {directory} is not writable ({os_reason(e)}): point it at a directory "
+                        "you can write to (a read-only copy of a run can be read by generate and evaluate, "
+                        "not trained further)") from None
+
+
+def os_reason(e: OSError) -> str:
+    """An OSError in a few words: its message and the file it names."""
+    reason = e.strerror or str(e) or type(e).__name__
+    return f"{reason}: {e.filename}" if e.filename else reason

@@ -151,6 +151,10 @@ def load_hf(directory: str) -> Pretrained:
     index = posixpath.join(root, "model.safetensors.index.json")
     if fs.exists(index):
         files = sorted(set(_read_json(fs, index)["weight_map"].values()))
+        for name in files:  # the index names files beside it; a path could read any file as weights
+            if not isinstance(name, str) or not name or "/" in name or "\\" in name or name in (".", ".."):
+                raise UserError(f"{index} names the shard {name!r}, which is not a plain file name in {directory}: "
+                                "the index is damaged or crafted; use a model directory you trust")
     elif fs.exists(posixpath.join(root, "model.safetensors")):
         files = ["model.safetensors"]
     else:

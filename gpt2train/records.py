@@ -145,26 +145,34 @@ def _int64_list(buf: memoryview) -> np.ndarray:
     return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
 
 
+def _submessages(buf: memoryview, wanted: tuple[int, ...]) -> Iterator[tuple[int, memoryview]]:
+    """(field number, bytes) of the `wanted` fields of a message, each a message or bytes (wire
+    type 2), as at every level of an Example above the int64 list; other fields are skipped, as
+    protobuf does, but a wanted field of another wire type is a damaged record."""
+    for number, wire, value in _fields(buf):
+        if number not in wanted:
+            continue
+        if wire != 2:
+            raise _Malformed(f"field {number} has wire type {wire} where a message belongs")
+        yield number, value
+
+
 def decode_example(data: bytes | memoryview) -> tuple[np.ndarray, bytes]:
     """(token ids, name) of a serialised Example; a missing "text" is an error, "hash" optional."""
     tokens, name = None, b""
-    for number, _, features in _fields(memoryview(data)):
-        if number != 1:
-            continue
-        for entry_number, _, entry in _fields(features):
-            if entry_number != 1:
-                continue
+    for _, features in _submessages(memoryview(data), (1,)):
+        for _, entry in _submessages(features, (1,)):
             key, feature = b"", memoryview(b"")
-            for n, _, v in _fields(entry):
+            for n, v in _submessages(entry, (1, 2)):
                 if n == 1:
                     key = bytes(v)
                 elif n == 2:
                     feature = v
-            for kind, _, values in _fields(feature):
+            for kind, values in _submessages(feature, (1, 3)):
                 if key == b"text" and kind == 3:
                     tokens = _int64_list(values)
                 elif key == b"hash" and kind == 1:
-                    name = b"".join(bytes(v) for n, _, v in _fields(values) if n == 1)
+                    name = b"".join(bytes(v) for _, v in _submessages(values, (1,)))
             if key == b"text" and tokens is None:
                 tokens = np.zeros(0, dtype=np.int64)
     if tokens is None:
@@ -182,7 +190,8 @@ class CorruptRecord(UserError):
 @dataclass
 class ReadStats:
     records: int = 0
-    skipped: int = 0  # corrupt records passed over with skip_corrupt
+    skipped: int = 0  # corrupt records passed over with skip_corrupt (out-of-range ids included)
+    out_of_range: int = 0  # of those, records holding token ids outside [0, n_vocab)
 
 
 def _frame(payload: bytes) -> bytes:
@@ -191,21 +200,28 @@ def _frame(payload: bytes) -> bytes:
 
 
 def iter_records(path: str, *, skip_corrupt: bool = False, stats: ReadStats | None = None) -> Iterator[bytes]:
-    """Raw record payloads of a TFRecord file, both CRCs checked.
+    """Raw record payloads of a TFRecord file, both CRCs checked (see iter_frames)."""
+    for _, _, payload in iter_frames(path, skip_corrupt=skip_corrupt, stats=stats):
+        yield payload
 
-    A damaged record raises CorruptRecord naming the file and byte offset; with skip_corrupt,
-    a record whose data CRC fails is skipped and counted, while a damaged length or a truncated
-    tail ends the file (the frame boundaries after it cannot be trusted).
+
+def iter_frames(path: str, *, skip_corrupt: bool = False,
+                stats: ReadStats | None = None) -> Iterator[tuple[int, int, bytes]]:
+    """(record number in the file, byte offset, payload) of every record, both CRCs checked.
+
+    A damaged record raises CorruptRecord naming the file, record and byte offset; with
+    skip_corrupt, a record whose data CRC fails is skipped and counted, while a damaged length
+    or a truncated tail ends the file (the frame boundaries after it cannot be trusted).
     """
     stats = stats if stats is not None else ReadStats()
     with fsspec.open(path, "rb") as f:
         data = f.read()
-    view, pos = memoryview(data), 0
+    view, pos, number = memoryview(data), 0, 0
 
     def bad(why: str, offset: int, recoverable: bool) -> bool:
         if not skip_corrupt:
             raise CorruptRecord(
-                f"{path}: corrupt record at byte offset {offset}: {why}. Re-create the file "
+                f"{path}: record {number} (byte offset {offset}) is corrupt: {why}. Re-create the file "
                 'or set "skip_corrupt_records": true to skip damaged records'
             )
         stats.skipped += 1
@@ -230,25 +246,39 @@ def iter_records(path: str, *, skip_corrupt: bool = False, stats: ReadStats | No
             bad("the data's checksum does not match", pos, True)
         else:
             stats.records += 1
-            yield bytes(payload)
-        pos = end
+            yield number, pos, bytes(payload)
+        pos, number = end, number + 1
 
 
 def read_documents(
-    path: str, *, skip_corrupt: bool = False, stats: ReadStats | None = None
+    path: str, *, skip_corrupt: bool = False, stats: ReadStats | None = None, n_vocab: int | None = None
 ) -> Iterator[tuple[np.ndarray, bytes]]:
-    """(token ids, name) of every document in a file."""
+    """(token ids, name) of every document in a file. With n_vocab, a document holding an id
+    outside [0, n_vocab) is an error naming the file, record and offset (or skipped and counted)."""
     stats = stats if stats is not None else ReadStats()
-    for payload in iter_records(path, skip_corrupt=skip_corrupt, stats=stats):
+    for number, offset, payload in iter_frames(path, skip_corrupt=skip_corrupt, stats=stats):
         try:
-            yield decode_example(payload)
+            tokens, name = decode_example(payload)
         except _Malformed as e:
             if not skip_corrupt:
                 raise CorruptRecord(
-                    f"{path}: record {stats.records - 1} is not a tf.train.Example of the expected layout ({e}): "
-                    'the file was written by another tool; re-encode it or set "skip_corrupt_records": true'
+                    f"{path}: record {number} (byte offset {offset}) is not a tf.train.Example of the expected "
+                    f'layout ({e}): the file was written by another tool; re-encode it or set "skip_corrupt_records": true'
                 ) from None
             stats.skipped += 1
+            continue
+        if n_vocab is not None and len(tokens) and (tokens.min() < 0 or tokens.max() >= n_vocab):
+            if not skip_corrupt:
+                bad = int(tokens.min()) if tokens.min() < 0 else int(tokens.max())
+                raise CorruptRecord(
+                    f"{path}: record {number} (byte offset {offset}) holds token id {bad}, outside the vocabulary's "
+                    f"[0, {n_vocab}): the file was encoded with another vocabulary; re-encode it with encoder_path's, "
+                    'or set "skip_corrupt_records": true to skip such records'
+                )
+            stats.skipped += 1
+            stats.out_of_range += 1
+            continue
+        yield tokens, name
 
 
 def write_documents(path: str, documents: Iterator[tuple[Sequence[int], bytes | str]] | list) -> int:

@@ -10,6 +10,7 @@ GPT-2's files and the ones `train_tokenizer` writes, which is what tiktoken's me
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import os
 import posixpath
@@ -83,6 +84,10 @@ class Tokenizer:
             explicit_n_vocab=len(encoder),
         )
         self.n_vocab = len(encoder)
+        self.name = name
+        # ids are BPE ranks, so encoder.json alone fixes how text is tokenized.
+        digest = hashlib.sha256(json.dumps(encoder, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
+        self.fingerprint = f"{self.n_vocab}-{digest[:16]}"
 
     def encode(self, text: str) -> list[int]:
         """Token ids of `text`; a literal "<|endoftext|>" in it is ordinary text, not eot."""
@@ -134,6 +139,23 @@ def _check_merges(merges_text: str, encoder: dict[str, int], shown: str) -> None
             )
 
 
+def _parse_encoder(text: str, shown: str) -> dict[str, int]:
+    """encoder.json's {token: id}, checked: a JSON object of strings to the ids 0..n-1, each once."""
+    try:
+        encoder = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise UserError(f"{shown} is not valid JSON ({e}): the file is damaged; {_HOW_TO_GET}") from None
+    if not isinstance(encoder, dict) or not all(type(i) is int for i in encoder.values()):
+        raise UserError(f"{shown} must be a JSON object of tokens to integer ids: {_HOW_TO_GET}")
+    ids = sorted(encoder.values())
+    if ids != list(range(len(ids))):
+        gap = next(i for i, v in enumerate(ids) if v != i)
+        why = f"id {ids[gap]} is repeated" if ids[gap] < gap else f"id {gap} is missing"
+        raise UserError(f"{shown} does not number its {len(ids)} tokens 0..{len(ids) - 1} once each ({why}): "
+                        f"the file is damaged; {_HOW_TO_GET}")
+    return encoder
+
+
 def load_tokenizer(encoder_path: str) -> Tokenizer:
     """Load encoder.json + vocab.bpe from a directory (local path or fsspec URL)."""
     fs, root = fsspec.core.url_to_fs(encoder_path)
@@ -147,7 +169,7 @@ def load_tokenizer(encoder_path: str) -> Tokenizer:
     missing = [shown[name] for name, path in paths.items() if not fs.isfile(path)]
     if missing:
         raise UserError(f"missing {' and '.join(missing)}: {_HOW_TO_GET}")
-    encoder = json.loads(read_text(shown[ENCODER_FILE]))
+    encoder = _parse_encoder(read_text(shown[ENCODER_FILE]), shown[ENCODER_FILE])
     if EOT not in encoder:
         raise UserError(f"{shown[ENCODER_FILE]} has no {EOT} token: {_HOW_TO_GET}")
     merges = read_text(shown[MERGES_FILE])

@@ -11,6 +11,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import math
+import os
 import signal
 import sys
 import threading
@@ -24,13 +25,16 @@ import optax
 from tqdm.auto import tqdm
 
 from . import model
-from .checkpoint import Checkpointer
+from .checkpoint import Checkpointer, UnreadableCheckpoint, check_encoder
 from .config import Config
+from .distributed import any_host, preemption_service, reached_stop_point
 from .errors import UserError
 from .inputs import get_input
 from .inputs.prefetch import Prefetched
+from .integrity import DamagedCheckpoint
+from .paths import check_writable
 from .mesh import batch_sharding, check_batch, mesh_for, replicated, state_shardings
-from .hooks import Checkpoint, Hook, TimeLimit, standard_hooks
+from .hooks import Checkpoint, CheckpointEverySeconds, Hook, TimeLimit, standard_hooks
 from .metrics import MetricsWriter, ThroughputWindow, peak_flops_per_device, train_flops_per_token
 from .optimizers import learning_rate_schedule, make_optimizer
 
@@ -38,14 +42,23 @@ from .optimizers import learning_rate_schedule, make_optimizer
 HISTORY_STEPS = 10_000  # per-step metrics kept in memory; a 500k-step run must not grow without bound
 
 
+# A resume must read the data the saved position points into: these keys decide what it is.
+DATA_KEYS = ("input", "data_path", "long_data_path", "data_weights", "stitch", "minimum_size", "seed")
+
+
 class NonFiniteLoss(UserError):
     """Training produced a non-finite loss or parameters; nothing of that state was saved."""
 
     @classmethod
-    def at(cls, what: str, step: int, ckpt: Checkpointer, cfg: Config) -> "NonFiniteLoss":
-        return cls(f"{what} at step {step}; this state was not saved. The last good checkpoint is step "
-                   f"{ckpt.latest_step()} in {ckpt.dir}. Lower lr (now {cfg.lr}), raise warmup_steps, or set "
-                   "grad_clip, then rerun to resume.")
+    def at(cls, what: str, step: int, ckpt: Checkpointer, cfg: Config, origin: str = "",
+           skipped: int = 0) -> "NonFiniteLoss":
+        latest = ckpt.latest_step()
+        last = f"The last good checkpoint is step {latest} in {ckpt.dir}" if latest is not None else \
+            f"No checkpoint was saved yet in {ckpt.dir}"
+        inputs = ("every token id fed to the model lay within [0, n_vocab)"
+                  + (f" ({skipped} damaged or out-of-range records were skipped)" if skipped else ""))
+        return cls(f"{what} at step {step}; this state was not saved. {origin}{inputs}. {last}. Lower lr "
+                   f"(now {cfg.lr}), raise warmup_steps, or set grad_clip, then rerun to resume.")
 
 
 class Interrupted(UserError):
@@ -115,13 +128,21 @@ def _all_finite(tree) -> jax.Array:
 
 
 @contextlib.contextmanager
-def stop_on_signals(request_stop):
+def stop_on_signals(request_stop, *, hosts_agree: bool = False):
     """Ctrl-C and SIGTERM call request_stop(signum) instead of killing the run, which then
-    finishes its step and saves. Signals reach only the main thread; elsewhere this does nothing."""
+    finishes its step and saves. Signals reach only the main thread; elsewhere this does nothing.
+
+    With `hosts_agree` (several hosts, JAX's preemption service on), SIGTERM is left to JAX's
+    notifier, which makes every host stop at one agreed step (distributed.reached_stop_point),
+    and Ctrl-C on any host is passed to it as a SIGTERM."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    old = {s: signal.signal(s, lambda signum, _frame: request_stop(signum)) for s in (signal.SIGINT, signal.SIGTERM)}
+    if hosts_agree:
+        handlers = {signal.SIGINT: lambda signum, _frame: os.kill(os.getpid(), signal.SIGTERM)}
+    else:
+        handlers = {s: (lambda signum, _frame: request_stop(signum)) for s in (signal.SIGINT, signal.SIGTERM)}
+    old = {s: signal.signal(s, h) for s, h in handlers.items()}
     try:
         yield
     finally:
@@ -149,6 +170,7 @@ class Trainer:
                  hooks: Sequence[Hook] = ()):
         if not cfg.model_path:
             raise UserError("model_path is empty: set it in the config to the directory for checkpoints")
+        check_writable(cfg.model_path, "model_path")  # before reading any data: a read-only disk fails now
         self.cfg, self.tokenizer, self.progress, self.log = cfg, tokenizer, progress, log
         if jax.process_index() != 0:  # one host speaks for the run
             self.progress, self.log = False, lambda *a, **k: None
@@ -167,7 +189,8 @@ class Trainer:
         if cfg.eval_steps > 0 and cfg.eval_data_path:
             check_batch("eval_batch_size", cfg.eval_batch_size, self.mesh)
             self.eval_data = make_source(cfg, "eval", tokenizer, **hosts)
-        self.hooks = standard_hooks(cfg, evaluate=self.eval_data is not None)
+        self.hooks = standard_hooks(cfg, evaluate=self.eval_data is not None,
+                                    agree=any_host if jax.process_count() > 1 else None)
         for hook in hooks:
             self.add_hook(hook)
         self.metrics = MetricsWriter(cfg.model_path, enabled=jax.process_index() == 0)  # one writer per run
@@ -176,6 +199,8 @@ class Trainer:
         self._stop: StopRequest | None = None
         self._last_loss = self._eval_loss = None
         self.shown_tasks: dict[str, str] = {}  # task headline figures the progress line repeats (hooks.TaskScores)
+        self._saved_step = None
+        self.origin = "It started from freshly initialised parameters; "  # what the NaN message says of the start
 
         rep, data = replicated(self.mesh), batch_sharding(self.mesh)
         self._batch_sharding = data
@@ -198,27 +223,80 @@ class Trainer:
 
     # ------------------------------------------------------------------ state
     def _initial_state(self, sharding):
-        latest = self.ckpt.latest_step()
-        if latest is not None and self.ckpt.read_meta(latest).get("kind") == "pretrained":
-            # A converted pretrained model: its weights, a fresh optimizer, step 0.
-            self.log(f"starting from the pretrained model in {self.ckpt.dir}")
-            return self._state_from_params(self.ckpt.restore_params(latest, sharding["params"]), sharding)
-        if latest is not None:
-            abstract = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
-                                    jax.eval_shape(lambda: init_state(self.cfg, self.tx)), sharding)
-            state, data_state = self.ckpt.restore(abstract, latest)
-            self.train_data.restore(data_state)
-            self.log(f"resumed from {self.ckpt.dir} at step {latest}")
-            dropped = self.metrics.forget_after(latest)
-            if dropped:
-                self.log(f"dropped {dropped} metrics records of steps after {latest} (they will be trained again)")
-            return state
+        if self.ckpt.latest_step() is not None:
+            return self._resume(sharding)
         if self.cfg.init_from:
             from .pretrained import fit, load_pretrained
             pre = load_pretrained(self.cfg.init_from)
             self.log(f"initialised from the pretrained model {pre.source}")
+            self.origin = f"It started from the pretrained model {pre.source}; "
             return self._state_from_params(fit(pre, self.cfg), sharding)
         return jax.jit(lambda: init_state(self.cfg, self.tx), out_shardings=sharding)()
+
+    def _load_step(self, step: int, sharding):
+        """(state, metadata) of a saved step, verified against its manifest; a converted
+        pretrained model (kind "pretrained") gives its weights with a fresh optimizer at step 0."""
+        meta = self.ckpt.read_meta(step)
+        if meta.get("kind") == "pretrained":
+            params = self.ckpt.restore_params(step, sharding["params"])
+            return self._state_from_params(params, sharding), meta
+        abstract = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
+                                jax.eval_shape(lambda: init_state(self.cfg, self.tx)), sharding)
+        return self.ckpt.restore(abstract, step)
+
+    def _newest_intact(self, sharding):
+        """(step, state, metadata) of the newest checkpoint that reads back as saved. A damaged
+        newest one is refused, naming the intact step to fall back to; with resume_fallback the
+        damaged steps are moved aside and training resumes from that step."""
+        damaged, first_error = [], None
+        for step in reversed(self.ckpt.all_steps()):
+            try:
+                state, meta = self._load_step(step, sharding)
+            except (DamagedCheckpoint, UnreadableCheckpoint) as e:
+                damaged.append(step)
+                first_error = first_error or e
+                continue
+            if damaged and not self.cfg.resume_fallback:
+                raise UserError(f"{first_error}. The newest intact checkpoint is step {step}: rerun with "
+                                f"--resume_fallback to resume from it (step {', '.join(map(str, damaged))} is then "
+                                f"moved to {self.cfg.model_path.rstrip('/')}/damaged_checkpoints)")
+            if damaged:
+                aside = self.ckpt.move_aside(damaged)
+                self.log(f"{first_error}; moved step {', '.join(map(str, damaged))} to {aside} and resuming from "
+                         f"step {step}, the newest intact checkpoint (resume_fallback)")
+            return step, state, meta
+        raise UserError(f"{first_error}. No checkpoint in {self.ckpt.dir} reads back: if the optimizer settings "
+                        "(opt_name, grad_clip, weight_decay) changed since, restore them; otherwise start over with a "
+                        "new model_path")
+
+    def _resume(self, sharding):
+        step, state, meta = self._newest_intact(sharding)
+        check_encoder(meta.get("encoder"), self.tokenizer, step, self.ckpt.dir)
+        verified = ("whose arrays matched their checksums" if self.ckpt.verified(step)
+                    else "saved without checksums, so not verified")
+        if meta.get("kind") == "pretrained":
+            self.log(f"starting from the pretrained model in {self.ckpt.dir}")
+            self.origin = f"It started from the pretrained model in {self.ckpt.dir} ({verified}); "
+            return state
+        saved = meta.get("config", {})
+        changed = [f"{k}: {saved.get(k)!r} -> {getattr(self.cfg, k)!r}" for k in DATA_KEYS
+                   if k in saved and saved[k] != getattr(self.cfg, k)]
+        if changed and not self.cfg.allow_data_change:
+            raise UserError(f"the checkpoint of step {step} in {self.ckpt.dir} was trained on other data settings "
+                            f"({'; '.join(changed)}), so its saved data position would point into other data: "
+                            "restore those settings, or rerun with --allow_data_change to keep the weights and "
+                            "optimizer and start the new data from its beginning")
+        if changed:
+            self.log(f"data settings changed ({'; '.join(changed)}): the new data starts from its beginning "
+                     "(allow_data_change)")
+        else:
+            self.train_data.restore(meta["data"])
+        self.log(f"resumed from {self.ckpt.dir} at step {step}")
+        self.origin = f"It resumed from step {step} ({verified}); "
+        dropped = self.metrics.forget_after(step)
+        if dropped:
+            self.log(f"dropped {dropped} metrics records of steps after {step} (they will be trained again)")
+        return state
 
     def _state_from_params(self, params, sharding):
         return jax.jit(lambda p: train_state(self.cfg, self.tx, p), out_shardings=sharding)(
@@ -244,10 +322,19 @@ class Trainer:
         return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0))}
 
     def save(self) -> None:
+        if self.step == self._saved_step:  # two hooks due at one step (steps and seconds): one save
+            return
+        self._saved_step = self.step
         # The last update can overflow after a finite loss was reported: never save such a state.
         if not bool(_all_finite(self.state["params"])):
-            raise NonFiniteLoss.at("the parameters became non-finite", self.step, self.ckpt, self.cfg)
-        self.ckpt.save(self.step, self.state, self.train_data.state())
+            raise self._non_finite("the parameters became non-finite", self.step)
+        self.ckpt.save(self.step, self.state, self.train_data.state(), encoder=self.tokenizer.fingerprint)
+        for hook in self.hooks:
+            if isinstance(hook, CheckpointEverySeconds):
+                hook.last_save = hook.clock()
+
+    def _non_finite(self, what: str, step: int) -> NonFiniteLoss:
+        return NonFiniteLoss.at(what, step, self.ckpt, self.cfg, self.origin, self.train_data.skipped_records)
 
     def request_stop(self, reason: str | int) -> None:
         """Make the current step the last: the end-of-run hooks (a checkpoint) run, then run()
@@ -284,7 +371,7 @@ class Trainer:
         waits for the step it just launched); stop on a non-finite loss."""
         m = {k: float(v) for k, v in jax.device_get(metrics).items()}
         if not math.isfinite(m["loss"]):
-            raise NonFiniteLoss.at(f"loss became {m['loss']}", step, self.ckpt, self.cfg)
+            raise self._non_finite(f"loss became {m['loss']}", step)
         self.history.append({"step": step, **m})
         self.window.add(m)
         self._last_loss = m["loss"]
@@ -321,7 +408,8 @@ class Trainer:
         pending = None  # (step, metrics on device) of the step launched before
         step = start
         try:
-            with stop_on_signals(self.request_stop):
+            hosts_agree = preemption_service()
+            with stop_on_signals(self.request_stop, hosts_agree=hosts_agree):
                 while step < end:
                     batch = self._put(self.train_data.next_batch())
                     self.state, metrics = self.train_step(self.state, batch)
@@ -338,6 +426,8 @@ class Trainer:
                         reason = hook.wants_stop(self, step)
                         if reason:
                             self.request_stop(reason)
+                    if hosts_agree and reached_stop_point(step):  # every host stops at this step together
+                        self.request_stop(signal.SIGTERM)
                     final = step == end or self._stop is not None
                     due = [h for h in hooks if h.due(step, final)]
                     if due and pending is not None:

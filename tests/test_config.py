@@ -66,7 +66,7 @@ def test_overrides_are_typed(tmp_path):
                                                        "max_steps": "1e3"})
     assert (cfg.n_layer, cfg.lr, cfg.scale_by_in, cfg.max_steps) == (3, 1e-4, True, 1000)
     with pytest.raises(UserError, match="'n_layer' must be a int"):
-        apply_overrides(Config(), {"n_layer": "2.5"})
+        apply_overrides(Config(), {"n_layer": "2.5"}, text=True)
 
 
 def test_shipped_configs_load():

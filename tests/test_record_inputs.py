@@ -160,7 +160,7 @@ def test_corrupt_records_stop_or_are_skipped(tmp_path):
     data[30] ^= 0xFF
     open(files[1], "wb").write(bytes(data))
     src = RecordWindows(files, EOT, N_CTX, 4, stitch=1, shuffle=False)
-    with pytest.raises(UserError, match=r"c_1.tfrecords: corrupt record at byte offset 0"):
+    with pytest.raises(UserError, match=r"c_1.tfrecords: record 0 \(byte offset 0\) is corrupt"):
         for _ in range(6):
             src.next_batch()
     src = RecordWindows(files, EOT, N_CTX, 4, stitch=1, shuffle=False, skip_corrupt=True)

@@ -66,7 +66,7 @@ def _record_offsets():
 def test_flipped_data_byte_names_file_and_offset(tmp_path):
     third = _record_offsets()[2]
     path = _damaged_copy(tmp_path, third + 14, value=0x40)
-    with pytest.raises(UserError, match=rf"damaged.tfrecords: corrupt record at byte offset {third}: the data"):
+    with pytest.raises(UserError, match=rf"damaged.tfrecords: record 2 \(byte offset {third}\) is corrupt: the data"):
         list(records.read_documents(str(path)))
     # Skipping passes over exactly the damaged record and counts it.
     stats = records.ReadStats()
@@ -79,10 +79,10 @@ def test_flipped_data_byte_names_file_and_offset(tmp_path):
 def test_truncated_file_and_damaged_length(tmp_path):
     last = _record_offsets()[-1]
     path = _damaged_copy(tmp_path, 0, truncate=last + 20)
-    with pytest.raises(UserError, match=rf"offset {last}: the file ends inside a record"):
+    with pytest.raises(UserError, match=rf"record {len(_record_offsets()) - 1} \(byte offset {last}\) is corrupt: the file ends inside a record"):
         list(records.read_documents(str(path)))
     path = _damaged_copy(tmp_path, 3, value=1)
-    with pytest.raises(UserError, match="offset 0: the length's checksum"):
+    with pytest.raises(UserError, match=r"record 0 \(byte offset 0\) is corrupt: the length's checksum"):
         list(records.read_documents(str(path)))
     stats = records.ReadStats()
     assert list(records.read_documents(str(path), skip_corrupt=True, stats=stats)) == []

@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from gpt2train import records
+from gpt2train.encode import check_manifests
 from gpt2train.errors import UserError
 from gpt2train.inputs.base import WindowSource, register_input, shard_rows, split_settings
 from gpt2train.paths import expand_paths
@@ -73,8 +74,10 @@ class RecordWindows(WindowSource):
         skip_corrupt: bool = False,
         name: str = "the data",
         batch_key: str = "train_batch_size",
+        n_vocab: int | None = None,
     ):
         self.batch_size = shard_rows(global_batch, process_index, process_count, batch_key)
+        self._n_vocab = n_vocab  # ids outside [0, n_vocab) stop the run (or are skipped): never fed to the model
         all_files = sorted(files)
         if len(all_files) < process_count:
             raise UserError(
@@ -102,7 +105,8 @@ class RecordWindows(WindowSource):
         if self._current is not None and self._current[0] == key:
             return self._current[1]
         index, path = self._file_order(epoch)[slot]
-        docs = [tokens.astype(np.int32) for tokens, _ in records.read_documents(path, skip_corrupt=self._skip, stats=self.stats)]
+        docs = [tokens.astype(np.int32) for tokens, _ in
+                records.read_documents(path, skip_corrupt=self._skip, stats=self.stats, n_vocab=self._n_vocab)]
         rng = np.random.default_rng([self._seed, key[0], index])
         if self._shuffle:
             docs = [docs[i] for i in rng.permutation(len(docs))]
@@ -208,10 +212,11 @@ def record_source(cfg, split: str, tokenizer, key: str, spec, stitch: int, *, pr
     files = [f for f in expand_paths(spec) if f.endswith(".tfrecords")]
     if not files:
         raise UserError(f"{key} {spec!r} holds no .tfrecords files: encode text with `python -m gpt2train encode`")
+    check_manifests(files, tokenizer, key)
     return RecordWindows(
         files, tokenizer.eot_id, cfg.n_ctx, global_batch, stitch=stitch, seed=cfg.seed, shuffle=split == "train",
         process_index=process_index, process_count=process_count, skip_corrupt=cfg.skip_corrupt_records,
-        name=f"{key} {spec!r}", batch_key=batch_key,
+        name=f"{key} {spec!r}", batch_key=batch_key, n_vocab=tokenizer.n_vocab,
     )
 
 
