@@ -1,5 +1,6 @@
 """Shared fixtures: GPT-2's real encoder files, small real text, tiny configs."""
 
+import importlib
 import json
 import os
 import shutil
@@ -23,6 +24,20 @@ if _OWN_CACHE:
 def pytest_sessionfinish(session, exitstatus):
     if _OWN_CACHE:
         shutil.rmtree(_OWN_CACHE, ignore_errors=True)
+
+
+def import_test_extra(name: str):
+    """A module of the `test` extra (torch, transformers): skipped when it is not installed, except
+    under CI=true, where a missing reference is an error: a parity test that skips proves nothing."""
+    if os.environ.get("CI") == "true":
+        try:
+            return importlib.import_module(name)
+        except ImportError as e:
+            raise ImportError(f"{name} is not installed but CI=true: install the test extra "
+                              f"(pip install -e \".[test]\"); it is the reference the parity tests need") from e
+    return pytest.importorskip(name)
+
+
 ENCODER_DIR = Path(GPT2_ENCODER_DIR)  # the package's own copy of GPT-2's vocabulary
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
 

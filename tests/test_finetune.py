@@ -11,10 +11,11 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
+from conftest import ENCODER_DIR, REPO, STDLIB, import_test_extra
 
-from conftest import ENCODER_DIR, REPO, STDLIB  # noqa: E402
+torch = import_test_extra("torch")
+transformers = import_test_extra("transformers")
+
 from gpt2train.cli import run_main  # noqa: E402
 
 REPO_ID = "openai-community/gpt2"

@@ -4,8 +4,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
+from conftest import import_test_extra
+
+torch = import_test_extra("torch")
+transformers = import_test_extra("transformers")
 
 from gpt2train import model as M  # noqa: E402
 from gpt2train.config import Config  # noqa: E402

@@ -8,10 +8,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
+from conftest import ENCODER_DIR, import_test_extra
 
-from conftest import ENCODER_DIR  # noqa: E402
+torch = import_test_extra("torch")
+transformers = import_test_extra("transformers")
+
 from gpt2train import model as M  # noqa: E402
 from gpt2train.config import Config  # noqa: E402
 from gpt2train.errors import UserError  # noqa: E402
