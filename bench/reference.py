@@ -11,12 +11,14 @@ PyTorch gains from them too (evaluation at 8 x 1024: ~1.35x), so the comparison 
 Protocol: one JSON request per line on stdin, one JSON reply per line on stdout.
     {"op": "train" | "generate" | "eval", ...shape...}  -> {"id": n}   (builds the workload)
     {"op": "time", "id": n}                             -> {"seconds": s} (runs it once)
+    {"op": "info"}                                      -> its threads and BLAS (machine_info)
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -90,6 +92,15 @@ def eval_workload(L, D, H, V, B, T, precision="float32"):
 BUILDERS = {"train": train_workload, "generate": generate_workload, "eval": eval_workload}
 
 
+def machine_info() -> dict:
+    """What the reference computes with: torch's intra-op and inter-op threads, the BLAS it was
+    built with (torch.__config__.show()), and the CPU kernels it dispatches to."""
+    import torch
+    blas = re.search(r"BLAS_INFO=(\w+)", torch.__config__.show())
+    return {"intra_op_threads": torch.get_num_threads(), "inter_op_threads": torch.get_num_interop_threads(),
+            "blas": blas.group(1) if blas else "unknown", "cpu_capability": torch.backends.cpu.get_cpu_capability()}
+
+
 def serve() -> None:
     out = os.fdopen(os.dup(1), "w", buffering=1)
     os.dup2(2, 1)  # library chatter goes to stderr; stdout carries only replies
@@ -100,6 +111,8 @@ def serve() -> None:
             t = time.perf_counter()
             workloads[req["id"]]()
             reply = {"seconds": time.perf_counter() - t}
+        elif req["op"] == "info":
+            reply = machine_info()
         else:
             workloads.append(BUILDERS[req["op"]](*req["args"]))
             reply = {"id": len(workloads) - 1}
@@ -120,6 +133,10 @@ class Reference:
         if not line:
             raise RuntimeError(f"the PyTorch reference process died (exit code {self.proc.wait()}); see its stderr")
         return json.loads(line)
+
+    def info(self) -> dict:
+        """The reference's threads and BLAS (machine_info), as its own process sees them."""
+        return self._ask({"op": "info"})
 
     def workload(self, op: str, *args):
         wid = self._ask({"op": op, "args": list(args)})["id"]

@@ -70,9 +70,12 @@ def encode_example(tokens: Sequence[int] | np.ndarray, name: bytes | str = b"") 
     hash_feature = _field(1, _field(1, name))  # Feature.bytes_list = BytesList{value}
     ids = np.asarray(tokens, dtype=np.int64)
     text_feature = _field(3, _field(1, _packed_varints(ids)) if len(ids) else b"")  # Feature.int64_list
-    # TensorFlow writes "text" before "hash"; the same order makes our files byte-identical.
-    entries = _field(1, _field(1, b"text") + _field(2, text_feature)) + _field(
-        1, _field(1, b"hash") + _field(2, hash_feature)
+    # The map's entries in key order, as protobuf's deterministic serialization writes them
+    # (TensorFlow 2.21's SerializeToString(deterministic=True) gives these bytes). A default
+    # serialization leaves the order to the protobuf runtime (upb wrote "text" first, as this
+    # writer did before); decode_example reads either.
+    entries = _field(1, _field(1, b"hash") + _field(2, hash_feature)) + _field(
+        1, _field(1, b"text") + _field(2, text_feature)
     )
     return _field(1, entries)  # Example.features
 

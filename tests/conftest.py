@@ -1,5 +1,6 @@
 """Shared fixtures: GPT-2's real encoder files, small real text, tiny configs."""
 
+import importlib
 import json
 import os
 import shutil
@@ -28,6 +29,59 @@ os.environ["GPT2TRAIN_NATIVE_BF16"] = "0"
 def pytest_sessionfinish(session, exitstatus):
     if _OWN_CACHE:
         shutil.rmtree(_OWN_CACHE, ignore_errors=True)
+
+
+def import_test_extra(name: str):
+    """A module of the `test` extra (torch, transformers): skipped when it is not installed, except
+    under CI=true, where a missing reference is an error: a parity test that skips proves nothing."""
+    if os.environ.get("CI") == "true":
+        try:
+            return importlib.import_module(name)
+        except ImportError as e:
+            raise ImportError(f"{name} is not installed but CI=true: install the test extra "
+                              f"(pip install -e \".[test]\"); it is the reference the parity tests need") from e
+    return pytest.importorskip(name)
+
+
+# Weights for HF parity tests on which every component of GPT-2 shows in the logits. HF's own
+# init (std 0.02) keeps activations so small that an exact-erf GELU (wrong for GPT-2) changes
+# the logits by 2e-5 of their scale, inside any float32 tolerance; at these scales it changes
+# them by ~2e-4 of it. Embeddings stay small so that LayerNorm's epsilon still matters (1e-6
+# instead of 1e-5 moves the logits by ~2.4e-3 of their scale), as it does in GPT-2's first layer.
+PARITY_STD = 0.3        # matmul kernels and biases; LayerNorm gains are 1 + N(0, PARITY_STD)
+PARITY_EMBED_STD = 0.05  # token and position embeddings
+# Our float32 logits agree with PyTorch's to ~1.3e-6 of the largest logit (summation orders
+# differ); a tolerance of 2e-5 of it keeps ~10x from both that and the smallest error it must
+# catch (tests/test_parity_hf.py's negative controls).
+LOGIT_TOLERANCE = 2e-5
+
+
+def make_every_component_matter(hf, seed: int = 0):
+    """Redraw an HF GPT-2's weights in place at the PARITY_* scales (the head stays tied to wte)."""
+    import torch
+    generator = torch.Generator().manual_seed(seed)
+
+    def normal(p, std):
+        return torch.randn(p.shape, generator=generator) * std
+
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            if name.endswith(("wte.weight", "wpe.weight")):
+                p.copy_(normal(p, PARITY_EMBED_STD))
+            elif ".ln_" in name and name.endswith("weight"):
+                p.copy_(1 + normal(p, PARITY_STD))
+            else:
+                p.copy_(normal(p, PARITY_STD))
+    return hf
+
+
+def logit_gap(ours, want) -> float:
+    """The largest difference between two sets of logits, as a fraction of the largest logit."""
+    import numpy as np
+    ours, want = np.asarray(ours, np.float64), np.asarray(want, np.float64)
+    return float(np.abs(ours - want).max() / np.abs(want).max())
+
+
 ENCODER_DIR = Path(GPT2_ENCODER_DIR)  # the package's own copy of GPT-2's vocabulary
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
 

@@ -14,7 +14,13 @@ def test_smoke_suite_writes_a_complete_report(tmp_path):
                           cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads((tmp_path / "report.json").read_text())
-    assert report["mode"] == "smoke" and report["machine"]["cores"] >= 1 and report["bandwidth_gb_s"] > 0
+    assert report["mode"] == "smoke" and report["machine"]["cores"] >= 1 and report["copy_bandwidth_gb_s"] > 0
+    m = report["machine"]  # what both sides ran with: threads, the reference's BLAS, the CPU and its ISA
+    cpu_flags = set(open("/proc/cpuinfo").read().split())
+    assert m["xla_intra_op_threads"] >= 1 and m["cpu"] and set(m["isa_flags"]) <= cpu_flags
+    assert ("avx2" in m["isa_flags"]) == ("avx2" in cpu_flags)
+    ref = m["reference"]
+    assert ref["intra_op_threads"] >= 1 and ref["inter_op_threads"] >= 1 and ref["blas"] not in ("", "unknown")
     r = report["results"]
     for name in ("train_small", "train_124M"):
         for key in ("ours_float32_tok_s", "ours_bfloat16_tok_s", "reference_tok_s", "reference_bf16_tok_s",
@@ -23,17 +29,22 @@ def test_smoke_suite_writes_a_complete_report(tmp_path):
         assert r[name]["compile_s"]["float32"] > 0
     for batch in ("batch_1", "batch_2", "batch_1_bf16", "batch_2_bf16"):
         assert r["generate"][batch]["ours_tok_s"] > 0 and r["generate"][batch]["reference_tok_s"] > 0
-    assert 0 < r["generate"]["batch_1"]["fraction_of_bandwidth_limit"] and r["generate"]["batch_1"]["bandwidth_gb_s"] > 0
+    batch_1 = r["generate"]["batch_1"]
+    assert 0 < batch_1["fraction_of_copy_bandwidth"] and batch_1["copy_bandwidth_gb_s"] > 0
     assert all(r["generate"][b]["context_free_step_ms"] > 0 and r["generate"][b]["ceiling_ratio"] > 0
                and 0 < r["generate"][b]["fraction_of_ceiling"] and r["generate"][b]["cache_read_ms"] > 0 for b in ("batch_1", "batch_2"))
     assert r["eval"]["ratio"] > 0 and r["eval"]["ours_bf16_tok_s"] > 0 and r["eval"]["ratio_bf16"] > 0
     # bfloat16 weights are half the bytes a step reads
     g = r["generate"]
     assert g["batch_1_bf16"]["weight_bytes_per_token"] < 0.52 * g["batch_1"]["weight_bytes_per_token"]
-    assert abs(r["eval"]["loss_bfloat16"] - r["eval"]["loss_float32"]) < 0.05
+    # Timing weights are GPT-2's near-uniform init: the two losses are no accuracy check (that is
+    # tests/test_model.py's bf16 test), only finite.
+    assert math.isfinite(r["eval"]["loss_bfloat16"]) and math.isfinite(r["eval"]["loss_float32"])
     assert r["data"]["encode_mb_s"] > 0 and r["data"]["tokens"] > 0 and r["data"]["pipeline_tok_s_ctx128_b16"] > 0
     assert r["data"]["parquet_tok_s_ctx1024_b8"] > 0 and r["data"]["shards_tok_s_ctx1024_b8"] > 0
     q = r["ttq"]
     assert q["steps"] > 1 and 0 < q["heldout_bits_per_byte"] < 10
     md = (tmp_path / "report.md").read_text()
     assert "## Training" in md and "## Generation" in md and "ceiling tokens/s" in md and "## Time to quality" in md
+    assert "of copy bandwidth" in md and "Threads: ours (XLA:CPU)" in md and f"BLAS {ref['blas']}" in md
+    assert "bandwidth limit" not in md

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -69,23 +70,44 @@ def test_sigterm_saves_and_rerun_resumes_exactly(trained, reference):
     assert_same_curve(step_losses(tmp / "model"), reference)
 
 
+ORBAX_TMP = "*.orbax-checkpoint-tmp*"  # Orbax writes a step here and renames it when the save is complete
+
+
 def test_sigkill_during_checkpointing_loses_only_unsaved_steps(trained, reference, tmp_path):
-    """A hard kill while saving every step: the rerun resumes from the last complete checkpoint
+    """A hard kill while a checkpoint is being written (its temporary directory exists before
+    the kill and is still there after it): the rerun resumes from the last complete checkpoint
     and reproduces the uninterrupted run's losses from there on."""
     cfg = tiny_config(tmp_path, **{**{k: v for k, v in trained[2].to_dict().items()
                                       if k not in ("model_path", "predict_path")}, "checkpoint_every": 1})
     path = write_config(tmp_path / "c.json", cfg)
-    proc = subprocess.Popen([sys.executable, "main.py", "--model", str(path)], cwd=REPO, env=ENV,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 240
-    metrics = tmp_path / "model" / "metrics.jsonl"
-    while time.time() < deadline and (not metrics.exists() or len(step_losses(tmp_path / "model")) < 12):
-        time.sleep(0.05)
-    proc.kill()
-    proc.wait()
+    checkpoints = tmp_path / "model" / "checkpoints"
+    killed_mid_save = None
+    # A save takes tens of milliseconds: polling every millisecond finds one under way, but it
+    # may complete between the look and the kill; then the killed run is resumed and tried again.
+    for attempt in range(5):
+        proc = subprocess.Popen([sys.executable, "main.py", "--model", str(path)], cwd=REPO, env=ENV,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.time() + 240
+        while time.time() < deadline and proc.poll() is None:
+            complete = [int(d.name) for d in checkpoints.glob("*") if d.name.isdigit()] if checkpoints.exists() else []
+            if len(complete) >= 2 and list(checkpoints.glob(ORBAX_TMP)):
+                proc.kill()
+                break
+            time.sleep(0.001)
+        proc.wait()
+        assert proc.returncode == -signal.SIGKILL, f"the run ended by itself (status {proc.returncode}) before a kill"
+        left = list(checkpoints.glob(ORBAX_TMP))
+        if left:
+            complete = [int(d.name) for d in checkpoints.glob("*") if d.name.isdigit()]
+            killed_mid_save = (int(left[0].name.split(".")[0]), max(complete))
+            break
+    assert killed_mid_save, "no kill landed inside a save in 5 tries"
+    unfinished, last_complete = killed_mid_save
+    assert unfinished > last_complete
     again = run("main.py", "--model", str(path))
     assert again.returncode == 0, again.stderr
-    assert "resumed from" in again.stdout
+    assert re.search(rf"resumed from \S+ at step {last_complete}\b", again.stdout)  # not the half-written one
+    assert not list(checkpoints.glob(ORBAX_TMP))    # and its remains were cleaned up
     assert_same_curve(step_losses(tmp_path / "model"), reference)
 
 

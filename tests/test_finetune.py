@@ -8,10 +8,11 @@ import sys
 
 import pytest
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
+from conftest import ENCODER_DIR, REPO, STDLIB, import_test_extra
 
-from conftest import ENCODER_DIR, REPO, STDLIB  # noqa: E402
+torch = import_test_extra("torch")
+transformers = import_test_extra("transformers")
+
 from hub_server import Hub, start  # noqa: E402
 from gpt2train.cli import run_main  # noqa: E402
 
@@ -63,13 +64,11 @@ def test_download_encode_finetune_sample_evaluate_export(hub, tmp_path):
     # 3. fine-tune from the pretrained model (fresh optimizer, step 0, shorter context)
     run_dir = tmp_path / "runs" / "mine"
     common = ["--model_path", str(run_dir), "--n_ctx", "32"]
-    before = evaluate(config, tmp_path / "held_out.txt", ["--stride", "16"])
-    train = run(str(REPO / "main.py"), "--model", config, *common,
-                "--init_from", str(tmp_path / "models" / "124M"), "--input", "tfrecords",
-                "--data_path", str(tmp_path / "data"), "--stitch", "1", "--max_steps", "30", "--train_steps", "30",
-                "--eval_steps", "0", "--warmup_steps", "5", "--lr", "3e-3", "--train_batch_size", "8",
-                "--embed_dropout", "0", "--attn_dropout", "0", "--res_dropout", "0",
-                endpoint=endpoint, home=tmp_path / "hf", cwd=tmp_path)
+    recipe = ["--init_from", str(tmp_path / "models" / "124M"), "--input", "tfrecords",
+              "--data_path", str(tmp_path / "data"), "--stitch", "1", "--eval_steps", "0", "--train_batch_size", "8",
+              "--embed_dropout", "0", "--attn_dropout", "0", "--res_dropout", "0"]
+    train = run(str(REPO / "main.py"), "--model", config, *common, *recipe, "--max_steps", "30", "--train_steps", "30",
+                "--warmup_steps", "5", "--lr", "3e-3", endpoint=endpoint, home=tmp_path / "hf", cwd=tmp_path)
     assert train.returncode == 0, train.stderr
     assert "initialised from the pretrained model" in train.stdout + train.stderr
     first = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[0])
@@ -80,28 +79,37 @@ def test_download_encode_finetune_sample_evaluate_export(hub, tmp_path):
                  endpoint=endpoint, home=tmp_path / "hf", cwd=tmp_path)
     assert sample.returncode == 0 and "SAMPLE 0" in sample.stdout, sample.stderr
 
-    # 5. evaluate with a stride: perplexity on held-out Python fell
-    after = evaluate(config, tmp_path / "held_out.txt", common + ["--stride", "16"])
+    # 5. evaluate with a stride, through the command line: held-out perplexity fell. The pretrained
+    #    model is scored at the same 32-token context: a run of one step at learning rate 0 holds
+    #    its weights at that context (a checkpoint is evaluated at the context it was trained with).
+    at_32 = ["--model_path", str(tmp_path / "runs" / "pretrained"), "--n_ctx", "32"]
+    unchanged = run(str(REPO / "main.py"), "--model", config, *at_32, *recipe, "--max_steps", "1", "--lr", "0",
+                    "--warmup_steps", "0", endpoint=endpoint, home=tmp_path / "hf", cwd=tmp_path)
+    assert unchanged.returncode == 0, unchanged.stderr
+    held_out = tmp_path / "held_out.txt"
+
+    def evaluate(*extra):
+        got = run("-m", "gpt2train", "evaluate", "--model", config, "--data", str(held_out), "--json", *extra,
+                  endpoint=endpoint, home=tmp_path / "hf", cwd=tmp_path)
+        assert got.returncode == 0, got.stderr
+        return json.loads(got.stdout.strip().splitlines()[-1])
+
+    before, after = evaluate(*at_32, "--stride", "16"), evaluate(*common, "--stride", "16")
     assert after["perplexity"] < 0.5 * before["perplexity"]
+    # The stride reached the evaluation: without it every token has less context, and a stride
+    # past the context is refused in one line.
+    assert evaluate(*common)["perplexity"] != after["perplexity"]
+    assert before["tokens"] == after["tokens"] > 1000 and before["step"] == 1 and after["step"] == 30
+    bad = run("-m", "gpt2train", "evaluate", "--model", config, *common, "--data", str(held_out), "--stride", "40",
+              endpoint=endpoint, home=tmp_path / "hf", cwd=tmp_path)
+    assert bad.returncode == 2 and "--stride 40 must be between 1 and n_ctx (32)" in bad.stderr
+    assert "Traceback" not in bad.stderr
 
     # 6. export to HF format and load it with transformers
     assert run_main(["export", "--model", config, *common, "--out", str(tmp_path / "export")]) == 0
     model = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "export")
     tok = transformers.GPT2TokenizerFast.from_pretrained(tmp_path / "export")
     assert model.config.n_positions == 32 and tok.encode("Hello world") == [15496, 995]
-
-
-def evaluate(config, data, extra):
-    from gpt2train.cli import cmd_evaluate, load
-
-    class Args:
-        model = config
-    stride = None
-    if "--stride" in extra:
-        i = extra.index("--stride")
-        stride, extra = int(extra[i + 1]), extra[:i] + extra[i + 2:]
-    from gpt2train.cli import parse_overrides
-    return cmd_evaluate(load(Args, parse_overrides(extra)), str(data), stride)
 
 
 def test_download_errors(hub, tmp_path):

@@ -8,7 +8,7 @@ import pytest
 from gpt2train import model as M
 from gpt2train.config import Config
 from gpt2train.errors import UserError
-from gpt2train.generate import Generator, format_sample
+from gpt2train.generate import PROMPT_BUCKET, Generator, format_sample
 from gpt2train.sampling import SamplingOptions, filter_logits
 
 
@@ -109,14 +109,27 @@ def test_repetition_penalty_changes_greedy_text(gen):
     assert len(set(pen)) > len(set(base))
 
 
-def test_stops_at_end_of_text(gpt2_tokenizer):
+def test_stops_at_end_of_text_after_the_text_before_it(gpt2_tokenizer):
+    """A model that says " the" up to position 4 and <|endoftext|> from position 5 on (its blocks
+    add nothing; its logits come from the position embedding alone): each row's text is the words
+    before <|endoftext|>, and nothing after it."""
     cfg = Config(n_ctx=32, n_embd=16, n_layer=1, n_head=2, n_vocab=50257).validate()
     params = M.init_params(cfg, jax.random.PRNGKey(0))
-    # Make <|endoftext|> the only token with a non-zero logit: greedy decoding must stop at once.
-    params["wte"] = jnp.zeros_like(params["wte"]).at[gpt2_tokenizer.eot_id].set(1.0)
-    params["ln_f"]["bias"] = jnp.ones_like(params["ln_f"]["bias"])
+    params["h"] = jax.tree.map(jnp.zeros_like, params["h"])
+    word, eot = gpt2_tokenizer.encode(" the")[0], gpt2_tokenizer.eot_id
+    e0, e1 = jnp.eye(16)[0], jnp.eye(16)[1]
+    params["wte"] = jnp.zeros_like(params["wte"]).at[word].set(e0).at[eot].set(e1)  # the tied head reads these
+    says_word = jnp.arange(cfg.n_ctx)[:, None] < 4                                  # position p predicts p + 1
+    params["wpe"] = 10 * jnp.where(says_word, e0 - e1, e1 - e0)
     g = Generator(cfg, params, gpt2_tokenizer)
-    assert g.generate(["hi"], SamplingOptions(length=10, temperature=0.0)) == [""]
+    prompts = ["hi", "hi hi hi"]
+    lengths = [len(gpt2_tokenizer.encode(p)) for p in prompts]
+    assert lengths == [1, 3]
+    texts = g.generate(prompts, SamplingOptions(length=8, temperature=0.0))
+    assert texts == [" the" * (5 - n) for n in lengths] and all(texts)
+    # Without the stop the same rows go on past <|endoftext|>: stopping is what ended them.
+    tokens = g.generate(prompts, SamplingOptions(length=8, temperature=0.0, stop_at_eot=False), return_tokens=True)
+    assert tokens == [[word] * (5 - n) + [eot] * (3 + n) for n in lengths]
 
 
 def test_long_prompt_keeps_its_last_tokens_with_a_warning(gen):
@@ -174,16 +187,50 @@ def test_banner_format():
     assert format_sample(3, "hi") == "=" * 40 + " SAMPLE 3 " + "=" * 40 + "\nhi\n" + "=" * 80 + "\n"
 
 
-def test_first_argmax_and_gumbel_draw_match_jax():
+def test_first_argmax_picks_the_first_of_tied_maxima():
     from gpt2train.sampling import first_argmax
     x = jnp.array([[1.0, 3.0, 3.0, 2.0], [-jnp.inf, -jnp.inf, 0.5, 0.5], [0.0, 0.0, 0.0, 0.0]])
-    assert first_argmax(x).tolist() == jnp.argmax(x, axis=-1).tolist() == [1, 2, 0]  # ties: the first
-    for i in range(5):  # sampling draws exactly the tokens jax.random.categorical would
-        key = jax.random.PRNGKey(i)
-        logits = (3 * jax.random.normal(key, (8, 500))).at[:, :50].set(-jnp.inf)
-        want = jax.random.categorical(jax.random.fold_in(key, 1), logits, axis=-1)
-        got = first_argmax(logits + jax.random.gumbel(jax.random.fold_in(key, 1), logits.shape))
-        assert got.tolist() == want.tolist()
+    assert first_argmax(x).tolist() == jnp.argmax(x, axis=-1).tolist() == [1, 2, 0]
+
+
+@pytest.fixture(scope="module")
+def fixed_distribution(gpt2_tokenizer):
+    """A Generator whose model predicts the same logits at every position, and those logits:
+    blocks that add nothing, a final LayerNorm that outputs e_0 whatever comes in (gain 0, bias
+    e_0), and column 0 of the tied wte holding the chosen logits."""
+    cfg = Config(n_ctx=96, n_embd=16, n_layer=1, n_head=2, n_vocab=50257).validate()
+    params = M.init_params(cfg, jax.random.PRNGKey(0))
+    params["h"] = jax.tree.map(jnp.zeros_like, params["h"])
+    params["ln_f"] = {"scale": jnp.zeros(16), "bias": jnp.eye(16)[0]}
+    chosen = 3 * jax.random.normal(jax.random.PRNGKey(1), (cfg.n_vocab,))
+    params["wte"] = params["wte"].at[:cfg.n_vocab, 0].set(chosen)
+    logits = M.forward(params, jnp.zeros((1, 4), jnp.int32), cfg)[0]  # [4, V_pad], padded rows masked
+    assert np.array_equal(logits[0], logits[3]) and np.array_equal(logits[0, :cfg.n_vocab], chosen)
+    return Generator(cfg, params, gpt2_tokenizer, chunk=16), logits[0]
+
+
+@pytest.mark.parametrize("temperature, top_k", [(1.0, 0), (0.7, 0), (1.3, 40)])
+def test_sampler_draws_what_jax_random_categorical_draws(fixed_distribution, temperature, top_k):
+    """Sampling through Generator.generate (the compiled decode loop and its sampler) draws exactly
+    the tokens jax.random.categorical draws from the same logits with the same keys: the loop
+    draws the token for cache slot s with fold_in(PRNGKey(seed), s), and prompts shorter than
+    PROMPT_BUCKET take slots 0..31."""
+    gen, logits = fixed_distribution
+    prompts, length, seed = ["a", "b c", "d e f"], 40, 11
+    got = gen.generate(prompts, SamplingOptions(length=length, temperature=temperature, top_k=top_k, seed=seed,
+                                                stop_at_eot=False), return_tokens=True)
+    scaled = logits / temperature
+    if top_k:
+        scaled = jnp.where(scaled < jnp.sort(scaled)[-top_k], -jnp.inf, scaled)
+    rows = jnp.broadcast_to(scaled, (len(prompts), scaled.shape[0]))
+    key = jax.random.PRNGKey(seed)
+    want = np.stack([jax.random.categorical(jax.random.fold_in(key, PROMPT_BUCKET + i), rows)
+                     for i in range(length)], axis=1)
+    assert got == want.tolist()
+    drawn = np.asarray(got).ravel()
+    assert len(set(drawn)) > 10 and len({tuple(r) for r in got}) == len(prompts)  # draws vary by step and row
+    if top_k:
+        assert set(drawn) <= set(np.argsort(np.asarray(logits))[-top_k:].tolist())
 
 
 @pytest.mark.parametrize("bad, words", [

@@ -9,6 +9,8 @@ weight is random with a spread (std ~0.3 to 1) so that a wrong kernel cannot hid
 near-uniform softmax or near-zero gradients.
 """
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -129,3 +131,50 @@ def test_each_setting_reaches_its_kernels(precision):
               .count("custom_vjp_call") for impl in KERNELS}
     # float32: attention alone (the products are plain); bfloat16: attention and the five products.
     assert custom == {"auto": custom["cpu"], "cpu": 1 if precision == "float32" else 6, "standard": 0}
+
+
+# ----------------------------------------------------------------------------- the compiled bf16 step
+def compiled_products(hlo: str) -> list[tuple[tuple[str, ...], str]]:
+    """(operand element types, JAX op name) of every dot and convolution in optimized HLO text.
+    Instruction names are unique in a module, so each operand's type is where it is defined."""
+    defined = dict(re.findall(r"^\s*(?:ROOT )?%(\S+) = (\w+)\[", hlo, re.M))
+    found = []
+    for operands, attributes in re.findall(r"^\s*(?:ROOT )?%\S+ = \w+\[[^=]*? (?:dot|convolution)\(([^)]*)\)(.*)$",
+                                           hlo, re.M):
+        names = re.findall(r"%([\w.-]+)", operands)
+        op_name = re.search(r'op_name="([^"]*)"', attributes)
+        found.append((tuple(defined[n] for n in names), op_name.group(1) if op_name else ""))
+    return found
+
+
+def bf16_train_step_hlo(n_ctx: int) -> str:
+    from gpt2train.optimizers import make_optimizer
+    from gpt2train.train import init_state, make_train_step
+    cfg = Config(n_ctx=n_ctx, n_embd=64, n_layer=1, n_head=4, n_vocab=300, train_batch_size=2, precision="bfloat16",
+                 embed_dropout=0.0, attn_dropout=0.0, res_dropout=0.0).validate()
+    tx = make_optimizer(cfg)
+    state = jax.eval_shape(lambda: init_state(cfg, tx))
+    batch = jax.ShapeDtypeStruct((2, n_ctx + 1), jnp.int32)
+    return jax.jit(make_train_step(cfg, tx)).lower(state, batch).compile().as_text()
+
+
+# The one product XLA:CPU (JAX 0.10.2) may run in float32: attention's backward dp = g v^T when
+# the context is a single block of query rows (n_ctx <= kernels.ATTN_BLOCK). XLA fuses it with
+# the softmax's backward into one YNNPACK fusion and converts both of its bfloat16 operands to
+# float32 there (the cotangent is rounded to bfloat16 first, so the numbers are bf16's; the
+# product runs at float32 speed). With two or more blocks (the 124M shapes of bench/: n_ctx 256
+# and 1024) every product stays in bfloat16, as the compiled 124M step shows too.
+def is_single_block_dp(op_name: str) -> bool:
+    return op_name.startswith("jit(step)/transpose(jvp())/") and op_name.endswith("/bhqd,bhkd->bhqk/dot_general")
+
+
+@pytest.mark.parametrize("n_ctx", [2 * K.ATTN_BLOCK, 32])
+def test_every_product_of_the_compiled_bf16_train_step_is_bf16(n_ctx):
+    products = compiled_products(bf16_train_step_hlo(n_ctx))
+    # 1 layer: 4 products forward, 8 backward; the head's 3; attention 2 + 4 per block
+    assert len(products) >= 15 + 6 * (n_ctx // K.ATTN_BLOCK or 1)
+    float32 = [(types, name) for types, name in products if set(types) != {"bf16"}]
+    if n_ctx > K.ATTN_BLOCK:
+        assert float32 == []
+    else:
+        assert float32 and all(is_single_block_dp(name) for _, name in float32), float32

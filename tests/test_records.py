@@ -1,8 +1,11 @@
 """TFRecord/Example codec: TensorFlow-written fixtures, byte-identical writes, damaged files."""
 
+import importlib.util
 import json
 import pathlib
 import struct
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -11,15 +14,20 @@ from gpt2train import records
 from gpt2train.errors import UserError
 
 FIXTURES = pathlib.Path(__file__).parent / "fixtures"
-TF_FILE = FIXTURES / "tf_documents.tfrecords"
+TF_FILE = FIXTURES / "tf_documents.tfrecords"  # TensorFlow 2.21, deterministic serialization: "hash", "text"
+# The same documents as TensorFlow 2.21's default serialization wrote them in a process whose
+# protobuf runtime (upb) iterated the map "text" first; gpt2train wrote this order until it sorted the keys.
+TF_FILE_TEXT_FIRST = FIXTURES / "tf_documents_text_first.tfrecords"
 
 
 def expected_documents():
     return [(d["text"], d["hash"].encode()) for d in json.loads((FIXTURES / "tf_documents.json").read_text())]
 
 
-def test_reads_files_written_by_tensorflow():
-    got = list(records.read_documents(str(TF_FILE)))
+@pytest.mark.parametrize("path", [TF_FILE, TF_FILE_TEXT_FIRST], ids=["hash-first", "text-first"])
+def test_reads_files_written_by_tensorflow(path):
+    assert path.read_bytes() != (TF_FILE_TEXT_FIRST if path == TF_FILE else TF_FILE).read_bytes()
+    got = list(records.read_documents(str(path)))
     want = expected_documents()
     assert len(got) == len(want)
     for (tokens, name), (want_tokens, want_name) in zip(got, want):
@@ -32,6 +40,37 @@ def test_our_files_are_byte_identical_to_tensorflows(tmp_path):
     assert records.write_documents(str(out), expected_documents()) == len(expected_documents())
     assert out.read_bytes() == TF_FILE.read_bytes()
     assert not list(tmp_path.glob("*.tmp-*"))  # the temporary name is gone after the rename
+
+
+_TF_WRITER = """
+import json, sys
+import tensorflow as tf
+docs = json.loads(sys.stdin.read())
+with tf.io.TFRecordWriter(sys.argv[1]) as writer:
+    for tokens, name in docs:
+        feature = {"hash": tf.train.Feature(bytes_list=tf.train.BytesList(value=[name.encode()])),
+                   "text": tf.train.Feature(int64_list=tf.train.Int64List(value=tokens))}
+        example = tf.train.Example(features=tf.train.Features(feature=feature))
+        writer.write(example.SerializeToString(deterministic=True))
+print(tf.__version__)
+"""
+
+
+@pytest.mark.skipif(importlib.util.find_spec("tensorflow") is None,
+                    reason="TensorFlow is not installed (not a dependency; pip install tensorflow-cpu to run this)")
+def test_byte_identical_to_the_installed_tensorflows_writer(tmp_path):
+    """Against TensorFlow itself when it is installed (in its own process: it and JAX need not
+    share one), on documents of every size class: varint lengths of 1 to 10 bytes, names of
+    any length, empty documents."""
+    rng = np.random.default_rng(3)
+    docs = [([], ""), ([2**63 - 1, -1, -(2**63)], "int64 extremes"), ([0] * 200, "x" * 300)]
+    docs += [(rng.integers(0, 2**rng.integers(1, 62), n).tolist(), f"doc {n} ✓") for n in (1, 17, 128, 5000)]
+    theirs = tmp_path / "tf.tfrecords"
+    tf = subprocess.run([sys.executable, "-c", _TF_WRITER, str(theirs)], input=json.dumps(docs), capture_output=True,
+                        text=True, timeout=300)
+    assert tf.returncode == 0, tf.stderr[-2000:]
+    records.write_documents(str(tmp_path / "ours.tfrecords"), docs)
+    assert (tmp_path / "ours.tfrecords").read_bytes() == theirs.read_bytes(), f"TensorFlow {tf.stdout.strip()}"
 
 
 def test_unpacked_int64_lists_are_read_too():

@@ -73,19 +73,58 @@ def test_metrics_file_has_loss_lr_throughput(tmp_path, gpt2_tokenizer):
     assert list((tmp_path / "model" / "tensorboard").iterdir())
 
 
+# A run that stops for good at step 3, after its checkpoint of step 2 is complete and the metrics
+# of step 3 are written: it announces itself with a file and waits there to be killed.
+_KILLED_AT_STEP_3 = """
+import sys, time
+from gpt2train.config import load_config
+from gpt2train.hooks import Hook
+from gpt2train.tokenizer import load_tokenizer
+from gpt2train.train import Trainer
+
+class WaitAtStep3(Hook):
+    every = 3
+    at_end = False
+
+    def __call__(self, trainer, step, final):
+        trainer.ckpt.wait()
+        open(sys.argv[2], "w").close()
+        time.sleep(600)
+
+cfg = load_config(sys.argv[1])
+Trainer(cfg, load_tokenizer(cfg.encoder_path), progress=False, hooks=[WaitAtStep3()]).run()
+"""
+
+
 def test_resume_after_a_hard_kill_keeps_one_metrics_record_per_step(tmp_path, gpt2_tokenizer):
-    """A run killed after its last checkpoint has logged steps it will train again on resume."""
+    """A run killed (SIGKILL) after its last checkpoint has logged a step it will train again on
+    resume; the resumed run drops that record and writes its own, one record per step."""
     import json
+    import signal
+    import subprocess
+    import sys
+    import time
+    from conftest import REPO, write_config
     quiet = dict(progress=False, log=lambda *a, **k: None)
     cfg = tiny_config(tmp_path, max_steps=6, iterations=1, train_steps=2, checkpoint_every=2, eval_steps=0)
-    Trainer(cfg, gpt2_tokenizer, **quiet).run(until=2)
+    reached = tmp_path / "at_step_3"
+    proc = subprocess.Popen([sys.executable, "-c", _KILLED_AT_STEP_3, str(write_config(tmp_path / "c.json", cfg)),
+                             str(reached)], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 240
+    while not reached.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert reached.exists(), proc.stderr.read() if proc.poll() is not None else "step 3 not reached in time"
+    proc.kill()
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
     path = tmp_path / "model" / "metrics.jsonl"
-    with path.open("a") as f:  # what a SIGKILL at step 3 leaves behind: a record past the checkpoint
-        f.write(json.dumps({"step": 3, "loss": 99.0, "tokens_per_s": 1.0}) + "\n")
+    records = lambda: [json.loads(x) for x in path.read_text().splitlines() if "loss" in json.loads(x)]  # noqa: E731
+    assert [r["step"] for r in records()] == [1, 2, 3]  # step 3 is past the checkpoint
+    assert Checkpointer(cfg).latest_step() == 2
     Trainer(cfg, gpt2_tokenizer, **quiet).run()
-    steps = [json.loads(x)["step"] for x in path.read_text().splitlines() if "tokens_per_s" in x]
-    assert steps == sorted(set(steps)) and 2 in steps and steps[-1] == 6  # one record per step, in order
-    assert all(json.loads(x).get("loss") != 99.0 for x in path.read_text().splitlines())
+    after = records()
+    assert [r["step"] for r in after] == [1, 2, 3, 4, 5, 6]  # one record per step, in order
+    assert "first_step_s" in after[2]  # step 3's record is the resumed run's first step, not the killed run's
 
 
 def test_gradient_accumulation_equals_one_big_batch(tmp_path):
