@@ -139,7 +139,7 @@ class Config:
 
         for f in dataclasses.fields(self):
             value, kind = getattr(self, f.name), type(f.default)
-            if f.name == "data_weights":  # checked below
+            if f.default is None and f.name not in PATH_KEYS:  # lists (data_weights, eval_tasks): checked below
                 continue
             if f.name in PATH_KEYS:
                 need(value is None or isinstance(value, str) or (isinstance(value, list) and value
