@@ -175,6 +175,8 @@ class Trainer:
         self.history: collections.deque = collections.deque(maxlen=HISTORY_STEPS)
         self._stop: StopRequest | None = None
         self._last_loss = self._eval_loss = None
+        self.last_eval: dict | None = None  # {"step", "eval_loss", "eval_ppl"} of the newest evaluation
+        self.hook_state: dict = {}  # what hooks keep across restarts: saved in, and restored from, each checkpoint
 
         rep, data = replicated(self.mesh), batch_sharding(self.mesh)
         self._batch_sharding = data
@@ -207,6 +209,7 @@ class Trainer:
                                     jax.eval_shape(lambda: init_state(self.cfg, self.tx)), sharding)
             state, data_state = self.ckpt.restore(abstract, latest)
             self.train_data.restore(data_state)
+            self.hook_state = dict(self.ckpt.read_meta(latest).get("hooks", {}))
             self.log(f"resumed from {self.ckpt.dir} at step {latest}")
             dropped = self.metrics.forget_after(latest)
             if dropped:
@@ -246,7 +249,7 @@ class Trainer:
         # The last update can overflow after a finite loss was reported: never save such a state.
         if not bool(_all_finite(self.state["params"])):
             raise NonFiniteLoss.at("the parameters became non-finite", self.step, self.ckpt, self.cfg)
-        self.ckpt.save(self.step, self.state, self.train_data.state())
+        self.ckpt.save(self.step, self.state, self.train_data.state(), hooks=self.hook_state)
 
     def request_stop(self, reason: str | int) -> None:
         """Make the current step the last: the end-of-run hooks (a checkpoint) run, then run()
@@ -270,7 +273,7 @@ class Trainer:
             self._bar.set_postfix({names.get(k, k): format(line[k], f) for k, f in shown.items() if k in line})
             return
         extra = " ".join(f"{k} {v:.4g}" for k, v in line.items()
-                         if k not in shown and k not in ("step", "time") and isinstance(v, (int, float)))
+                         if k not in shown and k not in ("step", "time", "tokens") and isinstance(v, (int, float)))
         self.log(f"step {line['step']}: loss {line['loss']:.4f} ppl {line['ppl']:.2f} lr {line['lr']:.2e} "
                  f"grad_norm {line['grad_norm']:.3f} {line['tokens_per_s']:.0f} tokens/s MFU {line['mfu']:.1%}"
                  + (f" {extra}" if extra else ""))
@@ -318,6 +321,10 @@ class Trainer:
         pending = None  # (step, metrics on device) of the step launched before
         step = start
         try:
+            refusals = [reason for reason in (hook.start(self) for hook in hooks) if reason]
+            if refusals:  # e.g. a time budget counted across restarts that is already used up
+                self.log(f"not training: {refusals[0]}")
+                end = start
             with stop_on_signals(self.request_stop):
                 while step < end:
                     batch = self._put(self.train_data.next_batch())
