@@ -1,13 +1,12 @@
 """The README's fine-tuning recipe, command by command, against a stand-in for the Hugging Face
 Hub on 127.0.0.1 serving a small random GPT-2 as "124M"."""
 
-import hashlib
 import json
 import os
 import subprocess
 import sys
 import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 
 import pytest
 
@@ -15,44 +14,10 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 from conftest import ENCODER_DIR, REPO, STDLIB  # noqa: E402
+from hub_server import Hub  # noqa: E402
 from gpt2train.cli import run_main  # noqa: E402
 
 REPO_ID = "openai-community/gpt2"
-
-
-class Hub(BaseHTTPRequestHandler):
-    files: dict = {}
-    bad_etag: set = set()
-
-    def _serve(self, body: bool):
-        parts = self.path.split("?")[0].strip("/").split("/")
-        data = None
-        if len(parts) >= 5 and parts[2] == "resolve":
-            data = self.files.get(("/".join(parts[:2]), "/".join(parts[4:])))
-        if data is None:
-            self.send_response(404)
-            self.send_header("X-Error-Code", "EntryNotFound")
-            self.end_headers()
-            return
-        digest = hashlib.sha256(data).hexdigest()
-        if parts[-1] in self.bad_etag:
-            digest = hashlib.sha256(b"something else").hexdigest()
-        self.send_response(200)
-        self.send_header("X-Repo-Commit", "c" * 40)
-        self.send_header("ETag", f'"{digest}"')
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        if body:
-            self.wfile.write(data)
-
-    def do_HEAD(self):  # noqa: N802
-        self._serve(False)
-
-    def do_GET(self):  # noqa: N802
-        self._serve(True)
-
-    def log_message(self, *args):
-        pass
 
 
 @pytest.fixture(scope="module")
