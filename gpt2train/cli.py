@@ -244,7 +244,8 @@ def cmd_export(cfg, args) -> None:
     with tempfile.TemporaryDirectory(prefix="gpt2train-export-") as scratch:
         out = args.out or scratch
         export_hf(params, cfg, out, cfg.encoder_path or None)
-        write_model_card(out, cfg, step, args.push_to_hub, count_params(params))
+        padding = (cfg.padded_vocab - cfg.n_vocab) * cfg.n_embd  # embedding rows that are not tokens
+        write_model_card(out, cfg, step, args.push_to_hub, count_params(params) - padding)
         if args.out:
             print(f"exported step {step} of {cfg.model_path} to {args.out} (Hugging Face GPT-2 format)")
         if args.push_to_hub:

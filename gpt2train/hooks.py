@@ -251,7 +251,8 @@ class PlotCurves(Hook):
                         "plot_every_eval: false silences this)")
             return
         path = curves_path(trainer.cfg.model_path)
-        plot_runs([trainer.metrics.path], path, names=[trainer.cfg.model_path.rstrip("/").rsplit("/", 1)[-1]])
+        name = "/".join(trainer.cfg.model_path.rstrip("/").split("/")[-2:])  # e.g. demo_run/model
+        plot_runs([trainer.metrics.path], path, names=[name])
         trainer.metrics.image("curves", path, step)
 
 
