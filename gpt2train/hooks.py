@@ -252,7 +252,11 @@ class PlotCurves(Hook):
             return
         path = curves_path(trainer.cfg.model_path)
         name = "/".join(trainer.cfg.model_path.rstrip("/").split("/")[-2:])  # e.g. demo_run/model
-        plot_runs([trainer.metrics.path], path, names=[name])
+        try:
+            plot_runs([trainer.metrics.path], path, names=[name])
+        except (UserError, OSError) as e:  # a picture that cannot be drawn is no reason to stop training
+            trainer.log(f"step {step}: curves.png not drawn ({e})")
+            return
         trainer.metrics.image("curves", path, step)
 
 
