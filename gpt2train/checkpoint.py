@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import logging
 import os
 import posixpath
@@ -61,14 +62,20 @@ def _quiet_failed_saves() -> None:
 _quiet_failed_saves()
 
 
+BEST = "best"  # model_path/best: the checkpoint with the lowest eval loss (keep_best), apart from the rolling ones
+
+
 class Checkpointer:
-    def __init__(self, cfg: Config, *, create: bool = True):
+    """The run's rolling checkpoints (model_path/checkpoints), or with name="best" the one best
+    checkpoint (model_path/best: parameters only, never counted by keep_checkpoints)."""
+
+    def __init__(self, cfg: Config, *, create: bool = True, name: str = "checkpoints"):
         self.cfg = cfg
-        self.dir = checkpoint_dir(cfg.model_path)
+        self.dir = checkpoint_dir(cfg.model_path, name)
         if create:
             check_bucket(self.dir, "model_path")  # one line, not Orbax's traceback, for a missing or refused bucket
         # cleanup_tmp_directories: a save killed half-way leaves a temporary directory; drop it.
-        opts = ocp.CheckpointManagerOptions(max_to_keep=cfg.keep_checkpoints, create=create,
+        opts = ocp.CheckpointManagerOptions(max_to_keep=1 if name == BEST else cfg.keep_checkpoints, create=create,
                                             cleanup_tmp_directories=create)
         self.manager = ocp.CheckpointManager(self.dir, options=opts)
         self.manifests: dict[int, dict | None] = {}  # per step read: its integrity manifest, None if it has none
@@ -79,11 +86,14 @@ class Checkpointer:
     def all_steps(self) -> list[int]:
         return sorted(self.manager.all_steps())
 
-    def save(self, step: int, state, data_state: dict, *, kind: str = "training",
-             encoder: str | None = None) -> None:
-        """kind "training": a full training state; "pretrained": {"params"} only (a model to start from).
-        `encoder`: the fingerprint of the vocabulary the model was trained with (tokenizer.py)."""
-        meta = {"data": data_state, "config": self.cfg.to_dict(), "kind": kind, "encoder": encoder}
+    def save(self, step: int, state, data_state: dict, *, kind: str = "training", encoder: str | None = None,
+             hooks: dict | None = None, **extra) -> None:
+        """kind "training": a full training state; "pretrained" or "best": {"params"} only.
+        `encoder`: the fingerprint of the vocabulary the model was trained with (tokenizer.py);
+        `hooks`: what the training hooks keep across restarts (Trainer.hook_state); `extra`: more metadata."""
+        # A copy taken now (the save finishes in the background while the hooks change their state).
+        meta = {"data": data_state, "config": self.cfg.to_dict(), "kind": kind, "encoder": encoder,
+                "hooks": json.loads(json.dumps(hooks or {})), **extra}
         manifest = integrity.manifest(state, meta)  # of the state in memory, before any byte is written
         self._saving = step
         with self._writing(step):
@@ -179,6 +189,11 @@ class Checkpointer:
             integrity.verify_arrays(self.manifests[step], params, step, self.dir, prefix="params/")
         return params
 
+    def delete_from(self, step: int) -> None:
+        """Delete the checkpoints of `step` and later (written by a run that a restart went back on)."""
+        for later in [s for s in self.all_steps() if s >= step]:
+            self.manager.delete(later)
+
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
@@ -200,15 +215,38 @@ def check_encoder(saved: str | None, tokenizer, step: int, where: str) -> None:
                         "encoder_path to the encoder the model was trained with")
 
 
-def load_params(cfg: Config, step: int | None = None, sharding=None, tokenizer=None):
-    """Just the parameters of the latest (or given) checkpoint, for generation and evaluation
-    (on one device, or with `sharding`, a tree of shardings such as the mesh's), checked against
-    the step's manifest and, given the `tokenizer` to use them with, against its vocabulary."""
-    ckpt = Checkpointer(cfg, create=False) if _exists(cfg.model_path) else None
+def parse_which(text: str | None) -> str | int:
+    """--checkpoint's value: "best", "last" (the default) or a step number."""
+    if text is None or text == "last":
+        return "last"
+    if text == "best":
+        return "best"
+    if text.isdigit():
+        return int(text)
+    raise UserError(f"--checkpoint {text!r}: give best, last or a step number")
+
+
+def load_params(cfg: Config, step: int | None = None, sharding=None, tokenizer=None, *, which: str | int = "last"):
+    """Just the parameters of a checkpoint, for generation and evaluation (on one device, or with
+    `sharding`, a tree of shardings such as the mesh's): the latest (which="last"), the one with
+    the lowest eval loss (which="best", kept by keep_best) or a given step (`step`, or which=N);
+    checked against the step's manifest and, given the `tokenizer` to use them with, its vocabulary."""
+    if isinstance(which, int):
+        step = which
+    name = BEST if which == "best" else "checkpoints"
+    ckpt = Checkpointer(cfg, create=False, name=name) if _exists(cfg.model_path, name) else None
     if ckpt is None or ckpt.latest_step() is None:
+        if name == BEST:
+            raise UserError(f"no best checkpoint in {checkpoint_dir(cfg.model_path, BEST)}: train with "
+                            "keep_best: true (and evaluation: eval_data_path, eval_steps > 0), or use --checkpoint last")
         raise UserError(f"no checkpoint found in {checkpoint_dir(cfg.model_path)}: train first "
                         f"(python3 main.py --model <config>) or point model_path at a trained model")
     step = ckpt.latest_step() if step is None else step
+    if step not in ckpt.all_steps():
+        steps = ", ".join(map(str, ckpt.all_steps()))
+        ckpt.close()
+        raise UserError(f"there is no checkpoint of step {step} in {ckpt.dir}; it holds steps {steps} "
+                        "(older ones are removed: keep_checkpoints)")
     check_encoder(ckpt.read_meta(step).get("encoder"), tokenizer, step, ckpt.dir)
     params = ckpt.restore_params(step, sharding)
     ckpt.close()
@@ -257,6 +295,6 @@ def _root_cause(e: BaseException) -> str:
     return f"{type(e).__name__}: {text.strip().splitlines()[0][:300] if text.strip() else ''}"
 
 
-def _exists(path: str) -> bool:
-    fs, p = fsspec.core.url_to_fs(checkpoint_dir(path))
+def _exists(path: str, name: str = "checkpoints") -> bool:
+    fs, p = fsspec.core.url_to_fs(checkpoint_dir(path, name))
     return fs.exists(p)

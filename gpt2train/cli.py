@@ -1,4 +1,4 @@
-"""Command line: `python -m gpt2train train|generate|serve|evaluate|tokenizer|keys|demo` and main.py.
+"""Command line: `python -m gpt2train train|generate|serve|evaluate|plot|tokenizer|keys|demo` and main.py.
 
 Every config key can be overridden on the command line as `--key value` after the known flags.
 User mistakes (UserError) print one clear message and exit with status 2, never a traceback.
@@ -60,6 +60,11 @@ def add_sampling_flags(p: argparse.ArgumentParser, *, prompts: bool = True) -> N
         g.add_argument("--prompts", help="file with one prompt per line (batched)")
         g.add_argument("--samples", type=int, default=None, help="samples per prompt (default: predict_batch_size)")
     add_flags(g)  # one flag per sampling option (sampling.SamplingOptions)
+
+
+def add_checkpoint_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", default=None, metavar="best|last|STEP",
+                   help="which checkpoint: last (default), best (lowest eval loss, kept by keep_best) or a step number")
 
 
 def check_tpu(requested: str | None) -> None:
@@ -129,13 +134,14 @@ def _prompts_from_args(args) -> list[str] | None:
 
 def load_generator(cfg, args):
     """The trained model's Generator, its checkpoint step, and the sampling flags as options."""
+    from .checkpoint import parse_which
     from .generate import Generator
     from .inference import load_for_inference
     from .sampling import SamplingOptions
     from .tokenizer import load_tokenizer
     tok = load_tokenizer(cfg.encoder_path)
     check_vocabulary(cfg, tok)
-    params, step, cfg = load_for_inference(cfg, tokenizer=tok)
+    params, step, cfg = load_for_inference(cfg, tokenizer=tok, which=parse_which(getattr(args, "checkpoint", None)))
     return Generator(cfg, params, tok), step, SamplingOptions.from_values(vars(args), cfg)
 
 
@@ -238,7 +244,8 @@ def cmd_serve(cfg, args) -> None:
         server.server_close()
 
 
-def cmd_evaluate(cfg, data, stride=None) -> dict:
+def cmd_evaluate(cfg, data, stride=None, checkpoint: str | None = None) -> dict:
+    from .checkpoint import parse_which
     from .evaluate import evaluate_text
     from .inference import load_for_inference
     from .tokenizer import load_tokenizer
@@ -247,7 +254,7 @@ def cmd_evaluate(cfg, data, stride=None) -> dict:
         raise UserError("nothing to evaluate: pass --data FILES or set eval_data_path in the config")
     tok = load_tokenizer(cfg.encoder_path)
     check_vocabulary(cfg, tok)
-    params, step, cfg = load_for_inference(cfg, tokenizer=tok)
+    params, step, cfg = load_for_inference(cfg, tokenizer=tok, which=parse_which(checkpoint))
     result = {"step": step, "precision": cfg.precision, **evaluate_text(cfg, params, tok, spec, stride=stride)}
     print(f"step {step}: loss {result['loss']:.4f}  perplexity {result['perplexity']:.3f}  "
           f"bits/byte {result['bits_per_byte']:.4f}  ({result['tokens']} tokens, {result['bytes']} bytes; "
@@ -257,7 +264,7 @@ def cmd_evaluate(cfg, data, stride=None) -> dict:
 
 def cmd_evaluate_tasks(cfg, args) -> dict:
     """evaluate --task NAME ... / --per_document: the yardsticks' table, and eval_tasks.json beside the run."""
-    from .checkpoint import load_params
+    from .checkpoint import load_params, parse_which
     from .mesh import param_shardings
     from .tasks.run import TaskRunner, table, write_results
     from .tokenizer import load_tokenizer
@@ -270,13 +277,51 @@ def cmd_evaluate_tasks(cfg, args) -> dict:
     runner = TaskRunner(cfg, tok, args.task or [], task_data=args.task_data or cfg.task_data or None,
                         limit=args.limit, stride=args.stride, documents=documents)
     check_vocabulary(cfg, tok)
-    params, step = load_params(cfg, sharding=param_shardings(cfg), tokenizer=tok)
+    params, step = load_params(cfg, sharding=param_shardings(cfg), tokenizer=tok,
+                              which=parse_which(args.checkpoint))
     results = runner.run(params)
     print(f"step {step} of {cfg.model_path}\n" + table(results))
     record = {"step": step, "tasks": results}
     if cfg.model_path:
         print(f"wrote {write_results(cfg.model_path, record)}")
     return record
+
+
+def cmd_export(cfg, args) -> None:
+    """The HF-format export with its model card, written to --out and/or pushed to the Hub."""
+    import tempfile
+    from .checkpoint import load_params, parse_which
+    from .model import count_params
+    from .model_card import write_model_card
+    from .pretrained import export_hf
+    if not args.out and not args.push_to_hub:
+        raise UserError("export needs --out DIR (a local copy), --push_to_hub ORG/NAME, or both")
+    if args.push_to_hub:
+        from .hub import is_repo_id
+        if not is_repo_id(args.push_to_hub):
+            raise UserError(f"--push_to_hub {args.push_to_hub!r} is not a repository id: write ORG/NAME (or NAME)")
+    params, step = load_params(cfg, which=parse_which(args.checkpoint))
+    with tempfile.TemporaryDirectory(prefix="gpt2train-export-") as scratch:
+        out = args.out or scratch
+        export_hf(params, cfg, out, cfg.encoder_path or None)
+        padding = (cfg.padded_vocab - cfg.n_vocab) * cfg.n_embd  # embedding rows that are not tokens
+        write_model_card(out, cfg, step, args.push_to_hub, count_params(params) - padding)
+        if args.out:
+            print(f"exported step {step} of {cfg.model_path} to {args.out} (Hugging Face GPT-2 format)")
+        if args.push_to_hub:
+            from .hub import push_folder
+            url = push_folder(out, args.push_to_hub, f"gpt2train: step {step} of {cfg.model_path}",
+                              private=True if args.private else None)
+            print(f"pushed step {step} of {cfg.model_path} to {url}")
+
+
+def cmd_plot(args) -> None:
+    try:
+        from .plot import plot_runs
+    except ImportError:
+        raise UserError('plot needs matplotlib: pip install -e ".[plot]"') from None
+    plot_runs(args.runs, args.out)
+    print(f"wrote {args.out} ({len(args.runs)} run{'s' if len(args.runs) > 1 else ''})")
 
 
 def cmd_tokenizer(args) -> None:
@@ -309,12 +354,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = sub.add_parser("generate", allow_abbrev=False, help="sample from a trained model")
     g.add_argument("--model", required=True, help="JSON config of the trained model")
+    add_checkpoint_flag(g)
     add_sampling_flags(g)
 
     s = sub.add_parser("serve", allow_abbrev=False, help="an HTTP API for generation (POST /generate with JSON)")
     s.add_argument("--model", required=True, help="JSON config of the trained model")
     s.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0 = every interface)")
     s.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 = a free one, printed at start)")
+    add_checkpoint_flag(s)
     add_sampling_flags(s, prompts=False)
 
     e = sub.add_parser("evaluate", allow_abbrev=False, help="loss, perplexity and bits per byte on text")
@@ -329,6 +376,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--per_document", action="store_true",
                    help="perplexity of each document of --data on its own, as lm-evaluation-harness scores it")
     e.add_argument("--limit", type=int, default=0, help="score only the first N items of each task (default: all)")
+    add_checkpoint_flag(e)
+
+    o = sub.add_parser("plot", allow_abbrev=False, help="draw runs' training curves into one PNG or SVG figure")
+    o.add_argument("runs", nargs="+", metavar="RUN", help="a run's model_path (holding metrics.jsonl), the file, or its config")
+    o.add_argument("--out", default="curves.png", help="the figure: .png or .svg (default curves.png)")
 
     k = sub.add_parser("tokenizer", allow_abbrev=False, help="train a byte-level BPE vocabulary on text files")
     k.add_argument("--input", required=True, nargs="+", help="text, JSONL or Parquet files, directories or globs")
@@ -357,7 +409,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     x = sub.add_parser("export", allow_abbrev=False, help="write a trained model in Hugging Face format")
     x.add_argument("--model", required=True, help="JSON config of the trained model")
-    x.add_argument("--out", required=True, help="directory for config.json, model.safetensors, tokenizer files")
+    x.add_argument("--out", help="directory for config.json, model.safetensors, tokenizer files, README.md")
+    x.add_argument("--push_to_hub", metavar="ORG/NAME", help="upload the export and its model card to this Hub repository")
+    x.add_argument("--private", action="store_true", help="with --push_to_hub: create the repository private")
+    add_checkpoint_flag(x)
 
     m = sub.add_parser("memory", allow_abbrev=False, help="memory per device and step time of a config on a mesh")
     m.add_argument("--model", help="JSON config (its mesh_data, mesh_fsdp, batch, n_ctx, remat, opt_name, precision)")
@@ -397,6 +452,11 @@ def run_main(argv: list[str] | None = None) -> int:
         from .download import download
         download(args.source, args.out)
         return 0
+    if args.command == "plot":
+        if rest:
+            raise UserError(f"unexpected arguments: {' '.join(rest)}")
+        cmd_plot(args)
+        return 0
     if args.command in ("tokenizer", "encode"):
         if rest:
             raise UserError(f"unexpected arguments: {' '.join(rest)}")
@@ -423,16 +483,12 @@ def run_main(argv: list[str] | None = None) -> int:
         from .memory import report
         print(report(cfg, args.devices or jax.device_count()))
     elif args.command == "export":
-        from .checkpoint import load_params
-        from .pretrained import export_hf
-        params, step = load_params(cfg)
-        export_hf(params, cfg, args.out, cfg.encoder_path or None)
-        print(f"exported step {step} of {cfg.model_path} to {args.out} (Hugging Face GPT-2 format)")
+        cmd_export(cfg, args)
     elif args.command == "evaluate":
         if args.task or args.per_document:
             result = cmd_evaluate_tasks(cfg, args)
         else:
-            result = cmd_evaluate(cfg, args.data, args.stride)
+            result = cmd_evaluate(cfg, args.data, args.stride, args.checkpoint)
         if args.json:
             print(json.dumps(result))
     return 0

@@ -11,6 +11,7 @@ import dataclasses
 import difflib
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,7 +31,8 @@ WINDOW_ORDERS = ("random", "sequential")
 # when they agree; n_ctx may be shortened when fine-tuning).
 SHAPE_KEYS = ("n_vocab", "n_ctx", "n_embd", "n_layer", "n_head")
 # Readable names for three of the seed's keys; either name may be used, not both with different values.
-ALIASES = {"eval_every": "train_steps", "log_every": "iterations", "eval_batches": "eval_steps"}
+ALIASES = {"eval_every": "train_steps", "log_every": "iterations", "eval_batches": "eval_steps",
+           "time_limit": "max_train_seconds"}
 
 
 def _key(default, doc: str, seed: bool = False):
@@ -84,6 +86,17 @@ class Config:
     checkpoint_every_seconds: float = _key(0.0, "also save a checkpoint when this many seconds passed since the last save (0: off)")
     resume_fallback: bool = _key(False, "when the newest checkpoint is damaged, move it aside and resume from the newest intact one")
     allow_data_change: bool = _key(False, "resume although the data settings differ from the checkpoint's (the new data starts from its beginning)")
+    keep_best: bool = _key(False, "also keep the checkpoint with the lowest eval loss, in model_path/best (never removed by keep_checkpoints)")
+    early_stop_patience: int = _key(0, "stop after this many evaluations without a lower eval loss (0: never)")
+    max_train_seconds: float = _key(0.0, "stop at the first step past this much training time, save and exit 0 (0: no limit); a number of seconds or a duration such as 50m, 1h30m")
+    time_limit_total: bool = _key(False, "count max_train_seconds across restarts (the time used is kept in each checkpoint) instead of afresh per run")
+    sample_every: int = _key(0, "generate samples every N steps and at the end, to the log, samples.jsonl and TensorBoard (0: never)")
+    sample_prompts: Any = _key(None, "prompts for sample_every: a list, or a file with one prompt per line (None: one sample from <|endoftext|>)")
+    sample_options: Any = _key(None, "sampling options for sample_every, as generate takes them, e.g. {\"length\": 64, \"top_k\": 40}")
+    plot_every_eval: bool = _key(True, "redraw model_path/curves.png at every evaluation (needs matplotlib: pip install -e \".[plot]\")")
+    wandb_project: str = _key("", "log scalars, the config, samples and curves to this Weights & Biases project (pip install -e \".[wandb]\")")
+    wandb_run_name: str = _key("", "the W&B run's display name ('' : W&B picks one)")
+    wandb_entity: str = _key("", "the W&B team or user the project belongs to ('' : your default)")
     pad_vocab_to: int = _key(128, "pad the embedding rows to a multiple of this (logits masked); 1 = no padding")
     remat: bool = _key(False, "recompute block activations in the backward pass to save memory")
     mesh_data: int = _key(0, "devices along the data axis of the mesh (0: all devices not used by mesh_fsdp)")
@@ -139,7 +152,7 @@ class Config:
 
         for f in dataclasses.fields(self):
             value, kind = getattr(self, f.name), type(f.default)
-            if f.default is None and f.name not in PATH_KEYS:  # lists (data_weights, eval_tasks): checked below
+            if f.default is None and f.name not in PATH_KEYS:  # lists and objects (data_weights, eval_tasks, sample_*): checked below
                 continue
             if f.name in PATH_KEYS:
                 need(value is None or isinstance(value, str) or (isinstance(value, list) and value
@@ -159,7 +172,8 @@ class Config:
                      "iterations", "grad_accum_steps", "keep_checkpoints", "pad_vocab_to"):
             need(getattr(self, name) > 0, f"{name} must be positive, got {getattr(self, name)}")
         for name in ("eval_steps", "warmup_steps", "checkpoint_every", "weight_decay", "grad_clip", "lr",
-                     "scan_unroll", "checkpoint_every_seconds"):
+                     "scan_unroll", "checkpoint_every_seconds", "early_stop_patience", "max_train_seconds",
+                     "sample_every"):
             need(getattr(self, name) >= 0, f"{name} must be >= 0, got {getattr(self, name)}")
         if self.n_head > 0:
             need(self.n_embd % self.n_head == 0,
@@ -192,6 +206,13 @@ class Config:
             need(isinstance(self.data_weights, list) and all(isinstance(w, (int, float)) and not isinstance(w, bool)
                                                              and math.isfinite(w) for w in self.data_weights),
                  f"data_weights must be a list of numbers, got {self.data_weights!r}")
+        if self.sample_prompts is not None:
+            need(isinstance(self.sample_prompts, str) or (isinstance(self.sample_prompts, list) and all(
+                isinstance(p, str) for p in self.sample_prompts)),
+                f"sample_prompts must be a list of strings or a file name, got {self.sample_prompts!r}")
+        if self.sample_options is not None:
+            need(isinstance(self.sample_options, (dict, str)),
+                 f"sample_options must be an object of sampling options, got {self.sample_options!r}")
         if problems:
             raise UserError("invalid config:\n  - " + "\n  - ".join(problems))
         return self
@@ -213,6 +234,23 @@ def parse_bool(text: str) -> bool:
     if low in ("0", "false", "no", "off"):
         return False
     raise ValueError(text)
+
+
+def parse_duration(value) -> float:
+    """Seconds from a number or a duration such as "50m", "1h30m", "90s", "2.5h"."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    text = str(value).strip().lower().replace(" ", "")
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    parts = re.fullmatch(r"(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?:\.\d+)?)s)?", text)
+    if not text or parts is None:
+        raise UserError(f"max_train_seconds (time_limit) must be seconds or a duration such as 50m, 1h30m or "
+                        f"90s, got {value!r}")
+    hours, minutes, seconds = (float(x) if x else 0.0 for x in parts.groups())
+    return hours * 3600 + minutes * 60 + seconds
 
 
 def canonical_keys(values: dict) -> dict:
@@ -264,6 +302,8 @@ def _coerce(name: str, value: Any, *, text: bool = False) -> Any:
         return value
     if name == "eval_tasks" and isinstance(value, str):  # --eval_tasks hellaswag,lambada
         return [t.strip() for t in value.split(",") if t.strip()]
+    if name == "max_train_seconds":  # a number of seconds or a duration such as 50m, in JSON too
+        return parse_duration(value)
     if not (text and isinstance(value, str)):
         return _strict(name, value)
     try:

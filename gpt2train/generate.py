@@ -35,6 +35,11 @@ class Generator:
         self._prefill = jax.jit(functools.partial(self._prefill_fn, cfg=cfg))
         self._decode = jax.jit(self._decode_fn, static_argnames=("filters",), donate_argnums=(1,))
 
+    def use_params(self, params) -> None:
+        """Swap in parameters of the same shapes (a model still training): the compiled programs
+        stay, since they take the parameters as arguments."""
+        self._params = model.decode_params(params)
+
     def params_for(self, batch: int):
         """Decode parameters for a batch size: batch 1 reads kernels transposed (faster matrix-vector
         products). One layout is held at a time, converted in place when the batch size asks for

@@ -69,11 +69,12 @@ def hold_params(params, cfg: Config):
     return jax.tree_util.tree_map_with_path(hold, params)
 
 
-def load_for_inference(cfg: Config, step: int | None = None, tokenizer=None):
+def load_for_inference(cfg: Config, step: int | None = None, tokenizer=None, which: str | int = "last"):
     """(parameters held for inference, their checkpoint step, the inference config) of a trained
-    model, on the config's mesh; given the `tokenizer`, checked against its vocabulary."""
+    model (the checkpoint `which` names: checkpoint.load_params), on the config's mesh; given the
+    `tokenizer`, checked against its vocabulary."""
     from .checkpoint import load_params
     from .mesh import param_shardings
     cfg = inference_config(cfg)
-    params, step = load_params(cfg, step, sharding=param_shardings(cfg), tokenizer=tokenizer)
+    params, step = load_params(cfg, step, sharding=param_shardings(cfg), tokenizer=tokenizer, which=which)
     return hold_params(params, cfg), step, cfg

@@ -128,11 +128,16 @@ class ThroughputWindow:
 
 
 class MetricsWriter:
-    """Appends one JSON object per record to metrics.jsonl and mirrors scalars to TensorBoard."""
+    """Appends one JSON object per record to metrics.jsonl and mirrors scalars to TensorBoard;
+    samples go to samples.jsonl and TensorBoard text. Sinks added with `add_sink` (W&B) get the
+    same scalars, samples and images: objects with scalars(record), samples(step, rows),
+    image(tag, path, step) and close()."""
 
     def __init__(self, model_path: str, enabled: bool = True):
         self.enabled = enabled and bool(model_path)
         self.path = model_path.rstrip("/") + "/metrics.jsonl"
+        self.samples_path = model_path.rstrip("/") + "/samples.jsonl"
+        self.sinks: list = []
         self._tb = None
         if self.enabled:
             try:
@@ -142,6 +147,10 @@ class MetricsWriter:
                     self._tb = SummaryWriter(os.path.join(local, "tensorboard"))
             except ImportError:  # TensorBoard files are a convenience, JSONL is the record
                 self._tb = None
+
+    def add_sink(self, sink) -> None:
+        if self.enabled:
+            self.sinks.append(sink)
 
     def write(self, record: dict) -> None:
         if not self.enabled:
@@ -155,30 +164,62 @@ class MetricsWriter:
                 if k != "step" and isinstance(v, (int, float)):
                     self._tb.add_scalar(k, v, clean["step"])
             self._tb.flush()
+        if "step" in clean:
+            for sink in self.sinks:
+                sink.scalars({k: v for k, v in clean.items() if isinstance(v, (int, float))})
+
+    def write_samples(self, step: int, rows: list[dict]) -> None:
+        """Texts generated at `step`, each a {"prompt", "text"}: samples.jsonl, TensorBoard, sinks."""
+        if not self.enabled:
+            return
+        with fsspec.open(self.samples_path, "a", encoding="utf-8") as f:
+            for row in rows:
+                f.write(json.dumps({"step": step, **row}, ensure_ascii=False) + "\n")
+        if self._tb is not None:
+            for i, row in enumerate(rows):  # TensorBoard renders text as Markdown: keep it verbatim
+                self._tb.add_text(f"samples/{i}", "```\n" + row["prompt"] + row["text"] + "\n```", step)
+            self._tb.flush()
+        for sink in self.sinks:
+            sink.samples(step, rows)
+
+    def image(self, tag: str, path: str, step: int) -> None:
+        """An image file written at `step` (the curves), for the sinks that show images."""
+        for sink in self.sinks:
+            sink.image(tag, path, step)
 
     def forget_after(self, step: int) -> int:
         """Drop records of steps after `step` (a run killed after its last checkpoint logged steps
-        that the resumed run does again); returns how many were dropped. Other records stay."""
+        that the resumed run does again) from metrics.jsonl and samples.jsonl; returns how many
+        metrics records were dropped. Other records stay."""
         if not self.enabled:
             return 0
-        fs, path = fsspec.core.url_to_fs(self.path)
-        if not fs.exists(path):
-            return 0
-        with fs.open(path, "r") as f:
-            lines = f.read().splitlines()
-
-        def later(line):
-            try:
-                return json.loads(line).get("step", -1) > step
-            except (ValueError, AttributeError):
-                return False  # not ours to judge: keep it
-        kept = [line for line in lines if not later(line)]
-        if len(kept) != len(lines):
-            with fs.open(path + ".tmp", "w") as f:  # then a rename: a kill here keeps the old file
-                f.write("".join(line + "\n" for line in kept))
-            fs.mv(path + ".tmp", path)
-        return len(lines) - len(kept)
+        _drop_after(self.samples_path, step)
+        return _drop_after(self.path, step)
 
     def close(self) -> None:
         if self._tb is not None:
             self._tb.close()
+        sinks, self.sinks = self.sinks, []
+        for sink in sinks:
+            sink.close()
+
+
+def _drop_after(jsonl_path: str, step: int) -> int:
+    """Remove the records of a JSONL file whose "step" is after `step`; returns how many."""
+    fs, path = fsspec.core.url_to_fs(jsonl_path)
+    if not fs.exists(path):
+        return 0
+    with fs.open(path, "r", encoding="utf-8") as f:
+        lines = f.read().splitlines()
+
+    def later(line):
+        try:
+            return json.loads(line).get("step", -1) > step
+        except (ValueError, AttributeError):
+            return False  # not ours to judge: keep it
+    kept = [line for line in lines if not later(line)]
+    if len(kept) != len(lines):
+        with fs.open(path + ".tmp", "w", encoding="utf-8") as f:  # then a rename: a kill here keeps the old file
+            f.write("".join(line + "\n" for line in kept))
+        fs.mv(path + ".tmp", path)
+    return len(lines) - len(kept)

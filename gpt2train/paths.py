@@ -91,9 +91,10 @@ CHECKPOINT_PROTOCOLS = ("gs://",)
 BUCKET_PROTOCOLS = ("gs://", "s3://")
 
 
-def checkpoint_dir(model_path: str) -> str:
-    """Where Orbax keeps a run's checkpoints: an absolute local path or a gs:// (s3://) URL."""
-    path = model_path.rstrip("/") + "/checkpoints"
+def checkpoint_dir(model_path: str, name: str = "checkpoints") -> str:
+    """Where Orbax keeps a run's checkpoints (`name`: "best" for the best one): an absolute local
+    path or a gs:// (s3://) URL."""
+    path = model_path.rstrip("/") + "/" + name
     local = local_path(path)
     if local is not None:
         return local  # Orbax needs absolute local paths; configs usually hold relative ones

@@ -12,6 +12,7 @@ vocabulary not yet padded) plus its shape. Sources:
 from __future__ import annotations
 
 import json
+import os
 import posixpath
 from dataclasses import dataclass
 
@@ -201,11 +202,14 @@ def _flatten(tree: dict, prefix: tuple = ()) -> dict[tuple, object]:
 
 
 def load_pretrained(source: str) -> Pretrained:
-    """A model name (downloaded from the Hugging Face Hub) or a directory of any known format."""
-    from gpt2train.hub import MODELS, fetch_model
+    """A model name (124M ...), a directory of any known format, or the id of a GPT-2 repository
+    on the Hugging Face Hub (distilgpt2, org/name), downloaded."""
+    from gpt2train.hub import MODELS, fetch_model, fetch_repo, is_repo_id
 
     if source in MODELS:
         source = fetch_model(source)
+    elif "://" not in source and not os.path.exists(source) and is_repo_id(source):
+        source = fetch_repo(source)
     kind = kind_of(source)
     return {"hf": load_hf, "openai": load_openai, "ours": load_ours}[kind](source)
 

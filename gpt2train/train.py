@@ -201,6 +201,8 @@ class Trainer:
         self.shown_tasks: dict[str, str] = {}  # task headline figures the progress line repeats (hooks.TaskScores)
         self._saved_step = None
         self.origin = "It started from freshly initialised parameters; "  # what the NaN message says of the start
+        self.last_eval: dict | None = None  # {"step", "eval_loss", "eval_ppl"} of the newest evaluation
+        self.hook_state: dict = {}  # what hooks keep across restarts: saved in, and restored from, each checkpoint
 
         rep, data = replicated(self.mesh), batch_sharding(self.mesh)
         self._batch_sharding = data
@@ -291,6 +293,7 @@ class Trainer:
                      "(allow_data_change)")
         else:
             self.train_data.restore(meta["data"])
+        self.hook_state = dict(meta.get("hooks", {}))
         self.log(f"resumed from {self.ckpt.dir} at step {step}")
         self.origin = f"It resumed from step {step} ({verified}); "
         dropped = self.metrics.forget_after(step)
@@ -328,7 +331,8 @@ class Trainer:
         # The last update can overflow after a finite loss was reported: never save such a state.
         if not bool(_all_finite(self.state["params"])):
             raise self._non_finite("the parameters became non-finite", self.step)
-        self.ckpt.save(self.step, self.state, self.train_data.state(), encoder=self.tokenizer.fingerprint)
+        self.ckpt.save(self.step, self.state, self.train_data.state(), encoder=self.tokenizer.fingerprint,
+                       hooks=self.hook_state)
         for hook in self.hooks:
             if isinstance(hook, CheckpointEverySeconds):
                 hook.last_save = hook.clock()
@@ -359,7 +363,7 @@ class Trainer:
                                    **self.shown_tasks})
             return
         extra = " ".join(f"{k} {v:.4g}" for k, v in line.items()
-                         if k not in shown and k not in ("step", "time") and isinstance(v, (int, float)))
+                         if k not in shown and k not in ("step", "time", "tokens") and isinstance(v, (int, float)))
         self.log(f"step {line['step']}: loss {line['loss']:.4f} ppl {line['ppl']:.2f} lr {line['lr']:.2e} "
                  f"grad_norm {line['grad_norm']:.3f} {line['tokens_per_s']:.0f} tokens/s MFU {line['mfu']:.1%}"
                  + (f" {extra}" if extra else "")
@@ -409,6 +413,10 @@ class Trainer:
         step = start
         try:
             hosts_agree = preemption_service()
+            refusals = [reason for reason in (hook.start(self) for hook in hooks) if reason]
+            if refusals:  # e.g. a time budget counted across restarts that is already used up
+                self.log(f"not training: {refusals[0]}")
+                end = start
             with stop_on_signals(self.request_stop, hosts_agree=hosts_agree):
                 while step < end:
                     batch = self._put(self.train_data.next_batch())

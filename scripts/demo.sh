@@ -7,5 +7,5 @@ cd "$(dirname "$0")/.."
 VENV="${VENV:-.venv}"
 [ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
 . "$VENV/bin/activate"
-pip install --quiet --disable-pip-version-check -e .
+pip install --quiet --disable-pip-version-check -e ".[plot]"  # matplotlib: demo_run/model/curves.png
 python -m gpt2train demo "$@"

@@ -10,8 +10,14 @@ model files and to read dataset files through its fsspec filesystem (hf://datase
     Hub.bad_etag = {"file"}                     # that file's ETag lies (a failed checksum)
     Hub.drop_once = {"path"}                    # the first ranged read of that dataset file is cut off
     server, endpoint = start()                  # a ThreadingHTTPServer in a daemon thread
+
+A model repository without any file answers RepoNotFound. Uploads, as huggingface_hub makes them:
+POST /api/repos/create, /api/validate-yaml, /api/models/REPO/preupload/REV (every file "regular",
+so the content comes inline in the commit) and /api/models/REPO/commit/REV (NDJSON), which stores
+the files in Hub.files; Hub.tokens keeps the Authorization headers seen, Hub.commits each commit.
 """
 
+import base64
 import hashlib
 import json
 import threading
@@ -27,6 +33,8 @@ class Hub(BaseHTTPRequestHandler):
     bad_etag: set = set()
     drop_once: set = set()
     dropped: list = []  # paths whose connection was cut, in order
+    tokens: list = []
+    commits: list = []  # (repo_id, commit message, [paths]) of every commit received
 
     def _serve(self, body: bool):
         parts = urlparse(self.path).path.strip("/").split("/")
@@ -39,7 +47,10 @@ class Hub(BaseHTTPRequestHandler):
             return self._dataset_file("/".join(parts[1:3]), unquote("/".join(parts[5:])), body)
         data = None
         if len(parts) >= 5 and parts[2] == "resolve":
-            data = self.files.get(("/".join(parts[:2]), "/".join(parts[4:])))
+            repo = "/".join(parts[:2])
+            data = self.files.get((repo, "/".join(parts[4:])))
+            if data is None and not any(r == repo for r, _ in self.files):
+                return self._not_found("RepoNotFound")
         if data is None:
             return self._not_found()
         self._send(data, parts[-1], body)
@@ -61,9 +72,9 @@ class Hub(BaseHTTPRequestHandler):
         self.send_header("Content-Length", "0")
         self.end_headers()
 
-    def _json(self, value):
+    def _json(self, value, status: int = 200):
         data = json.dumps(value).encode()
-        self.send_response(200)
+        self.send_response(status)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
         self.end_headers()
@@ -143,7 +154,36 @@ class Hub(BaseHTTPRequestHandler):
         self._serve(True)
 
     def do_POST(self):  # noqa: N802
-        self._serve(True)
+        path = urlparse(self.path).path.strip("/")
+        parts = path.split("/")
+        uploads = path in ("api/repos/create", "api/validate-yaml") or (
+            len(parts) >= 5 and parts[:2] == ["api", "models"] and parts[4] in ("preupload", "commit"))
+        if not uploads:
+            return self._serve(True)  # dataset API calls such as paths-info
+        body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        self.tokens.append(self.headers.get("Authorization"))
+        if path == "api/repos/create":
+            request = json.loads(body)
+            repo = "/".join(p for p in (request.get("organization"), request["name"]) if p)
+            return self._json({"url": f"http://{self.headers['Host']}/{repo}", "name": repo})
+        if path == "api/validate-yaml":
+            return self._json({"errors": [], "warnings": []})
+        if parts[4] == "preupload":
+            return self._json({"files": [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False}
+                                         for f in json.loads(body)["files"]]})
+        repo, message, paths = f"{parts[2]}/{parts[3]}", "", []
+        for line in body.decode().splitlines():
+            item = json.loads(line)
+            if item["key"] == "header":
+                message = item["value"].get("summary", "")
+            elif item["key"] == "file":
+                value = item["value"]
+                self.files[(repo, value["path"])] = base64.b64decode(value["content"])
+                paths.append(value["path"])
+        self.commits.append((repo, message, paths))
+        oid = hashlib.sha1(body).hexdigest()
+        return self._json({"commitUrl": f"http://{self.headers['Host']}/{repo}/commit/{oid}",
+                           "commitOid": oid, "pullRequestUrl": None})
 
     def log_message(self, *args):
         pass
