@@ -208,7 +208,8 @@ class BestCheckpoint(Hook):
             self._ckpt = Checkpointer(trainer.cfg, name=BEST)
         # A best of a later step than this one was written by a run this one restarted before: gone.
         self._ckpt.delete_from(step)
-        self._ckpt.save(step, {"params": trainer.state["params"]}, {}, kind="best", eval_loss=loss)
+        self._ckpt.save(step, {"params": trainer.state["params"]}, {}, kind="best", eval_loss=loss,
+                        encoder=trainer.tokenizer.fingerprint)
         trainer.log(f"step {step}: lowest eval loss so far ({loss:.4f}); parameters kept in {self._ckpt.dir}")
 
 
