@@ -246,6 +246,8 @@ class Scheduler:
         self._observe()
 
     def _finish_quietly(self, choice: Choice) -> None:
+        if not choice.finished and self.metrics is not None:
+            self.metrics.finished("cancelled")
         choice.finished = True
 
     def _fail(self, job: Job, message: str, status: int = 500) -> None:
