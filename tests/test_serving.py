@@ -341,3 +341,62 @@ def test_100_idle_connections_are_closed_and_block_nothing(server):
     finally:
         for s in idle_socks + [slow]:
             s.close()
+
+
+# ----------------------------------------------------------------------------- the playground page
+CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
+
+
+@pytest.fixture(scope="module")
+def browser():
+    import os
+    import shutil
+    import tempfile
+    if not (os.path.exists(CHROMIUM) and os.path.exists(CHROMEDRIVER)):
+        pytest.skip("needs Debian's chromium and chromium-driver (apt-get install -y chromium chromium-driver)")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+    profile = tempfile.mkdtemp(prefix="gpt2train-chromium-")
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--no-first-run", f"--user-data-dir={profile}", "--window-size=1100,900"):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    yield driver
+    driver.quit()
+    shutil.rmtree(profile, ignore_errors=True)
+
+
+def test_playground_streams_text_and_stops_in_chromium(server, browser, tmp_path):
+    import os
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+    browser.get(server.url + "/")
+    assert "gpt2train playground" in browser.title and browser.find_element(By.ID, "model").text == "tiny-gpt2"
+    prompt = browser.find_element(By.ID, "prompt")
+    prompt.clear()
+    prompt.send_keys("The meaning of life is")
+    browser.execute_script("const s = document.getElementById('max_tokens'); s.value = 120;"
+                           "s.dispatchEvent(new Event('input'));")
+    assert browser.find_element(By.ID, "max_tokens-value").text == "120"
+    browser.find_element(By.ID, "seed").send_keys("7")
+    cancelled = metric(server.url, 'gpt2train_texts_finished_total{reason="cancelled"}')
+    browser.find_element(By.ID, "generate").click()
+    completion = WebDriverWait(browser, 60, poll_frequency=0.02).until(
+        lambda d: d.find_element(By.ID, "completion").text or False)
+    browser.find_element(By.ID, "stop").click()
+    WebDriverWait(browser, 30).until(lambda d: d.find_element(By.ID, "status").text != "generating…")
+    status = browser.find_element(By.ID, "status").text
+    shown = browser.find_element(By.ID, "completion").text
+    assert completion and shown.startswith(completion.rstrip())
+    browser.save_screenshot(str(tmp_path / "playground.png"))
+    if os.environ.get("GPT2TRAIN_PLAYGROUND_SCREENSHOT"):  # the README's picture
+        browser.save_screenshot(os.environ["GPT2TRAIN_PLAYGROUND_SCREENSHOT"])
+    assert (tmp_path / "playground.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert status == "stopped", status  # Stop pressed while text was streaming in
+    assert wait_until(lambda: idle(server.url))
+    assert metric(server.url, 'gpt2train_texts_finished_total{reason="cancelled"}') == cancelled + 1
+    assert len(shown) < 120 * 8  # the text ended early
+    assert browser.find_element(By.ID, "generate").is_enabled()
