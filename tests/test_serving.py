@@ -205,7 +205,7 @@ def body_of(i: int) -> dict:
 def test_load_200_requests_from_16_clients_each_as_served_alone(server):
     """Each request alone (every other slot idle), then 200 of them from 16 concurrent clients:
     no error, and the same tokens and the same logprobs (float32, bitwise) as alone."""
-    kinds = len(REQUESTS) * len(PROMPTS) // 2  # 48 distinct requests
+    kinds = 32  # distinct requests
     alone = {}
     for i in range(kinds):
         status, reply = call(server.url, "/v1/completions", body_of(i))

@@ -185,10 +185,12 @@ class Scheduler:
                 if self._stopping:
                     break
             try:
-                self._admit_waiting()
+                admitted = self._admit_waiting()
                 self._drop_gone()
                 if self._running:
-                    self._step()
+                    # A call right after admissions runs one step: the new texts' first tokens
+                    # reach their clients without waiting for a whole chunk.
+                    self._step(1 if admitted else None)
             except Exception as e:  # the model failed: fail the jobs in flight, keep serving
                 log.exception("decoding failed")
                 for choice in list(self._running.values()):
@@ -196,11 +198,13 @@ class Scheduler:
         for choice in list(self._running.values()) + list(self._waiting):
             self._fail(choice.job, "the server is shutting down", status=503)
 
-    def _admit_waiting(self) -> None:
+    def _admit_waiting(self) -> int:
+        """Place waiting texts in free slots; how many were placed."""
+        admitted = 0
         while self._free:
             with self._lock:
                 if not self._waiting:
-                    return
+                    break
                 choice = self._waiting.popleft()
             job = choice.job
             if job.cancelled.is_set() or choice.finished:
@@ -216,7 +220,9 @@ class Scheduler:
                 choice.prompt_logprobs = [float(x) for x in prompt_lp]
             choice.last_time = time.monotonic()
             self._running[slot] = choice
+            admitted += 1
             self._observe()
+        return admitted
 
     def _expired(self, job: Job) -> bool:
         return time.monotonic() - job.arrived > job.timeout
@@ -263,8 +269,8 @@ class Scheduler:
         if self.metrics is not None:
             self.metrics.failed(status)
 
-    def _step(self) -> None:
-        steps = self.engine.step()
+    def _step(self, n: int | None = None) -> None:
+        steps = self.engine.step(n)
         now = time.monotonic()
         eot = self.engine.eot
         for slot, choice in list(self._running.items()):
