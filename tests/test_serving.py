@@ -1,5 +1,5 @@
 """The server, in process: a real uvicorn server on a free loopback port with a small random model
-(2 layers x 64, context 128, 16 slots), driven by the `openai` client, raw HTTP and sockets."""
+(2 layers x 64, context 256, 16 slots), driven by the `openai` client, raw HTTP and sockets."""
 
 import json
 import logging
@@ -27,7 +27,7 @@ SETTINGS = ServeSettings(slots=SLOTS, max_queue=16, max_texts=64, idle_timeout=2
 
 @pytest.fixture(scope="module")
 def server(gpt2_tokenizer):
-    cfg = Config(n_ctx=128, n_embd=64, n_layer=2, n_head=4, n_vocab=50257, model_path="/tmp/tiny-gpt2").validate()
+    cfg = Config(n_ctx=256, n_embd=64, n_layer=2, n_head=4, n_vocab=50257, model_path="/tmp/tiny-gpt2").validate()
     sock = bind("127.0.0.1", 0)
     # Small socket buffers (inherited by every connection) so that a client that stops reading
     # stalls the server's writes after kilobytes, not the megabytes loopback buffers hold.
@@ -128,8 +128,8 @@ def test_generate_alias_and_health_and_models(server):
     status, reply = call(server.url, "/generate", {"prompts": ["import os", "def f():"], "seed": 2, "length": 5})
     assert status == 200 and len(reply["completions"]) == 2 and reply["step"] == 7
     status, health = call(server.url, "/health")
-    assert status == 200 and health["status"] == "ok" and health["slots"] == SLOTS and health["n_ctx"] == 128
-    assert health["defaults"]["top_k"] == 40 and health["limits"]["max_tokens"] == 128
+    assert status == 200 and health["status"] == "ok" and health["slots"] == SLOTS and health["n_ctx"] == 256
+    assert health["defaults"]["top_k"] == 40 and health["limits"]["max_tokens"] == 256
     assert call(server.url, "/v1/models")[1]["data"][0]["id"] == "tiny-gpt2"
     status, reply = call(server.url, "/v1/nope")
     assert status == 404 and "POST /v1/completions" in reply["error"]["message"]
@@ -148,7 +148,7 @@ def test_metrics_are_prometheus_text(server, client):
 
 # ----------------------------------------------------------------------------- bad requests
 @pytest.mark.parametrize("raw, status, param, words", [
-    (b'{"prompt": "a", "max_tokens": 1000000000}', 400, "max_tokens", ["limit is 128", "--max_tokens"]),
+    (b'{"prompt": "a", "max_tokens": 1000000000}', 400, "max_tokens", ["limit is 256", "--max_tokens"]),
     (b'{"prompt": "a", "temperature": NaN}', 400, "temperature", ["finite"]),
     (b'{"prompt": "a", "repetition_penalty": Infinity}', 400, "repetition_penalty", ["finite"]),
     (b'{"prompt": "a", "top_p": 1e999}', 400, "top_p", ["finite"]),
@@ -163,7 +163,7 @@ def test_metrics_are_prometheus_text(server, client):
     (b'{"prompt": "a", "model": "gpt-4"}', 404, "model", ["does not exist", "tiny-gpt2"]),
     (b'{"prompt": "a", "n": 40, "max_tokens": 1}', 413, "n", ["at most 64"]),
     (b'{"prompt": [99999999]}', 400, "prompt", ["token ids"]),
-    (b'{"prompt": "word ' + b'word ' * 200 + b'"}', 400, "prompt", ["context is 128 tokens"]),
+    (b'{"prompt": "word ' + b'word ' * 300 + b'"}', 400, "prompt", ["context is 256 tokens"]),
     (b'{not json', 400, None, ["not JSON"]),
 ])
 def test_bad_requests_get_openai_errors_and_the_server_stays_up(server, raw, status, param, words):
@@ -181,8 +181,10 @@ def test_a_body_over_the_limit_gets_413_before_it_is_sent(server):
     with socket.create_connection((server.host, server.port)) as sock:
         sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 2000000\r\n\r\n")
         sock.settimeout(30)
-        reply = sock.recv(65536).decode()
-    assert reply.startswith("HTTP/1.1 413") and "limit is 1048576" in reply
+        reply = b""
+        while not reply.endswith(b"}}") and (piece := sock.recv(65536)):
+            reply += piece
+    assert reply.startswith(b"HTTP/1.1 413") and b"limit is 1048576" in reply
 
 
 # ----------------------------------------------------------------------------- batching
@@ -194,7 +196,8 @@ REQUESTS = [  # every kind of setting, side by side in one batch
     dict(seed=9, max_tokens=3), dict(seed=10, max_tokens=11), dict(top_k=64, seed=11), dict(top_k=65, seed=12),
     dict(seed=13, stop_at_eot=True), dict(seed=2**32 - 1),
 ]
-PROMPTS = ["import os", "The cat", "def main(argv):\n    ", "1, 2, 3,", "Hello", "class A(object):"]
+PROMPTS = ["import os", "The cat", "def main(argv):\n    ", "1, 2, 3,", "Hello", "class A(object):",
+           " word" * 130]  # its text needs the caches' first 256 slots: the others then read them too
 
 
 def body_of(i: int) -> dict:
