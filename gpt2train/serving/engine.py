@@ -1,9 +1,9 @@
 """The server's decode batch: a fixed number of slots, each holding one text, stepped together.
 
 Every per-request setting is data: temperature, top-k, top-p, penalty, seed, length, stopping at
-<|endoftext|>. So the programs are fixed by shapes alone: one decode program for the slot count,
-and one prefill per prompt-length bucket, compiled at warm-up (`warm_up`); no value a client
-sends compiles anything.
+<|endoftext|>. So the programs are fixed by shapes alone: a decode program per context span (how
+much of the caches the running texts need), and a prefill per prompt-length bucket, compiled at
+warm-up (`warm_up`); no value a client sends compiles anything.
 
 A slot's random draws come from its own key, folded with the number of tokens it has produced,
 and its rows of every array are computed by the same programs whatever the other slots hold: a
