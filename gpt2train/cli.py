@@ -229,19 +229,24 @@ def interactive(gen, opts, samples, cfg) -> list[str]:
 
 
 def cmd_serve(cfg, args) -> None:
-    from .serve import GenerationService, make_server
-    server = make_server(args.host, args.port)
-    gen, step, opts = load_generator(cfg, args)
-    server.service = GenerationService(gen, opts, batch_size=cfg.predict_batch_size, step=step)
-    host, port = server.server_address[:2]
-    print(f"serving step {step} of {cfg.model_path} on http://{host}:{port} "
-          f"(POST /generate, GET /health; Ctrl-C stops)\n"
-          f"  try: curl -s http://{host}:{port}/generate -d '{{\"prompt\": \"Hello\", \"length\": 20}}'",
-          flush=True)
-    try:
-        server.serve_forever()
-    finally:
-        server.server_close()
+    from .checkpoint import parse_which
+    from .inference import load_for_inference
+    from .sampling import SamplingOptions
+    from .serving.server import ServeSettings, ServingServer, bind, print_ready
+    from .tokenizer import load_tokenizer
+    sock = bind(args.host, args.port)  # before the model loads: a taken port fails at once
+    settings = ServeSettings(slots=args.slots, max_tokens=args.max_tokens, max_queue=args.max_queue,
+                             request_timeout=args.request_timeout, idle_timeout=args.idle_timeout)
+    for name in ("slots", "max_tokens", "max_queue"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            raise UserError(f"--{name} must be at least 1, got {getattr(args, name)}")
+    tok = load_tokenizer(cfg.encoder_path)
+    check_vocabulary(cfg, tok)
+    params, step, cfg = load_for_inference(cfg, tokenizer=tok, which=parse_which(args.checkpoint))
+    server = ServingServer(cfg, params, tok, SamplingOptions.from_values(vars(args), cfg), settings=settings,
+                           step=step, sock=sock)
+    print_ready(server, step, cfg.model_path)
+    server.run()
 
 
 def cmd_evaluate(cfg, data, stride=None, checkpoint: str | None = None) -> dict:
@@ -357,11 +362,18 @@ def build_parser() -> argparse.ArgumentParser:
     add_checkpoint_flag(g)
     add_sampling_flags(g)
 
-    s = sub.add_parser("serve", allow_abbrev=False, help="an HTTP API for generation (POST /generate with JSON)")
+    s = sub.add_parser("serve", allow_abbrev=False,
+                       help="an OpenAI-compatible HTTP API with continuous batching, metrics and a playground page")
     s.add_argument("--model", required=True, help="JSON config of the trained model")
     s.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0 = every interface)")
     s.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 = a free one, printed at start)")
     add_checkpoint_flag(s)
+    s.add_argument("--slots", type=int, default=None, help="texts decoded together (default: from memory, at most 16)")
+    s.add_argument("--max_tokens", type=int, default=None, help="the most tokens a request may ask for (default: n_ctx)")
+    s.add_argument("--max_queue", type=int, default=256, help="texts that may wait for a slot; more get 429 (default 256)")
+    s.add_argument("--request_timeout", type=float, default=600.0, help="seconds a request may take (default 600)")
+    s.add_argument("--idle_timeout", type=float, default=5.0,
+                   help="seconds a connection may stay silent before or between requests (default 5)")
     add_sampling_flags(s, prompts=False)
 
     e = sub.add_parser("evaluate", allow_abbrev=False, help="loss, perplexity and bits per byte on text")

@@ -144,20 +144,36 @@ def attention(x, p, cfg: Config, dtype, key=None, cache=None):
         # duplicated the in-place update and copied every cache at every token).
         k_cache, v_cache, index, key_mask = cache
         heads = lambda a: a.transpose(0, 2, 1, 3).reshape(B * H, T, Dh)  # noqa: E731
-        k_cache = jax.lax.dynamic_update_slice(k_cache, heads(k).astype(k_cache.dtype), (0, index, 0))
-        v_cache = jax.lax.dynamic_update_slice(v_cache, heads(v).astype(v_cache.dtype), (0, index, 0))
-        scores = jnp.einsum("ntd,nsd->nts", heads(q), k_cache.astype(dtype), preferred_element_type=jnp.float32)
+        k_cache = _write_cache(k_cache, heads(k), index, H)
+        v_cache = _write_cache(v_cache, heads(v), index, H)
+        # Queries read the first S slots that key_mask covers: a server's batch whose texts are
+        # short reads that much of its context-long caches, not all of them.
+        S = key_mask.shape[-1]
+        k_read, v_read = (k_cache, v_cache) if S == k_cache.shape[1] else (k_cache[:, :S], v_cache[:, :S])
+        scores = jnp.einsum("ntd,nsd->nts", heads(q), k_read.astype(dtype), preferred_element_type=jnp.float32)
         scores = scores.reshape(B, H, T, -1)
         # A finite floor: padding rows see no key at all and must not turn into NaN.
         scores = jnp.where(key_mask[:, None, :, :], scores / math.sqrt(Dh), -1e30)
         probs = jax.nn.softmax(scores, axis=-1).astype(dtype).reshape(B * H, T, -1)
-        out = jnp.einsum("nts,nsd->ntd", probs, v_cache.astype(dtype)).reshape(B, H, T, Dh).transpose(0, 2, 1, 3)
+        out = jnp.einsum("nts,nsd->ntd", probs, v_read.astype(dtype)).reshape(B, H, T, Dh).transpose(0, 2, 1, 3)
         new_cache = (k_cache, v_cache)
     elif key is not None and cfg.attn_dropout > 0:
         out = _attend_train(q, k, v, cfg.attn_dropout, key)
     else:
         out = kernels.causal_attention(qkv, cfg.kernels)
     return dense(out.reshape(B, T, D), p["c_proj"], dtype, cfg.kernels), new_cache
+
+
+def _write_cache(cache, new, index, n_head: int):
+    """Write new [B * H, T, Dh] at slot `index` of cache [B * H, S, Dh]: one slot for every row
+    (a scalar: an in-place slice update) or each row its own ([B]: a scatter, for a server's
+    batch whose rows hold texts of different lengths)."""
+    new = new.astype(cache.dtype)
+    if jnp.ndim(index) == 0:
+        return jax.lax.dynamic_update_slice(cache, new, (0, index, 0))
+    rows = jnp.arange(cache.shape[0])[:, None]
+    slots = jnp.repeat(index, n_head)[:, None] + jnp.arange(new.shape[1])[None, :]
+    return cache.at[rows, slots].set(new, mode="drop")
 
 
 def mlp(x, p, dtype, impl: str):
@@ -288,10 +304,13 @@ def decode_params(params: Params) -> Params:
 
 
 def forward_cached(params: Params, tokens: jax.Array, cache: dict, index, pad: jax.Array, cfg: Config,
-                   *, last_only: bool = False):
+                   *, last_only: bool = False, at: jax.Array | None = None, span: int | None = None):
     """Run tokens [B, T] occupying cache slots index..index+T-1; return (logits, cache).
+    index: a scalar (every row at the same slot) or [B] (each row at its own).
     last_only: logits [B, 1, V] of the last position alone (a prefill needs no others: the
-    head over every prompt position was ~30% of a prefill's work at 124M).
+    head over every prompt position was ~30% of a prefill's work at 124M); at [B]: of position
+    at[b] of each row alone (a right-padded prompt's last token). span: attend to the first
+    `span` cache slots only (every row's text must lie within them).
 
     params: as from decode_params. pad [B]: how many left-padding slots each row has (its real
     tokens start at slot pad[b]); positions count from there, and padding slots are never
@@ -299,11 +318,11 @@ def forward_cached(params: Params, tokens: jax.Array, cache: dict, index, pad: j
     """
     dtype = compute_dtype(cfg)
     B, T = tokens.shape
-    S = cache["k"][0].shape[1]
-    slots = index + jnp.arange(T)                                      # [T]
-    positions = jnp.maximum(slots[None, :] - pad[:, None], 0)          # [B, T]
+    S = span or cache["k"][0].shape[1]
+    slots = jnp.broadcast_to(jnp.asarray(index)[..., None] + jnp.arange(T), (B, T))  # [B, T]
+    positions = jnp.maximum(slots - pad[:, None], 0)                  # [B, T]
     key_slots = jnp.arange(S)
-    key_mask = (key_slots[None, None, :] <= slots[None, :, None]) & (key_slots[None, None, :] >= pad[:, None, None])
+    key_mask = (key_slots[None, None, :] <= slots[:, :, None]) & (key_slots[None, None, :] >= pad[:, None, None])
     x = embed(params, tokens, positions, cfg, dtype)
     new_k, new_v = [], []
     for p, k_cache, v_cache in zip(params["layers"], cache["k"], cache["v"]):
@@ -312,4 +331,6 @@ def forward_cached(params: Params, tokens: jax.Array, cache: dict, index, pad: j
         new_v.append(v_cache)
     if last_only:
         x = x[:, -1:]
+    elif at is not None:
+        x = jnp.take_along_axis(x, at[:, None, None], axis=1)
     return logits_from_hidden(params, x, cfg), {"k": new_k, "v": new_v}
