@@ -64,8 +64,9 @@ def copy_run(run4, dest: Path, **changes):
 def test_a_damaged_checkpoint_is_refused_and_the_fallback_resumes_bitwise(run4, tmp_path):
     cfg, tok, params4 = copy_run(run4, tmp_path)
     # Which file holds the parameters depends on the order Orbax's writers finished: flip the
-    # middle byte of each large file until the damage lands in a parameter (flipping back undoes it).
-    for data_file in array_files(Path(cfg.model_path), 4)[:2]:
+    # middle byte of each file, largest first, until the damage lands in a parameter (flipping
+    # back undoes it). Every flip must be refused.
+    for data_file in array_files(Path(cfg.model_path), 4):
         flip_byte(data_file, data_file.stat().st_size // 2)
         with pytest.raises(UserError) as e:
             Trainer(cfg, tok, **QUIET)
@@ -73,6 +74,7 @@ def test_a_damaged_checkpoint_is_refused_and_the_fallback_resumes_bitwise(run4, 
             break
         flip_byte(data_file, data_file.stat().st_size // 2)
     msg = str(e.value)
+    assert "is damaged: array params/" in msg, msg
     assert "checkpoint of step 4" in msg and "is damaged: array " in msg and "differs from what was saved" in msg
     assert "newest intact checkpoint is step 2" in msg and "--resume_fallback" in msg
     with pytest.raises(UserError, match="step 4 .* is damaged: array params/"):  # generate and evaluate refuse too
