@@ -186,11 +186,11 @@ def test_checkpoints_in_the_emulator_go_as_far_as_it_allows(tmp_path):
             "ckpt = Checkpointer(Config(model_path='gs://bucket/run'))\n"
             "ckpt.save(3, {'w': jnp.arange(6.0)}, {'batches': 3})\n"
             "ckpt.wait()\n"
-            "state, data = ckpt.restore({'w': jnp.zeros(6)}, 3)\n"
-            "print(ckpt.latest_step(), data, state['w'].tolist())\n"
+            "state, meta = ckpt.restore({'w': jnp.zeros(6)}, 3)\n"
+            "print(ckpt.latest_step(), meta['data'], ckpt.verified(3), state['w'].tolist())\n"
             "ckpt.close()\n")
         result = run(env, "-c", code)
     finally:
         stop(process)
     assert result.returncode == 0, result.stderr[-2000:]
-    assert result.stdout.strip().splitlines()[-1] == "3 {'batches': 3} [0.0, 1.0, 2.0, 3.0, 4.0, 5.0]"
+    assert result.stdout.strip().splitlines()[-1] == "3 {'batches': 3} True [0.0, 1.0, 2.0, 3.0, 4.0, 5.0]"
