@@ -22,20 +22,16 @@ import numpy as np
 from gpt2train.config import SHAPE_KEYS
 from gpt2train.errors import UserError
 
-# Our block parameter -> (HF name inside transformer.h.{i}, OpenAI name inside model/h{i}).
+# Our block parameter -> (HF name inside transformer.h.{i}, OpenAI name inside model/h{i}): the
+# same path in both, with HF's "weight"/"bias" and OpenAI's "g"/"b"/"w" as the last part.
+_HF_LEAF = {"scale": "weight", "kernel": "weight", "bias": "bias"}
+_OPENAI_LEAF = {"scale": "g", "kernel": "w", "bias": "b"}
 BLOCK_NAMES = {
-    ("ln_1", "scale"): ("ln_1.weight", "ln_1/g"),
-    ("ln_1", "bias"): ("ln_1.bias", "ln_1/b"),
-    ("attn", "c_attn", "kernel"): ("attn.c_attn.weight", "attn/c_attn/w"),
-    ("attn", "c_attn", "bias"): ("attn.c_attn.bias", "attn/c_attn/b"),
-    ("attn", "c_proj", "kernel"): ("attn.c_proj.weight", "attn/c_proj/w"),
-    ("attn", "c_proj", "bias"): ("attn.c_proj.bias", "attn/c_proj/b"),
-    ("ln_2", "scale"): ("ln_2.weight", "ln_2/g"),
-    ("ln_2", "bias"): ("ln_2.bias", "ln_2/b"),
-    ("mlp", "c_fc", "kernel"): ("mlp.c_fc.weight", "mlp/c_fc/w"),
-    ("mlp", "c_fc", "bias"): ("mlp.c_fc.bias", "mlp/c_fc/b"),
-    ("mlp", "c_proj", "kernel"): ("mlp.c_proj.weight", "mlp/c_proj/w"),
-    ("mlp", "c_proj", "bias"): ("mlp.c_proj.bias", "mlp/c_proj/b"),
+    (*module, leaf): (".".join((*module, _HF_LEAF[leaf])), "/".join((*module, _OPENAI_LEAF[leaf])))
+    for module, leaves in ((("ln_1",), ("scale", "bias")), (("attn", "c_attn"), ("kernel", "bias")),
+                           (("attn", "c_proj"), ("kernel", "bias")), (("ln_2",), ("scale", "bias")),
+                           (("mlp", "c_fc"), ("kernel", "bias")), (("mlp", "c_proj"), ("kernel", "bias")))
+    for leaf in leaves
 }
 TOP_NAMES = {  # ours -> (HF, OpenAI)
     ("wte",): ("wte.weight", "model/wte"),
