@@ -72,13 +72,7 @@ def step_tokens_per_s(shape) -> float:
 def pipeline_tokens_per_s(files, n_ctx: int, batch: int, seconds: float = 5.0) -> float:
     from gpt2train.inputs.tfrecords import RecordWindows
 
-    src = RecordWindows(files, 50256, n_ctx, batch, stitch=2, seed=0)
-    src.next_batch()
-    n, start = 0, time.perf_counter()
-    while time.perf_counter() - start < seconds:
-        src.next_batch()
-        n += 1
-    return n * batch * n_ctx / (time.perf_counter() - start)
+    return _tokens_per_s(RecordWindows(files, 50256, n_ctx, batch, stitch=2, seed=0), n_ctx, batch, seconds)
 
 
 def write_parquet(text_dir: pathlib.Path, out: pathlib.Path, files: int = 2, rows_per_group: int = 64) -> list[str]:

@@ -29,6 +29,7 @@ import time
 import jax
 import numpy as np
 
+from bench.run import cpu_model_and_flags
 from gpt2train import model as M
 from gpt2train.config import Config
 from gpt2train.generate import Generator
@@ -121,7 +122,7 @@ def single_request_generator(cfg, params, tok, max_tokens: int, repeats: int = 2
 
 def markdown(report: dict) -> str:
     lines = [f"# Serving benchmark ({report['shape']})", "",
-             f"{report['cpu']}, {report['cores']} cores, load average at start {report['load_average']}; "
+             f"{report['cpu']} ({', '.join(report['isa_flags']) or 'no AVX2/AVX-512/AMX'}), {report['cores']} cores, load average at start {report['load_average']}; "
              f"{report['slots']} slots, {report['max_tokens']} new tokens per request, 20-token prompt, "
              f"warm-up (compiling) {report['warm_up_s']} s.", "",
              "| clients | requests | errors | tokens/s (all clients) | vs 1 client | TTFT p50 | TTFT p95 | "
@@ -166,10 +167,8 @@ def main(argv=None) -> dict:
         server.stop()
     generator = single_request_generator(cfg, params, tok, args.max_tokens)
     print("generator", json.dumps(generator), flush=True)
-    import platform
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
-               platform.processor())
-    report = {"shape": "smoke" if args.smoke else "124M", "cpu": cpu, "cores": os.cpu_count(),
+    cpu, isa = cpu_model_and_flags()
+    report = {"shape": "smoke" if args.smoke else "124M", "cpu": cpu, "isa_flags": isa, "cores": os.cpu_count(),
               "load_average": [round(x, 2) for x in os.getloadavg()], "slots": args.slots,
               "max_tokens": args.max_tokens, "warm_up_s": round(warm, 1), "levels": levels, "generator": generator}
     out = pathlib.Path(args.out)
