@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import threading
 from collections.abc import Iterator, Sequence
 
 import fsspec
@@ -83,11 +84,14 @@ def _jsonl_documents(path: str, field: str) -> Iterator[tuple[str, str]]:
 
 class ParquetText:
     """The text column of one Parquet file, read one row group at a time (pyarrow), remote reads
-    retried; a missing or non-text column is a UserError naming the file and the columns it has."""
+    retried; a missing or non-text column is a UserError naming the file and the columns it has.
+    Safe to share between threads: one file handle seeks and reads for every row group, so reads
+    of one file take turns (the input's reader threads read other files meanwhile)."""
 
     def __init__(self, path: str, field: str = "text"):
         self.path, self.field = path, field
         self._file = None
+        self._lock = threading.Lock()
         self.num_row_groups = self._open().num_row_groups
 
     def _open(self):
@@ -132,7 +136,9 @@ class ParquetText:
                 self._open()
             return read()
 
-        return [text or "" for text in with_retries(read_reopening, f"{self.path}, row group {index}")]
+        with self._lock:
+            texts = with_retries(read_reopening, f"{self.path}, row group {index}")
+        return [text or "" for text in texts]
 
 
 def _parquet_documents(path: str, field: str) -> Iterator[tuple[str, str]]:

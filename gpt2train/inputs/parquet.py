@@ -17,6 +17,7 @@ goes into the checkpoint; a resumed run re-reads only the row group it stopped i
 from __future__ import annotations
 
 import concurrent.futures as futures
+import threading
 from collections.abc import Sequence
 from typing import Any
 
@@ -48,7 +49,8 @@ class ParquetWindows(WindowSource):
         self.n_ctx, self._tokenizer, self._field = n_ctx, tokenizer, text_field
         self._shuffle, self._seed, self._name = order == "random", int(seed), name
         self._readers = max(1, int(readers))
-        self._opened: dict[str, ParquetText] = {}
+        self._opened: dict[str, ParquetText] = {}  # shared by the reader threads, under _opening
+        self._opening = threading.Lock()
         ParquetText(self._files[0][1], text_field)  # a missing column fails now, not in the first step
         self._pool: futures.ThreadPoolExecutor | None = None
         self._ahead: dict[Unit, futures.Future] = {}
@@ -61,11 +63,12 @@ class ParquetWindows(WindowSource):
         return self._files[int(np.random.default_rng([self._seed, epoch]).permutation(len(self._files))[slot])]
 
     def _parquet(self, path: str) -> ParquetText:
-        if path not in self._opened:
-            if len(self._opened) > 2 * self._readers:  # footers of files long passed are not needed again
-                self._opened.pop(next(iter(self._opened)))
-            self._opened[path] = ParquetText(path, self._field)
-        return self._opened[path]
+        with self._opening:  # one ParquetText per file, so its reads take turns on its one handle
+            if path not in self._opened:
+                if len(self._opened) > 2 * self._readers:  # footers of files long passed are not needed again
+                    self._opened.pop(next(iter(self._opened)))
+                self._opened[path] = ParquetText(path, self._field)
+            return self._opened[path]
 
     def _next_unit(self, unit: Unit) -> Unit:
         epoch, slot, group = unit
