@@ -625,12 +625,16 @@ def main(argv=None) -> dict:
     if ref is not None:
         ref.close()
     report["seconds"] = time.time() - start
-    out = pathlib.Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "report.json").write_text(json.dumps(report, indent=1))
-    (out / "report.md").write_text(markdown(report))
-    print(markdown(report))
+    write_report(report, markdown(report), pathlib.Path(args.out), "report")
     return report
+
+
+def write_report(report: dict, text: str, out: pathlib.Path, stem: str) -> None:
+    """STEM.json and STEM.md in `out`, and the Markdown on the terminal."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{stem}.json").write_text(json.dumps(report, indent=1))
+    (out / f"{stem}.md").write_text(text)
+    print(text)
 
 
 if __name__ == "__main__":

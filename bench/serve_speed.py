@@ -29,7 +29,7 @@ import time
 import jax
 import numpy as np
 
-from bench.run import cpu_model_and_flags
+from bench.run import cpu_model_and_flags, write_report
 from gpt2train import model as M
 from gpt2train.config import Config
 from gpt2train.generate import Generator
@@ -171,11 +171,7 @@ def main(argv=None) -> dict:
     report = {"shape": "smoke" if args.smoke else "124M", "cpu": cpu, "isa_flags": isa, "cores": os.cpu_count(),
               "load_average": [round(x, 2) for x in os.getloadavg()], "slots": args.slots,
               "max_tokens": args.max_tokens, "warm_up_s": round(warm, 1), "levels": levels, "generator": generator}
-    out = pathlib.Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "serve_report.json").write_text(json.dumps(report, indent=1))
-    (out / "serve_report.md").write_text(markdown(report))
-    print(markdown(report))
+    write_report(report, markdown(report), pathlib.Path(args.out), "serve_report")
     return report
 
 
