@@ -12,12 +12,15 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
 import jax
+import numpy as np
 import openai
 import pytest
 
 from gpt2train import model as M
 from gpt2train.config import Config
 from gpt2train.sampling import SamplingOptions
+from gpt2train.serving.engine import Admission, Engine
+from gpt2train.serving.scheduler import Choice, Job, Outbox, Scheduler
 from gpt2train.serving.server import ServeSettings, ServingServer, bind
 
 SLOTS = 16
@@ -228,6 +231,56 @@ def test_load_200_requests_from_16_clients_each_as_served_alone(server):
         assert got["logprobs"]["tokens"] == want["logprobs"]["tokens"]
         assert got["logprobs"]["token_logprobs"] == want["logprobs"]["token_logprobs"]
     assert wait_until(lambda: idle(server.url))
+
+
+def test_a_prompt_prefilled_beside_others_fills_its_slot_as_alone():
+    """A bucket's prefill has a fixed row count: a prompt alone (row 0, the other rows dummies)
+    and in row 2 beside other prompts fills its slot with bitwise the same numbers."""
+    cfg = Config(n_ctx=256, n_embd=64, n_layer=2, n_head=4, n_vocab=50257, model_path="/tmp/tiny-gpt2").validate()
+    engine = Engine(cfg, M.init_params(cfg, jax.random.PRNGKey(0)), 50256, slots=SLOTS)
+    R, H = engine.prefill_rows(16), cfg.n_head
+    assert R >= 3
+    rng = np.random.default_rng(0)
+    prompts = [[int(t) for t in rng.integers(0, 50257, int(rng.integers(1, 17)))] for _ in range(R)]
+
+    def slot_state(slot):
+        s, n = engine.state, len(prompts[2])
+        return [s.logits[slot], s.seen[slot], s.keys[slot], s.pos[slot], s.limit[slot], s.settings.top_p[slot],
+                *(c[slot * H:(slot + 1) * H, :n] for c in s.cache["k"] + s.cache["v"])]
+
+    for echo in (False, True):
+        batch = [Admission(p, SamplingOptions(length=4, seed=i, top_p=0.9), 4, prompt_logprobs=echo)
+                 for i, p in enumerate(prompts)]
+        alone_lp = engine.admit([15], [batch[2]])[0]
+        alone = slot_state(15)
+        together_lp = engine.admit(list(range(R)), batch)[2]
+        for a, b in zip(alone, slot_state(2)):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+        if echo:
+            assert alone_lp.shape == (len(prompts[2]) - 1,)
+            np.testing.assert_array_equal(alone_lp, together_lp)
+        for slot in range(SLOTS):
+            engine.free(slot)
+
+
+def test_a_prefill_call_takes_the_oldest_prompt_and_the_next_ones_of_its_bucket():
+    class Buckets:  # what the scheduler asks of an engine to group prompts
+        slots = 16
+        bucket = staticmethod(lambda n: 16 if n <= 16 else 32)
+        prefill_rows = staticmethod(lambda P: 64 // P)  # 4 rows of 16, 2 of 32
+
+    scheduler = Scheduler(Buckets(), tokenizer=None, max_queue=100)
+    job, echo_job = Job([], Outbox(None), timeout=60), Job([], Outbox(None), timeout=60, want_prompt_logprobs=True)
+    lengths = [20, 3, 30, 5, 4, 17, 6, 2, 1]
+    waiting = [Choice(echo_job if i == 3 else job, i, [0] * n, SamplingOptions()) for i, n in enumerate(lengths)]
+    scheduler._waiting.extend(waiting)
+    taken = lambda: [c.index for c in scheduler._next_prefill()]  # noqa: E731
+    assert taken() == [0, 2]              # the oldest is of bucket 32: it and the next one of 32
+    assert taken() == [1, 4, 6, 7]        # then bucket 16, without the echo request (another program)
+    assert taken() == [3]
+    scheduler._free = [0]                 # no more than the free slots
+    assert taken() == [5]
+    assert [c.index for c in scheduler._waiting] == [8]
 
 
 def test_40_distinct_top_k_values_compile_nothing_new(server):

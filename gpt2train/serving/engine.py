@@ -7,12 +7,15 @@ warm-up (`warm_up`); no value a client sends compiles anything.
 
 A slot's random draws come from its own key, folded with the number of tokens it has produced,
 and its rows of every array are computed by the same programs whatever the other slots hold: a
-request's tokens are the same alone or beside others (tests/test_serving.py compares them).
+request's tokens are the same alone or beside others (tests/test_serving.py compares them). A
+bucket's prefill has a fixed number of rows (`prefill_rows`) for the same reason: a prompt goes
+through the same program, whether it is admitted alone (beside dummy rows) or with others.
 """
 
 from __future__ import annotations
 
 import functools
+import time
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -26,6 +29,15 @@ from ..sampling import RowSettings, SamplingOptions, sample_rows
 
 TOP_LOGPROBS = 5  # the most likely alternatives reported per token (OpenAI's limit for logprobs)
 SMALLEST_BUCKET = 16
+# Prompts of up to BATCHED_BUCKET tokens are prefilled PREFILL_ROWS per call. A short prompt's
+# call is mostly fixed cost (the weights streamed once): at 124M on 2 cores (AVX2) a 32-token
+# bucket took 0.18 s with 1 row, 0.36 s with 4, 0.66 s with 8; a 64-token one with 2 rows took as
+# long as 2 calls (measured). Rows are fixed per bucket, so a lone prompt pays for all of them.
+PREFILL_ROWS = 4
+BATCHED_BUCKET = 32
+# The length a decode call aims at: a request arriving meanwhile waits about this long before
+# it is admitted (`Engine.steps_per_call`).
+CALL_SECONDS = 0.1
 
 
 SMALLEST_SPAN = 128
@@ -102,6 +114,7 @@ class Engine:
         self.spans = context_spans(cfg.n_ctx)
         self._pos = np.zeros((slots,), np.int64)  # each slot's text length, on the host
         self._busy: set[int] = set()
+        self._step_seconds: float | None = None  # one decode step's time, measured on the last call
         self._decode = jax.jit(self._decode_fn, donate_argnums=(1,), static_argnames=("span",))
         self._admit = jax.jit(self._admit_fn, donate_argnums=(1,), static_argnames=("prompt_logprobs",))
 
@@ -140,54 +153,75 @@ class Engine:
                jnp.zeros((B, self.chunk, TOP_LOGPROBS), jnp.float32))
         return jax.lax.fori_loop(0, n, one, (state, out))
 
-    def _admit_fn(self, params, state: SlotState, slot, tokens, length, row, *, prompt_logprobs: bool):
-        """Run a right-padded prompt [1, P] through the model and place it in `slot`; `row`
-        holds the slot's settings. With prompt_logprobs, also each prompt token's logprob."""
+    def _admit_fn(self, params, state: SlotState, slots, tokens, lengths, rows, *, prompt_logprobs: bool):
+        """Run right-padded prompts [R, P] through the model and place row r in slot slots[r];
+        `rows` holds each row's settings. A row whose slot is `self.slots` (out of range) is a
+        dummy: its writes are dropped. With prompt_logprobs, also each prompt token's logprob."""
         cfg, H = self.cfg, self.cfg.n_head
-        P = tokens.shape[1]
-        small = model.init_cache(cfg, 1, P)
-        zero = jnp.zeros((1,), jnp.int32)
+        R, P = tokens.shape
+        small = model.init_cache(cfg, R, P)
+        zero = jnp.zeros((R,), jnp.int32)
         if prompt_logprobs:
             all_logits, small = model.forward_cached(params, tokens, small, 0, zero, cfg)
-            lp = jax.nn.log_softmax(all_logits[0], axis=-1)
-            prompt_lp = jnp.take_along_axis(lp[:-1], tokens[0, 1:, None], axis=-1)[:, 0]
-            logits = jnp.take_along_axis(all_logits, (length - 1)[None, None, None], axis=1)[:, 0]
+            lp = jax.nn.log_softmax(all_logits[:, :-1], axis=-1)
+            prompt_lp = jnp.take_along_axis(lp, tokens[:, 1:, None], axis=-1)[..., 0]
+            logits = jnp.take_along_axis(all_logits, (lengths - 1)[:, None, None], axis=1)[:, 0]
         else:
-            logits, small = model.forward_cached(params, tokens, small, 0, zero, cfg, at=(length - 1)[None])
-            logits, prompt_lp = logits[:, 0], jnp.zeros((P - 1,), jnp.float32)
-        put = lambda big, new: jax.lax.dynamic_update_slice(big, new, (slot * H, 0, 0))  # noqa: E731
+            logits, small = model.forward_cached(params, tokens, small, 0, zero, cfg, at=lengths - 1)
+            logits, prompt_lp = logits[:, 0], jnp.zeros((R, P - 1), jnp.float32)
+        # Caches are [slots * H, S, Dh]: row r's heads go to rows slots[r] * H + h (a dummy's past the end).
+        cache_rows = (slots[:, None] * H + jnp.arange(H)[None, :]).reshape(-1)
+        put = lambda big, new: big.at[cache_rows, :P].set(new, mode="drop")  # noqa: E731
         cache = {name: [put(b, s) for b, s in zip(state.cache[name], small[name])] for name in ("k", "v")}
-        in_prompt = jnp.arange(P) < length
-        seen = jnp.zeros((cfg.padded_vocab,), bool).at[jnp.where(in_prompt, tokens[0], cfg.padded_vocab)].set(True, mode="drop")
-        temperature, top_k, top_p, penalty, seed, limit, stop_at_eot = row
-        settings = RowSettings(*(a.at[slot].set(v) for a, v in zip(
-            state.settings, (temperature, top_k.astype(jnp.int32), top_p, penalty))))
+        in_prompt = jnp.arange(P)[None, :] < lengths[:, None]
+        seen = jnp.zeros((R, cfg.padded_vocab), bool).at[
+            jnp.arange(R)[:, None], jnp.where(in_prompt, tokens, cfg.padded_vocab)].set(True, mode="drop")
+        temperature, top_k, top_p, penalty, seed, limit, stop_at_eot = rows
+        set_ = lambda a, v: a.at[slots].set(v.astype(a.dtype), mode="drop")  # noqa: E731
         state = state._replace(
-            cache=cache, logits=state.logits.at[slot].set(logits[0]), pos=state.pos.at[slot].set(length),
-            seen=state.seen.at[slot].set(seen), keys=state.keys.at[slot].set(jax.random.PRNGKey(seed.astype(jnp.uint32))),
-            produced=state.produced.at[slot].set(0), limit=state.limit.at[slot].set(limit.astype(jnp.int32)),
-            done=state.done.at[slot].set(False), stop_at_eot=state.stop_at_eot.at[slot].set(stop_at_eot > 0),
-            settings=settings)
+            cache=cache, logits=set_(state.logits, logits), pos=set_(state.pos, lengths), seen=set_(state.seen, seen),
+            keys=set_(state.keys, jax.vmap(jax.random.PRNGKey)(seed)), produced=set_(state.produced, zero),
+            limit=set_(state.limit, limit), done=set_(state.done, jnp.zeros((R,), bool)),
+            stop_at_eot=set_(state.stop_at_eot, stop_at_eot > 0),
+            settings=RowSettings(*(set_(a, v) for a, v in zip(state.settings, (temperature, top_k, top_p, penalty)))))
         return state, prompt_lp
 
     # -------------------------------------------------------------- host side
     def bucket(self, length: int) -> int:
         return next(b for b in self.buckets if b >= length)
 
-    def admit(self, slot: int, a: Admission) -> np.ndarray | None:
-        """Prefill a's prompt into `slot`; returns its prompt tokens' logprobs if asked."""
-        ids = a.tokens
-        P = self.bucket(len(ids))
-        tokens = np.zeros((1, P), np.int32)
-        tokens[0, :len(ids)] = ids
-        o = a.opts
-        row = (np.float32(o.temperature), np.float32(o.top_k), np.float32(o.top_p), np.float32(o.repetition_penalty),
-               np.uint32(o.seed), np.float32(a.limit), np.float32(o.stop_at_eot))
-        self.state, prompt_lp = self._admit(self.params, self.state, np.int32(slot), tokens, np.int32(len(ids)),
-                                            row, prompt_logprobs=a.prompt_logprobs)
-        self._pos[slot] = len(ids)
-        self._busy.add(slot)
-        return np.asarray(prompt_lp)[:len(ids) - 1] if a.prompt_logprobs else None
+    def prefill_rows(self, bucket: int) -> int:
+        """How many prompts of this bucket one prefill call takes (its program's fixed row count)."""
+        return min(self.slots, PREFILL_ROWS) if bucket <= BATCHED_BUCKET else 1
+
+    def admit(self, slots: list[int], batch: list[Admission]) -> list[np.ndarray | None]:
+        """Prefill the prompts of `batch` into `slots`, in one call: they share a bucket and
+        prompt_logprobs, and are at most prefill_rows(bucket). Returns each one's prompt tokens'
+        logprobs if asked (else None)."""
+        P = self.bucket(len(batch[0].tokens))
+        R, echo = self.prefill_rows(P), batch[0].prompt_logprobs
+        assert 0 < len(batch) <= R and all(self.bucket(len(a.tokens)) == P and a.prompt_logprobs == echo
+                                           for a in batch), "one prefill call takes one bucket's prompts"
+        # Unused rows are dummies: one token 0 each, placed in slot `self.slots`, i.e. nowhere.
+        tokens, lengths = np.zeros((R, P), np.int32), np.ones((R,), np.int32)
+        where = np.full((R,), self.slots, np.int32)
+        rows = tuple(np.zeros((R,), np.uint32 if name == "seed" else np.float32) for name in
+                     ("temperature", "top_k", "top_p", "penalty", "seed", "limit", "stop_at_eot"))
+        for r, (slot, a) in enumerate(zip(slots, batch)):
+            tokens[r, :len(a.tokens)], lengths[r], where[r] = a.tokens, len(a.tokens), slot
+            o = a.opts
+            for column, value in zip(rows, (o.temperature, o.top_k, o.top_p, o.repetition_penalty, o.seed, a.limit,
+                                            o.stop_at_eot)):
+                column[r] = value
+        self.state, prompt_lp = self._admit(self.params, self.state, where, tokens, lengths, rows,
+                                            prompt_logprobs=echo)
+        for slot, a in zip(slots, batch):
+            self._pos[slot] = len(a.tokens)
+            self._busy.add(slot)
+        if not echo:
+            return [None] * len(batch)
+        prompt_lp = np.asarray(prompt_lp)
+        return [prompt_lp[r, :len(a.tokens) - 1] for r, a in enumerate(batch)]
 
     def free(self, slot: int) -> None:
         """Stop a slot (its request finished or was cancelled): it no longer produces tokens."""
@@ -199,20 +233,31 @@ class Engine:
         need = max((int(self._pos[s]) for s in self._busy), default=0) + n
         return next((s for s in self.spans if s >= need), self.spans[-1])
 
+    def steps_per_call(self) -> int:
+        """Decode steps in a call that lasts about CALL_SECONDS, from the last call's step time,
+        from 1 to chunk (1 until a step has been timed): at 124M with 16 slots on 2 cores a step
+        takes ~0.17 s, so 1; a tiny model's take ms, so chunk. How many steps a call runs
+        changes no number (n is data to the program)."""
+        if self._step_seconds is None:
+            return 1
+        return max(1, min(self.chunk, int(CALL_SECONDS / self._step_seconds)))
+
     def step(self, n: int | None = None) -> Steps:
-        """Run n (default: chunk) decode steps of every slot and bring their results to the host."""
-        n = self.chunk if n is None else min(n, self.chunk)
+        """Run n (default: steps_per_call) decode steps of every slot and bring their results to the host."""
+        n = self.steps_per_call() if n is None else min(n, self.chunk)
+        start = time.perf_counter()
         self.state, out = self._decode(self.params, self.state, np.int32(n), span=self.span_for(n))
         toks, lps, live, top_toks, top_lps, self._pos[:] = jax.device_get(out + (self.state.pos,))
+        self._step_seconds = (time.perf_counter() - start) / n
         return Steps(toks[:, :n], lps[:, :n], live[:, :n], top_toks[:, :n], top_lps[:, :n])
 
     def warm_up(self, prompt_logprobs: bool = False) -> None:
         """Compile every program the server runs (decode and each prefill bucket) before serving."""
         opts = SamplingOptions(length=1)
         for P in self.buckets:
-            self.admit(0, Admission([0] * P, opts, 1, prompt_logprobs=False))
+            self.admit([0], [Admission([0] * P, opts, 1, prompt_logprobs=False)])
             if prompt_logprobs:
-                self.admit(0, Admission([0] * P, opts, 1, prompt_logprobs=True))
+                self.admit([0], [Admission([0] * P, opts, 1, prompt_logprobs=True)])
         for span in self.spans:
             self.state, _ = self._decode(self.params, self.state, np.int32(1), span=span)
         self.free(0)

@@ -199,30 +199,55 @@ class Scheduler:
             self._fail(choice.job, "the server is shutting down", status=503)
 
     def _admit_waiting(self) -> int:
-        """Place waiting texts in free slots; how many were placed."""
+        """Place waiting texts in free slots, a prefill call's worth at a time; how many were placed."""
         admitted = 0
         while self._free:
-            with self._lock:
-                if not self._waiting:
-                    break
-                choice = self._waiting.popleft()
-            job = choice.job
-            if job.cancelled.is_set() or choice.finished:
-                self._finish_quietly(choice)
-                continue
-            if self._expired(job):
-                self._fail(job, f"the request took longer than its {job.timeout:g} s limit", status=503)
-                continue
-            slot = self._free.pop()
-            prompt_lp = self.engine.admit(slot, Admission(choice.prompt, choice.opts, choice.opts.length,
-                                                          prompt_logprobs=job.want_prompt_logprobs))
-            if prompt_lp is not None:
-                choice.prompt_logprobs = [float(x) for x in prompt_lp]
-            choice.last_time = time.monotonic()
-            self._running[slot] = choice
-            admitted += 1
+            batch = self._next_prefill()
+            if not batch:
+                break
+            slots = [self._free.pop() for _ in batch]
+            try:
+                prompt_lps = self.engine.admit(slots, [Admission(c.prompt, c.opts, c.opts.length,
+                                                                 prompt_logprobs=c.job.want_prompt_logprobs)
+                                                       for c in batch])
+            except Exception as e:  # the slots stay free; the texts fail (not left waiting forever)
+                self._free.extend(slots)
+                for choice in batch:
+                    self._fail(choice.job, f"generation failed: {type(e).__name__}: {e}")
+                raise
+            now = time.monotonic()
+            for slot, choice, prompt_lp in zip(slots, batch, prompt_lps):
+                if prompt_lp is not None:
+                    choice.prompt_logprobs = [float(x) for x in prompt_lp]
+                choice.last_time = now
+                self._running[slot] = choice
+            admitted += len(batch)
             self._observe()
         return admitted
+
+    def _next_prefill(self) -> list[Choice]:
+        """The oldest waiting text, and after it the next ones (in arrival order) that run through
+        the same prefill program -- the same prompt bucket and echo setting -- as many as that
+        program's rows and the free slots take. A text whose client left is dropped on the way;
+        one out of time fails."""
+        batch, passed, late, key, rows = [], [], [], None, 0
+        with self._lock:
+            while self._waiting and (key is None or len(batch) < rows):
+                choice = self._waiting.popleft()
+                if choice.job.cancelled.is_set() or choice.finished:
+                    self._finish_quietly(choice)
+                elif self._expired(choice.job):
+                    late.append(choice)
+                else:
+                    mine = (self.engine.bucket(len(choice.prompt)), choice.job.want_prompt_logprobs)
+                    if key is None:
+                        key, rows = mine, min(self.engine.prefill_rows(mine[0]), len(self._free))
+                    (batch if mine == key else passed).append(choice)
+            self._waiting.extendleft(reversed(passed))  # the ones passed over keep their places
+        for choice in late:
+            if not choice.job.cancelled.is_set():
+                self._fail(choice.job, f"the request took longer than its {choice.job.timeout:g} s limit", status=503)
+        return batch
 
     def _expired(self, job: Job) -> bool:
         return time.monotonic() - job.arrived > job.timeout
