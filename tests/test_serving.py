@@ -235,7 +235,8 @@ def test_load_200_requests_from_16_clients_each_as_served_alone(server):
 
 def test_a_prompt_prefilled_beside_others_fills_its_slot_as_alone():
     """A bucket's prefill has a fixed row count: a prompt alone (row 0, the other rows dummies)
-    and in row 2 beside other prompts fills its slot with bitwise the same numbers."""
+    and in row 2 beside other prompts fills its slot with bitwise the same numbers, and draws
+    the same first token."""
     cfg = Config(n_ctx=256, n_embd=64, n_layer=2, n_head=4, n_vocab=50257, model_path="/tmp/tiny-gpt2").validate()
     engine = Engine(cfg, M.init_params(cfg, jax.random.PRNGKey(0)), 50256, slots=SLOTS)
     R, H = engine.prefill_rows(16), cfg.n_head
@@ -245,17 +246,18 @@ def test_a_prompt_prefilled_beside_others_fills_its_slot_as_alone():
 
     def slot_state(slot):
         s, n = engine.state, len(prompts[2])
-        return [s.logits[slot], s.seen[slot], s.keys[slot], s.pos[slot], s.limit[slot], s.settings.top_p[slot],
+        return [s.token[slot], s.seen[slot], s.keys[slot], s.pos[slot], s.limit[slot], s.settings.top_p[slot],
                 *(c[slot * H:(slot + 1) * H, :n] for c in s.cache["k"] + s.cache["v"])]
 
     for echo in (False, True):
         batch = [Admission(p, SamplingOptions(length=4, seed=i, top_p=0.9), 4, prompt_logprobs=echo)
                  for i, p in enumerate(prompts)]
-        alone_lp = engine.admit([15], [batch[2]])[0]
+        first_alone, (alone_lp,) = engine.admit([15], [batch[2]])
         alone = slot_state(15)
-        together_lp = engine.admit(list(range(R)), batch)[2]
-        for a, b in zip(alone, slot_state(2)):
+        first, together_lps = engine.admit(list(range(R)), batch)
+        for a, b in zip(alone + [x[0] for x in first_alone], slot_state(2) + [x[2] for x in first]):
             np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+        together_lp = together_lps[2]
         if echo:
             assert alone_lp.shape == (len(prompts[2]) - 1,)
             np.testing.assert_array_equal(alone_lp, together_lp)

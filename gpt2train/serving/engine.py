@@ -10,6 +10,9 @@ and its rows of every array are computed by the same programs whatever the other
 request's tokens are the same alone or beside others (tests/test_serving.py compares them). A
 bucket's prefill has a fixed number of rows (`prefill_rows`) for the same reason: a prompt goes
 through the same program, whether it is admitted alone (beside dummy rows) or with others.
+
+The prefill also draws each prompt's first token, so it reaches its client without waiting for a
+decode step; a decode step then runs the token drawn last and draws the next one.
 """
 
 from __future__ import annotations
@@ -67,8 +70,8 @@ def prompt_buckets(n_ctx: int) -> list[int]:
 class SlotState(NamedTuple):
     """Everything the decode program carries, one row per slot."""
     cache: dict
-    logits: jax.Array      # [B, V] the next token's logits
-    pos: jax.Array         # [B] tokens in the context (the next token's cache slot)
+    token: jax.Array       # [B] the token drawn last, not yet run through the model
+    pos: jax.Array         # [B] tokens in the context (the drawn token's cache slot)
     seen: jax.Array        # [B, V] tokens in the text (the repetition penalty)
     keys: jax.Array        # [B, 2] the request's key (from its seed)
     produced: jax.Array    # [B] tokens produced so far (folded into the key: the draw's index)
@@ -79,7 +82,8 @@ class SlotState(NamedTuple):
 
 
 class Steps(NamedTuple):
-    """What `n` decode steps produced, [B, chunk] each (only the first n columns are real)."""
+    """Tokens drawn, [rows, columns] each: by `n` decode steps (a row per slot, n columns) or by
+    a prefill (a row per prompt, one column)."""
     tokens: np.ndarray
     logprobs: np.ndarray
     live: np.ndarray        # whether the slot produced this token (not finished before it)
@@ -105,7 +109,7 @@ class Engine:
         self.buckets = prompt_buckets(cfg.n_ctx)
         B, V = slots, cfg.padded_vocab
         self.state = SlotState(
-            cache=model.init_cache(cfg, B, cfg.n_ctx), logits=jnp.zeros((B, V), jnp.float32),
+            cache=model.init_cache(cfg, B, cfg.n_ctx), token=jnp.zeros((B,), jnp.int32),
             pos=jnp.zeros((B,), jnp.int32), seen=jnp.zeros((B, V), bool),
             keys=jnp.zeros((B, 2), jnp.uint32), produced=jnp.zeros((B,), jnp.int32),
             limit=jnp.zeros((B,), jnp.int32), done=jnp.ones((B,), bool), stop_at_eot=jnp.ones((B,), bool),
@@ -119,33 +123,35 @@ class Engine:
         self._admit = jax.jit(self._admit_fn, donate_argnums=(1,), static_argnames=("prompt_logprobs",))
 
     # -------------------------------------------------------------- compiled pieces
+    def _draw(self, logits, seen, keys, produced, settings, stop_at_eot, live):
+        """Each row's next token from its logits, drawn with its key folded with the draw's index
+        (`produced`); returns the updated state pieces (token, seen, done) and the row's output
+        (token, its logprob, whether it is part of the text, the most likely alternatives)."""
+        tok = sample_rows(logits, seen, jax.vmap(jax.random.fold_in)(keys, produced), settings)
+        logprobs = logits - jax.nn.logsumexp(logits, axis=-1, keepdims=True)
+        chosen = jnp.take_along_axis(logprobs, tok[:, None], axis=-1)[:, 0]
+        top_lp, top_tok = jax.lax.top_k(logprobs, TOP_LOGPROBS)
+        ends = stop_at_eot & (tok == self.eot)  # <|endoftext|> ends a text, it is not part of it
+        seen = jnp.where(live[:, None], seen.at[jnp.arange(tok.shape[0]), tok].set(True), seen)
+        return (tok, seen, ~live | ends), (tok, chosen, live & ~ends, top_tok, top_lp)
+
     def _decode_fn(self, params, state: SlotState, n, *, span: int):
-        """`n` (traced, at most `chunk`) steps of every slot: sample, then run the token; the
-        busy slots' texts lie within the caches' first `span` slots."""
-        cfg, eot = self.cfg, self.eot
+        """`n` (traced, at most `chunk`) steps of every slot: run the token drawn last, then draw
+        the next; the busy slots' texts lie within the caches' first `span` slots."""
+        cfg = self.cfg
         B = state.pos.shape[0]
 
         def one(i, carry):
             s, out = carry
             live = ~s.done & (s.produced < s.limit)
-            keys = jax.vmap(jax.random.fold_in)(s.keys, s.produced)
-            tok = sample_rows(s.logits, s.seen, keys, s.settings)
-            logz = jax.nn.logsumexp(s.logits, axis=-1, keepdims=True)
-            logprobs = s.logits - logz
-            chosen = jnp.take_along_axis(logprobs, tok[:, None], axis=-1)[:, 0]
-            top_lp, top_tok = jax.lax.top_k(logprobs, TOP_LOGPROBS)
-            done = s.done | ~live | (s.stop_at_eot & (tok == eot))
-            seen = s.seen.at[jnp.arange(B), tok].set(True)
-            logits, cache = model.forward_cached(params, tok[:, None], s.cache, s.pos, jnp.zeros((B,), jnp.int32), cfg,
-                                                 span=span)
+            logits, cache = model.forward_cached(params, s.token[:, None], s.cache, s.pos, jnp.zeros((B,), jnp.int32),
+                                                 cfg, span=span)
+            (tok, seen, ends), drawn = self._draw(logits[:, -1], s.seen, s.keys, s.produced, s.settings,
+                                                  s.stop_at_eot, live)
             step = live.astype(jnp.int32)
-            emitted = live & ~(s.stop_at_eot & (tok == eot))  # <|endoftext|> ends a text, it is not part of it
-            s = s._replace(cache=cache, logits=jnp.where(live[:, None], logits[:, -1], s.logits),
-                           pos=jnp.minimum(s.pos + step, cfg.n_ctx - 1), seen=jnp.where(live[:, None], seen, s.seen),
-                           produced=s.produced + step, done=done)
-            toks, lps, lives, top_toks, top_lps = out
-            out = (toks.at[:, i].set(tok), lps.at[:, i].set(chosen), lives.at[:, i].set(emitted),
-                   top_toks.at[:, i].set(top_tok), top_lps.at[:, i].set(top_lp))
+            s = s._replace(cache=cache, token=jnp.where(live, tok, s.token), pos=jnp.minimum(s.pos + step, cfg.n_ctx - 1),
+                           seen=seen, produced=s.produced + step, done=s.done | ends)
+            out = tuple(o.at[:, i].set(d) for o, d in zip(out, drawn))
             return s, out
 
         out = (jnp.zeros((B, self.chunk), jnp.int32), jnp.zeros((B, self.chunk), jnp.float32),
@@ -156,7 +162,8 @@ class Engine:
     def _admit_fn(self, params, state: SlotState, slots, tokens, lengths, rows, *, prompt_logprobs: bool):
         """Run right-padded prompts [R, P] through the model and place row r in slot slots[r];
         `rows` holds each row's settings. A row whose slot is `self.slots` (out of range) is a
-        dummy: its writes are dropped. With prompt_logprobs, also each prompt token's logprob."""
+        dummy: its writes are dropped. Returns the state, each row's first token drawn (Steps'
+        fields, one column) and, with prompt_logprobs, each prompt token's logprob."""
         cfg, H = self.cfg, self.cfg.n_head
         R, P = tokens.shape
         small = model.init_cache(cfg, R, P)
@@ -177,14 +184,17 @@ class Engine:
         seen = jnp.zeros((R, cfg.padded_vocab), bool).at[
             jnp.arange(R)[:, None], jnp.where(in_prompt, tokens, cfg.padded_vocab)].set(True, mode="drop")
         temperature, top_k, top_p, penalty, seed, limit, stop_at_eot = rows
+        settings = RowSettings(temperature, top_k.astype(jnp.int32), top_p, penalty)
+        keys = jax.vmap(jax.random.PRNGKey)(seed)
+        (tok, seen, done), drawn = self._draw(logits, seen, keys, zero, settings, stop_at_eot > 0, limit > 0)
         set_ = lambda a, v: a.at[slots].set(v.astype(a.dtype), mode="drop")  # noqa: E731
         state = state._replace(
-            cache=cache, logits=set_(state.logits, logits), pos=set_(state.pos, lengths), seen=set_(state.seen, seen),
-            keys=set_(state.keys, jax.vmap(jax.random.PRNGKey)(seed)), produced=set_(state.produced, zero),
-            limit=set_(state.limit, limit), done=set_(state.done, jnp.zeros((R,), bool)),
+            cache=cache, token=set_(state.token, tok), pos=set_(state.pos, lengths), seen=set_(state.seen, seen),
+            keys=set_(state.keys, keys), produced=set_(state.produced, jnp.ones((R,), jnp.int32)),
+            limit=set_(state.limit, limit), done=set_(state.done, done),
             stop_at_eot=set_(state.stop_at_eot, stop_at_eot > 0),
-            settings=RowSettings(*(set_(a, v) for a, v in zip(state.settings, (temperature, top_k, top_p, penalty)))))
-        return state, prompt_lp
+            settings=RowSettings(*(set_(a, v) for a, v in zip(state.settings, settings))))
+        return state, tuple(d[:, None] for d in drawn), prompt_lp
 
     # -------------------------------------------------------------- host side
     def bucket(self, length: int) -> int:
@@ -194,34 +204,35 @@ class Engine:
         """How many prompts of this bucket one prefill call takes (its program's fixed row count)."""
         return min(self.slots, PREFILL_ROWS) if bucket <= BATCHED_BUCKET else 1
 
-    def admit(self, slots: list[int], batch: list[Admission]) -> list[np.ndarray | None]:
+    def admit(self, slots: list[int], batch: list[Admission]) -> tuple[Steps, list[np.ndarray | None]]:
         """Prefill the prompts of `batch` into `slots`, in one call: they share a bucket and
-        prompt_logprobs, and are at most prefill_rows(bucket). Returns each one's prompt tokens'
-        logprobs if asked (else None)."""
+        prompt_logprobs, and are at most prefill_rows(bucket). Returns their first tokens (row i:
+        batch[i]'s) and each one's prompt tokens' logprobs if asked (else None)."""
         P = self.bucket(len(batch[0].tokens))
         R, echo = self.prefill_rows(P), batch[0].prompt_logprobs
         assert 0 < len(batch) <= R and all(self.bucket(len(a.tokens)) == P and a.prompt_logprobs == echo
                                            for a in batch), "one prefill call takes one bucket's prompts"
-        # Unused rows are dummies: one token 0 each, placed in slot `self.slots`, i.e. nowhere.
+        # Unused rows are dummies: one token 0 each, drawn greedily, placed in slot `self.slots`,
+        # i.e. nowhere.
         tokens, lengths = np.zeros((R, P), np.int32), np.ones((R,), np.int32)
         where = np.full((R,), self.slots, np.int32)
-        rows = tuple(np.zeros((R,), np.uint32 if name == "seed" else np.float32) for name in
-                     ("temperature", "top_k", "top_p", "penalty", "seed", "limit", "stop_at_eot"))
+        rows = tuple(np.full((R,), neutral, np.uint32 if name == "seed" else np.float32) for name, neutral in
+                     (("temperature", 0), ("top_k", 0), ("top_p", 1), ("penalty", 1), ("seed", 0), ("limit", 1),
+                      ("stop_at_eot", 0)))
         for r, (slot, a) in enumerate(zip(slots, batch)):
             tokens[r, :len(a.tokens)], lengths[r], where[r] = a.tokens, len(a.tokens), slot
             o = a.opts
             for column, value in zip(rows, (o.temperature, o.top_k, o.top_p, o.repetition_penalty, o.seed, a.limit,
                                             o.stop_at_eot)):
                 column[r] = value
-        self.state, prompt_lp = self._admit(self.params, self.state, where, tokens, lengths, rows,
-                                            prompt_logprobs=echo)
+        self.state, drawn, prompt_lp = self._admit(self.params, self.state, where, tokens, lengths, rows,
+                                                   prompt_logprobs=echo)
         for slot, a in zip(slots, batch):
             self._pos[slot] = len(a.tokens)
             self._busy.add(slot)
-        if not echo:
-            return [None] * len(batch)
-        prompt_lp = np.asarray(prompt_lp)
-        return [prompt_lp[r, :len(a.tokens) - 1] for r, a in enumerate(batch)]
+        drawn, prompt_lp = jax.device_get((drawn, prompt_lp))
+        first = Steps(*(d[:len(batch)] for d in drawn))
+        return first, [prompt_lp[r, :len(a.tokens) - 1] if echo else None for r, a in enumerate(batch)]
 
     def free(self, slot: int) -> None:
         """Stop a slot (its request finished or was cancelled): it no longer produces tokens."""
@@ -229,7 +240,7 @@ class Engine:
         self._busy.discard(slot)
 
     def span_for(self, n: int) -> int:
-        """The smallest span holding every busy slot's text after n more tokens."""
+        """The smallest span holding every busy slot's text after n more tokens run."""
         need = max((int(self._pos[s]) for s in self._busy), default=0) + n
         return next((s for s in self.spans if s >= need), self.spans[-1])
 

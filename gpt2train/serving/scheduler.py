@@ -1,8 +1,9 @@
 """Continuous batching: a thread that admits waiting texts into free decode slots between steps.
 
 A request becomes a `Job` of one or more `Choice`s (a prompt, or a prompt's n samples); each
-choice takes a slot when one is free: its prompt is run through the model (prefill), and from the
-next step on it decodes with the running batch. A slot is freed the moment its text ends (its
+choice takes a slot when one is free: its prompt is run through the model (prefill, several
+waiting prompts of a length bucket in one call), which draws its first token, and from the next
+step on it decodes with the running batch. A slot is freed the moment its text ends (its
 length, <|endoftext|>, a stop string), its client leaves, or its time runs out.
 
 The thread never waits for a client: what a choice produces goes into its job's `Outbox`, a
@@ -185,12 +186,10 @@ class Scheduler:
                 if self._stopping:
                     break
             try:
-                admitted = self._admit_waiting()
+                self._admit_waiting()
                 self._drop_gone()
                 if self._running:
-                    # A call right after admissions runs one step: the new texts' first tokens
-                    # reach their clients without waiting for a whole chunk.
-                    self._step(1 if admitted else None)
+                    self._step()
             except Exception as e:  # the model failed: fail the jobs in flight, keep serving
                 log.exception("decoding failed")
                 for choice in list(self._running.values()):
@@ -207,22 +206,22 @@ class Scheduler:
                 break
             slots = [self._free.pop() for _ in batch]
             try:
-                prompt_lps = self.engine.admit(slots, [Admission(c.prompt, c.opts, c.opts.length,
-                                                                 prompt_logprobs=c.job.want_prompt_logprobs)
-                                                       for c in batch])
+                first, prompt_lps = self.engine.admit(slots, [Admission(c.prompt, c.opts, c.opts.length,
+                                                                        prompt_logprobs=c.job.want_prompt_logprobs)
+                                                              for c in batch])
             except Exception as e:  # the slots stay free; the texts fail (not left waiting forever)
                 self._free.extend(slots)
                 for choice in batch:
                     self._fail(choice.job, f"generation failed: {type(e).__name__}: {e}")
                 raise
-            now = time.monotonic()
             for slot, choice, prompt_lp in zip(slots, batch, prompt_lps):
                 if prompt_lp is not None:
                     choice.prompt_logprobs = [float(x) for x in prompt_lp]
-                choice.last_time = now
                 self._running[slot] = choice
-            admitted += len(batch)
             self._observe()
+            # The first tokens go out now, before the other waiting prompts' prefills.
+            self._deliver(first, [(row, slot, choice) for row, (slot, choice) in enumerate(zip(slots, batch))])
+            admitted += len(batch)
         return admitted
 
     def _next_prefill(self) -> list[Choice]:
@@ -296,34 +295,41 @@ class Scheduler:
 
     def _step(self, n: int | None = None) -> None:
         steps = self.engine.step(n)
+        self._deliver(steps, [(slot, slot, choice) for slot, choice in list(self._running.items())])
+
+    def _deliver(self, steps, rows: list[tuple[int, int, "Choice"]]) -> None:
+        """Hand each (row of `steps`, slot, choice)'s new tokens to its job; free the slots whose text ended."""
         now = time.monotonic()
         eot = self.engine.eot
-        for slot, choice in list(self._running.items()):
+        for row, slot, choice in rows:
             new = []
             reason = None
             for j in range(steps.tokens.shape[1]):
                 if len(choice.tokens) + len(new) >= choice.opts.length:
                     break
-                if not steps.live[slot, j]:
-                    if steps.tokens[slot, j] == eot and choice.opts.stop_at_eot:
+                if not steps.live[row, j]:
+                    if steps.tokens[row, j] == eot and choice.opts.stop_at_eot:
                         reason = "stop"
                     break
                 new.append(j)
             if len(choice.tokens) + len(new) >= choice.opts.length and reason is None:
                 reason = "length"
             for j in new:
-                choice.tokens.append(int(steps.tokens[slot, j]))
-                choice.logprobs.append(float(steps.logprobs[slot, j]))
+                choice.tokens.append(int(steps.tokens[row, j]))
+                choice.logprobs.append(float(steps.logprobs[row, j]))
                 choice.top.append([(int(t), float(lp)) for t, lp in
-                                   zip(steps.top_tokens[slot, j, :TOP_LOGPROBS], steps.top_logprobs[slot, j])])
+                                   zip(steps.top_tokens[row, j, :TOP_LOGPROBS], steps.top_logprobs[row, j])])
             job = choice.job
             if new:
+                if self.metrics is not None:
+                    if choice.last_time:  # time since the text's last tokens
+                        self.metrics.tokens(len(new), (now - choice.last_time) / len(new))
+                    else:  # its first token (from the prefill): timed by the first-token metric
+                        self.metrics.generated_tokens.inc(len(new))
                 if job.first_token is None:
                     job.first_token = now
                     if self.metrics is not None:
                         self.metrics.first_token(now - job.arrived)
-                if self.metrics is not None:
-                    self.metrics.tokens(len(new), (now - choice.last_time) / len(new))
                 choice.last_time = now
             reason = self._emit(choice, reason)
             if reason is not None:
