@@ -4,7 +4,7 @@
     python -m bench.serve_speed --smoke              # a tiny model, seconds (checks the script)
     python -m bench.serve_speed --clients 1,4,16 --requests 3 --max_tokens 64 --out bench/results
 
-Each client sends its requests one after another (a 20-token prompt, `max_tokens` new tokens,
+Each client sends its requests one after another (a 22-token prompt, `max_tokens` new tokens,
 temperature 1 with top-k 40, its own seed) as a streaming POST /v1/completions, and times when
 each piece of text arrives. Reported per level: aggregate tokens/s (all clients' tokens over the
 level's wall time), time to first token p50/p95, and per-token latency (a text's time after its
@@ -122,8 +122,9 @@ def single_request_generator(cfg, params, tok, max_tokens: int, repeats: int = 2
 
 def markdown(report: dict) -> str:
     lines = [f"# Serving benchmark ({report['shape']})", "",
-             f"{report['cpu']} ({', '.join(report['isa_flags']) or 'no AVX2/AVX-512/AMX'}), {report['cores']} cores, load average at start {report['load_average']}; "
-             f"{report['slots']} slots, {report['max_tokens']} new tokens per request, 20-token prompt, "
+             f"{report['cpu']} ({', '.join(report['isa_flags']) or 'no AVX2/AVX-512/AMX'}), {report['cores']} cores, load average at start {report['load_average']} and at the end "
+             f"{report['load_average_end']}; {report['slots']} slots, {report['max_tokens']} new tokens per request, "
+             f"{report['prompt_tokens']}-token prompt, "
              f"warm-up (compiling) {report['warm_up_s']} s.", "",
              "| clients | requests | errors | tokens/s (all clients) | vs 1 client | TTFT p50 | TTFT p95 | "
              "per token p50 | per token p95 |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
@@ -152,6 +153,7 @@ def main(argv=None) -> dict:
     cfg = Config(n_vocab=50257, model_path="gpt2-124M-random" if not args.smoke else "tiny", **shape).validate()
     tok = load_tokenizer(GPT2_ENCODER_DIR)
     params = M.init_params(cfg, jax.random.PRNGKey(0))
+    load = [round(x, 2) for x in os.getloadavg()]  # before the run (another process's load shows here)
     start = time.perf_counter()
     server = ServingServer(cfg, params, tok, SamplingOptions(), port=0, access_log=False,
                            settings=ServeSettings(slots=args.slots, max_queue=1024)).start()
@@ -169,7 +171,8 @@ def main(argv=None) -> dict:
     print("generator", json.dumps(generator), flush=True)
     cpu, isa = cpu_model_and_flags()
     report = {"shape": "smoke" if args.smoke else "124M", "cpu": cpu, "isa_flags": isa, "cores": os.cpu_count(),
-              "load_average": [round(x, 2) for x in os.getloadavg()], "slots": args.slots,
+              "load_average": load, "load_average_end": [round(x, 2) for x in os.getloadavg()],
+              "prompt_tokens": len(tok.encode(PROMPT)), "slots": args.slots,
               "max_tokens": args.max_tokens, "warm_up_s": round(warm, 1), "levels": levels, "generator": generator}
     write_report(report, markdown(report), pathlib.Path(args.out), "serve_report")
     return report
