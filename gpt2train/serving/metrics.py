@@ -8,8 +8,8 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client import CONTENT_TYPE_LATEST  # noqa: F401  (re-exported for the app)
 
-# Buckets in seconds: a first token waits for a prefill and a decode call (tens of ms for a tiny
-# model, a second or more for 124M on a busy CPU); a token between calls takes ms to 100s of ms.
+# Buckets in seconds: a first token waits for the decode call in progress and its prefill (tens of
+# ms for a tiny model, up to a second for 124M with 16 clients on a busy CPU); a token between calls takes ms to 100s of ms.
 FIRST_TOKEN_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32)
 TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2)
 
