@@ -115,22 +115,22 @@ def dropout(x, rate: float, key):
     return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
 
 
-def _attend_train(q, k, v, rate, key):
-    """Causal attention with dropout on the probabilities (the fused kernel has no dropout)."""
-    T = q.shape[1]
+def _attend_masked(q, k, v, allowed, rate=0.0, key=None):
+    """Attention where query t reads key s if allowed[b, t, s] ([B or 1, T, T], every query
+    allowed at least one key), with dropout on the probabilities (the fused kernel has none)."""
     s = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) / math.sqrt(q.shape[-1])
-    causal = jnp.tril(jnp.ones((T, T), bool))
-    probs = jax.nn.softmax(jnp.where(causal, s, -jnp.inf), axis=-1)
+    probs = jax.nn.softmax(jnp.where(allowed[:, None], s, -jnp.inf), axis=-1)
     probs = dropout(probs, rate, key).astype(v.dtype)
     return jnp.einsum("bhqk,bkhd->bqhd", probs, v)
 
 
-def attention(x, p, cfg: Config, dtype, key=None, cache=None):
+def attention(x, p, cfg: Config, dtype, key=None, cache=None, mask=None):
     """Multi-head causal self-attention.
 
     cache: None for a full causal pass, or (k_cache, v_cache, index, key_mask) for decoding:
     the new keys/values are written at slot `index`, and queries attend to every slot that
-    key_mask [B, T, S] allows. Returns (output, (k_cache, v_cache) or None).
+    key_mask [B, T, S] allows. mask [B, T, T]: which keys each query reads, instead of the
+    causal pattern (several texts packed into one row). Returns (output, (k_cache, v_cache) or None).
     """
     B, T, D = x.shape
     H, Dh = cfg.n_head, cfg.head_dim
@@ -157,8 +157,10 @@ def attention(x, p, cfg: Config, dtype, key=None, cache=None):
         probs = jax.nn.softmax(scores, axis=-1).astype(dtype).reshape(B * H, T, -1)
         out = jnp.einsum("nts,nsd->ntd", probs, v_read.astype(dtype)).reshape(B, H, T, Dh).transpose(0, 2, 1, 3)
         new_cache = (k_cache, v_cache)
+    elif mask is not None:
+        out = _attend_masked(q, k, v, mask)
     elif key is not None and cfg.attn_dropout > 0:
-        out = _attend_train(q, k, v, cfg.attn_dropout, key)
+        out = _attend_masked(q, k, v, jnp.tril(jnp.ones((1, T, T), bool)), cfg.attn_dropout, key)
     else:
         out = kernels.causal_attention(qkv, cfg.kernels)
     return dense(out.reshape(B, T, D), p["c_proj"], dtype, cfg.kernels), new_cache
@@ -181,10 +183,10 @@ def mlp(x, p, dtype, impl: str):
     return dense(h, p["c_proj"], dtype, impl)
 
 
-def block(x, p, cfg: Config, dtype, key=None, cache=None):
+def block(x, p, cfg: Config, dtype, key=None, cache=None, mask=None):
     """Pre-LayerNorm residual block. `key` enables dropout (training)."""
     k_attn, k_res1, k_res2 = jax.random.split(key, 3) if key is not None else (None, None, None)
-    a, new_cache = attention(layer_norm(x, p["ln_1"], dtype), p["attn"], cfg, dtype, k_attn, cache)
+    a, new_cache = attention(layer_norm(x, p["ln_1"], dtype), p["attn"], cfg, dtype, k_attn, cache, mask)
     x = x + dropout(a, cfg.res_dropout, k_res1)
     m = mlp(layer_norm(x, p["ln_2"], dtype), p["mlp"], dtype, cfg.kernels)
     x = x + dropout(m, cfg.res_dropout, k_res2)
@@ -210,20 +212,22 @@ def layer_unroll(cfg: Config) -> int:
     return cfg.n_layer if cfg.n_layer <= 12 else 1
 
 
-def hidden_states(params: Params, tokens: jax.Array, cfg: Config, *, key: jax.Array | None = None) -> jax.Array:
-    """The last block's output [B, T, D] (before ln_f) for tokens [B, T]. A `key` turns dropout on."""
+def hidden_states(params: Params, tokens: jax.Array, cfg: Config, *, key: jax.Array | None = None,
+                  positions: jax.Array | None = None, mask: jax.Array | None = None) -> jax.Array:
+    """The last block's output [B, T, D] (before ln_f) for tokens [B, T]. A `key` turns dropout on.
+    positions [B, T] and mask [B, T, T] (see attention) replace 0..T-1 and the causal pattern."""
     dtype = compute_dtype(cfg)
     T = tokens.shape[1]
     if key is not None:
         key, k_embed = jax.random.split(key)
     else:
         k_embed = None
-    x = embed(params, tokens, jnp.arange(T)[None, :], cfg, dtype, k_embed)
+    x = embed(params, tokens, jnp.arange(T)[None, :] if positions is None else positions, cfg, dtype, k_embed)
 
     def body(x, layer):
         p, i = layer
         layer_key = None if key is None else jax.random.fold_in(key, i)
-        x, _ = block(x, p, cfg, dtype, layer_key)
+        x, _ = block(x, p, cfg, dtype, layer_key, mask=mask)
         return x, None
 
     if cfg.remat:

@@ -81,11 +81,27 @@ def test_scorer_matches_the_models_own_losses_and_argmax(tmp_path):
     rng = np.random.default_rng(0)
     requests = [Request(rng.integers(0, cfg.n_vocab, n).astype(np.int32), int(rng.integers(1, n)))
                 for n in (3, 10, 33, 20, 7, 33, 2, 15)]
+    # Requests sharing a context (packed as one unit: the context once, each continuation after it),
+    # one of them twice, and a group too long for one row (split into several units).
+    context = rng.integers(0, cfg.n_vocab, 9).astype(np.int32)
+    for n_cont in (1, 4, 2):
+        requests.append(Request(np.concatenate([context, rng.integers(0, cfg.n_vocab, n_cont)]).astype(np.int32), n_cont))
+    requests.append(requests[-2])
+    long_context = rng.integers(0, cfg.n_vocab, 20).astype(np.int32)
+    for n_cont in (9, 12, 5):
+        requests.append(Request(np.concatenate([long_context, rng.integers(0, cfg.n_vocab, n_cont)]).astype(np.int32),
+                                n_cont))
     seq = [11, 22]  # one request continues with the model's own top choices, so "all greedy" is true once
     for _ in range(6):
         seq.append(int(np.argmax(logits_of(seq)[-1])))
     requests.append(Request(np.asarray(seq, np.int32), 5))
-    ll, greedy = Scorer(cfg).score(params, requests)
+    scorer = Scorer(cfg)
+    batches = scorer.plan(requests)
+    assert any(b.packed for b in batches)
+    assert sum(len(b.owners) for b in batches) == sum(r.n_scored for r in requests)
+    # the shared contexts are computed once: fewer input tokens than the requests have
+    assert sum(int((b.arrays[2] > 0).sum()) for b in batches) < sum(len(r.tokens) - 1 for r in requests)
+    ll, greedy = scorer.score(params, requests)
     for r, got, top in zip(requests, ll, greedy):
         logits = logits_of(r.tokens[:-1])
         logp = np.asarray(jax.nn.log_softmax(logits, axis=-1))
