@@ -13,7 +13,7 @@ import json
 import math
 import re
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import fsspec
 
@@ -35,90 +35,117 @@ ALIASES = {"eval_every": "train_steps", "log_every": "iterations", "eval_batches
            "time_limit": "max_train_seconds"}
 
 
-def _key(default, doc: str, seed: bool = False):
-    return field(default=default, metadata={"doc": doc, "seed": seed})
+@dataclass(frozen=True)
+class Check:
+    """What values a key accepts beyond its type, phrased for the error and the docs."""
+
+    phrase: str
+    accepts: Callable[[Any], bool]
+
+
+POSITIVE = Check("positive", lambda v: v > 0)
+AT_LEAST_0 = Check(">= 0", lambda v: v >= 0)
+FRACTION = Check("in [0, 1]", lambda v: 0 <= v <= 1)
+DECAY_RATE = Check("in [0, 1)", lambda v: 0 <= v < 1)
+
+# Keys whose default is None hold lists or objects; None (not set) always passes.
+TASK_NAMES = Check("a list of task names", lambda v: v is None or (isinstance(v, list) and all(isinstance(t, str) for t in v)))
+PROMPTS = Check("a list of strings or a file name",
+                lambda v: v is None or isinstance(v, str) or (isinstance(v, list) and all(isinstance(p, str) for p in v)))
+SAMPLING_OPTIONS = Check("an object of sampling options", lambda v: v is None or isinstance(v, (dict, str)))
+WEIGHTS = Check("a list of numbers", lambda v: v is None or (isinstance(v, list) and all(
+    isinstance(w, (int, float)) and not isinstance(w, bool) and math.isfinite(w) for w in v)))
+COLUMN_NAME = Check("a column name", lambda v: bool(v))
+
+
+def one_of(*choices: str) -> Check:
+    return Check(f"one of {choices}", lambda v: v in choices)
+
+
+def _key(default, doc: str, seed: bool = False, *, check: Check | None = None):
+    return field(default=default, metadata={"doc": doc, "seed": seed, "check": check})
 
 
 @dataclass
 class Config:
     # --- the seed's keys ---
-    model: str = _key("GPT2", "model family; only GPT2", True)
-    n_ctx: int = _key(1024, "context length in tokens", True)
-    n_embd: int = _key(768, "width of the residual stream", True)
-    n_layer: int = _key(12, "number of transformer blocks", True)
-    n_head: int = _key(12, "attention heads per block (must divide n_embd)", True)
-    n_vocab: int = _key(50257, "vocabulary size; must equal the tokenizer's (50257 for GPT-2)", True)
+    model: str = _key("GPT2", "model family; only GPT2", True, check=one_of("GPT2",))
+    n_ctx: int = _key(1024, "context length in tokens", True, check=POSITIVE)
+    n_embd: int = _key(768, "width of the residual stream", True, check=POSITIVE)
+    n_layer: int = _key(12, "number of transformer blocks", True, check=POSITIVE)
+    n_head: int = _key(12, "attention heads per block (must divide n_embd)", True, check=POSITIVE)
+    n_vocab: int = _key(50257, "vocabulary size; must equal the tokenizer's (50257 for GPT-2)", True, check=POSITIVE)
     scale_by_depth: bool = _key(True, "init residual projections with std 0.02/sqrt(2*n_layer)", True)
     scale_by_in: bool = _key(False, "init matmul weights with std 1/sqrt(fan_in) instead of 0.02", True)
-    precision: str = _key("float32", "compute dtype: float32 or bfloat16 (weights stay float32)", True)
+    precision: str = _key("float32", "compute dtype: float32 or bfloat16 (weights stay float32)", True, check=one_of(*PRECISIONS))
     input: str = _key("text", "registered input function that feeds training and eval", True)
-    lr: float = _key(2.5e-4, "peak learning rate", True)
-    warmup_steps: int = _key(2000, "linear warmup steps from 0 to lr", True)
-    opt_name: str = _key("adam", "optimizer: adam (it is AdamW when weight_decay > 0), adamw or adafactor", True)
-    weight_decay: float = _key(0.01, "decoupled weight decay on matrices (not biases, LayerNorm)", True)
-    beta1: float = _key(0.9, "first-moment decay (adafactor: momentum, 0 disables it)", True)
-    beta2: float = _key(0.98, "second-moment decay (adam; adafactor with decay_type adam)", True)
+    lr: float = _key(2.5e-4, "peak learning rate", True, check=AT_LEAST_0)
+    warmup_steps: int = _key(2000, "linear warmup steps from 0 to lr", True, check=AT_LEAST_0)
+    opt_name: str = _key("adam", "optimizer: adam (it is AdamW when weight_decay > 0), adamw or adafactor", True, check=one_of(*OPTIMIZERS))
+    weight_decay: float = _key(0.01, "decoupled weight decay on matrices (not biases, LayerNorm)", True, check=AT_LEAST_0)
+    beta1: float = _key(0.9, "first-moment decay (adafactor: momentum, 0 disables it)", True, check=DECAY_RATE)
+    beta2: float = _key(0.98, "second-moment decay (adam; adafactor with decay_type adam)", True, check=DECAY_RATE)
     epsilon: float = _key(1e-9, "optimizer epsilon", True)
-    decay_type: str = _key("pow", "adafactor second-moment schedule: pow or adam", True)
+    decay_type: str = _key("pow", "adafactor second-moment schedule: pow or adam", True, check=one_of(*DECAY_TYPES))
     decay_exponent: float = _key(0.8, "adafactor pow schedule: decay = 1 - (step+1)^-exponent", True)
-    train_steps: int = _key(1000, "train steps between evaluations", True)
-    eval_steps: int = _key(10, "batches per evaluation (0 disables evaluation)", True)
-    max_steps: int = _key(500000, "training stops exactly at this step", True)
-    iterations: int = _key(100, "steps between progress-bar/metric log lines", True)
-    embed_dropout: float = _key(0.1, "dropout on token+position embeddings", True)
-    attn_dropout: float = _key(0.1, "dropout on attention probabilities", True)
-    res_dropout: float = _key(0.1, "dropout on each residual branch output", True)
+    train_steps: int = _key(1000, "train steps between evaluations", True, check=POSITIVE)
+    eval_steps: int = _key(10, "batches per evaluation (0 disables evaluation)", True, check=AT_LEAST_0)
+    max_steps: int = _key(500000, "training stops exactly at this step", True, check=POSITIVE)
+    iterations: int = _key(100, "steps between progress-bar/metric log lines", True, check=POSITIVE)
+    embed_dropout: float = _key(0.1, "dropout on token+position embeddings", True, check=FRACTION)
+    attn_dropout: float = _key(0.1, "dropout on attention probabilities", True, check=FRACTION)
+    res_dropout: float = _key(0.1, "dropout on each residual branch output", True, check=FRACTION)
     model_path: str = _key("", "directory for checkpoints, metrics and logs", True)
     data_path: Any = _key("", "training data: file, directory, glob or list", True)
     encoder_path: str = _key("", "directory with encoder.json and vocab.bpe", True)
-    train_batch_size: int = _key(8, "global sequences per optimizer step", True)
-    eval_batch_size: int = _key(8, "global sequences per eval batch", True)
-    predict_batch_size: int = _key(1, "samples generated in parallel", True)
+    train_batch_size: int = _key(8, "global sequences per optimizer step", True, check=POSITIVE)
+    eval_batch_size: int = _key(8, "global sequences per eval batch", True, check=POSITIVE)
+    predict_batch_size: int = _key(1, "samples generated in parallel", True, check=POSITIVE)
     predict_path: str = _key("", "file that generated samples are appended to ('' = model_path/predictions.txt)", True)
     # --- new keys ---
     eval_data_path: Any = _key(None, "held-out data: file, directory, glob or list (None: no eval)")
-    seed: int = _key(0, "seed for init, data order and dropout")
-    grad_clip: float = _key(1.0, "clip gradients to this global norm (0 disables)")
-    grad_accum_steps: int = _key(1, "micro-batches per optimizer step (train_batch_size is split)")
-    min_lr_ratio: float = _key(0.1, "cosine decay ends at lr * min_lr_ratio at max_steps")
-    checkpoint_every: int = _key(0, "save a checkpoint every N steps (0: at every evaluation)")
-    keep_checkpoints: int = _key(3, "how many recent checkpoints to keep")
-    checkpoint_every_seconds: float = _key(0.0, "also save a checkpoint when this many seconds passed since the last save (0: off)")
+    seed: int = _key(0, "seed for init, data order and dropout", check=AT_LEAST_0)
+    grad_clip: float = _key(1.0, "clip gradients to this global norm (0 disables)", check=AT_LEAST_0)
+    grad_accum_steps: int = _key(1, "micro-batches per optimizer step (train_batch_size is split)", check=POSITIVE)
+    min_lr_ratio: float = _key(0.1, "cosine decay ends at lr * min_lr_ratio at max_steps", check=FRACTION)
+    checkpoint_every: int = _key(0, "save a checkpoint every N steps (0: at every evaluation)", check=AT_LEAST_0)
+    keep_checkpoints: int = _key(3, "how many recent checkpoints to keep", check=POSITIVE)
+    checkpoint_every_seconds: float = _key(0.0, "also save a checkpoint when this many seconds passed since the last save (0: off)", check=AT_LEAST_0)
     resume_fallback: bool = _key(False, "when the newest checkpoint is damaged, move it aside and resume from the newest intact one")
     allow_data_change: bool = _key(False, "resume although the data settings differ from the checkpoint's (the new data starts from its beginning)")
     keep_best: bool = _key(False, "also keep the checkpoint with the lowest eval loss, in model_path/best (never removed by keep_checkpoints)")
-    early_stop_patience: int = _key(0, "stop after this many evaluations without a lower eval loss (0: never)")
-    max_train_seconds: float = _key(0.0, "stop at the first step past this much training time, save and exit 0 (0: no limit); a number of seconds or a duration such as 50m, 1h30m")
+    early_stop_patience: int = _key(0, "stop after this many evaluations without a lower eval loss (0: never)", check=AT_LEAST_0)
+    max_train_seconds: float = _key(0.0, "stop at the first step past this much training time, save and exit 0 (0: no limit); a number of seconds or a duration such as 50m, 1h30m", check=AT_LEAST_0)
     time_limit_total: bool = _key(False, "count max_train_seconds across restarts (the time used is kept in each checkpoint) instead of afresh per run")
-    sample_every: int = _key(0, "generate samples every N steps and at the end, to the log, samples.jsonl and TensorBoard (0: never)")
-    sample_prompts: Any = _key(None, "prompts for sample_every: a list, or a file with one prompt per line (None: one sample from <|endoftext|>)")
-    sample_options: Any = _key(None, "sampling options for sample_every, as generate takes them, e.g. {\"length\": 64, \"top_k\": 40}")
+    sample_every: int = _key(0, "generate samples every N steps and at the end, to the log, samples.jsonl and TensorBoard (0: never)", check=AT_LEAST_0)
+    sample_prompts: Any = _key(None, "prompts for sample_every: a list, or a file with one prompt per line (None: one sample from <|endoftext|>)", check=PROMPTS)
+    sample_options: Any = _key(None, "sampling options for sample_every, as generate takes them, e.g. {\"length\": 64, \"top_k\": 40}", check=SAMPLING_OPTIONS)
     plot_every_eval: bool = _key(True, "redraw model_path/curves.png at every evaluation (needs matplotlib: pip install -e \".[plot]\")")
     wandb_project: str = _key("", "log scalars, the config, samples and curves to this Weights & Biases project (pip install -e \".[wandb]\")")
     wandb_run_name: str = _key("", "the W&B run's display name ('' : W&B picks one)")
     wandb_entity: str = _key("", "the W&B team or user the project belongs to ('' : your default)")
-    pad_vocab_to: int = _key(128, "pad the embedding rows to a multiple of this (logits masked); 1 = no padding")
+    pad_vocab_to: int = _key(128, "pad the embedding rows to a multiple of this (logits masked); 1 = no padding", check=POSITIVE)
     remat: bool = _key(False, "recompute block activations in the backward pass to save memory")
-    mesh_data: int = _key(0, "devices along the data axis of the mesh (0: all devices not used by mesh_fsdp)")
-    mesh_fsdp: int = _key(1, "devices parameters and optimizer state are sharded over (FSDP); 1 = replicated")
-    remat_policy: str = _key("nothing_saveable", "with remat: what a block keeps for backward (nothing_saveable, dots_saveable, dots_with_no_batch_dims_saveable)")
+    mesh_data: int = _key(0, "devices along the data axis of the mesh (0: all devices not used by mesh_fsdp)", check=AT_LEAST_0)
+    mesh_fsdp: int = _key(1, "devices parameters and optimizer state are sharded over (FSDP); 1 = replicated", check=POSITIVE)
+    remat_policy: str = _key("nothing_saveable", "with remat: what a block keeps for backward (nothing_saveable, dots_saveable, dots_with_no_batch_dims_saveable)", check=one_of(*REMAT_POLICIES))
     init_from: str = _key("", "start training from a pretrained model: 124M/355M/774M/1558M or a checkpoint directory")
     long_data_path: Any = _key(None, "long documents (.tfrecords) for the openwebtext_long and openwebtext_longbiased inputs")
     long_eval_data_path: Any = _key(None, "held-out long documents for openwebtext_long (default: eval_data_path)")
-    data_weights: Any = _key(None, "tfrecords input: one sampling weight per data_path entry (a mixture)")
-    stitch: int = _key(0, "documents joined per window group (0: enough minimum_size documents for one window)")
-    minimum_size: int = _key(128, "smallest document (tokens) in the records; sets stitch when stitch is 0")
+    data_weights: Any = _key(None, "tfrecords input: one sampling weight per data_path entry (a mixture)", check=WEIGHTS)
+    stitch: int = _key(0, "documents joined per window group (0: enough minimum_size documents for one window)", check=AT_LEAST_0)
+    minimum_size: int = _key(128, "smallest document (tokens) in the records; sets stitch when stitch is 0", check=AT_LEAST_0)
     skip_corrupt_records: bool = _key(False, "skip (and count) damaged records instead of stopping")
-    prefetch: int = _key(4, "batches read ahead in a background thread (0: read in the training loop)")
-    window_order: str = _key("random", "bin and parquet inputs' training windows: random (nanoGPT: drawn per batch, seeded) or sequential (in file order, as llm.c)")
-    text_field: str = _key("text", "the text column of Parquet files and the text field of JSONL lines")
-    readers: int = _key(4, "parquet input: row groups read and tokenized ahead by this many threads")
-    scan_unroll: int = _key(0, "layers per scan step: 1 compiles fastest, n_layer runs fastest (0: all if n_layer <= 12, else 1)")
-    inference_precision: str = _key("auto", "generate, evaluate and serve: float32, bfloat16 (weight matrices held in bfloat16: half the bytes per token) or auto (bfloat16 where the hardware computes it natively: TPU, GPU, CPUs with AVX-512 BF16 or AMX; else precision)")
-    kernels: str = _key("auto", "matmul and attention kernels: cpu (written for XLA:CPU), standard (fused attention, plain products: GPU/TPU) or auto (cpu on a CPU backend)")
-    eval_tasks: Any = _key(None, "tasks scored during training, a list of lambada, hellaswag, wikitext2, wikitext103, enwik8 (None: none)")
-    eval_tasks_every: int = _key(0, "steps between task scores (0: at every evaluation, i.e. every train_steps)")
-    eval_tasks_items: int = _key(0, "items per task scored during training (0: all; wikitext: articles, enwik8: lines)")
+    prefetch: int = _key(4, "batches read ahead in a background thread (0: read in the training loop)", check=AT_LEAST_0)
+    window_order: str = _key("random", "bin and parquet inputs' training windows: random (nanoGPT: drawn per batch, seeded) or sequential (in file order, as llm.c)", check=one_of(*WINDOW_ORDERS))
+    text_field: str = _key("text", "the text column of Parquet files and the text field of JSONL lines", check=COLUMN_NAME)
+    readers: int = _key(4, "parquet input: row groups read and tokenized ahead by this many threads", check=POSITIVE)
+    scan_unroll: int = _key(0, "layers per scan step: 1 compiles fastest, n_layer runs fastest (0: all if n_layer <= 12, else 1)", check=AT_LEAST_0)
+    inference_precision: str = _key("auto", "generate, evaluate and serve: float32, bfloat16 (weight matrices held in bfloat16: half the bytes per token) or auto (bfloat16 where the hardware computes it natively: TPU, GPU, CPUs with AVX-512 BF16 or AMX; else precision)", check=one_of("auto", *PRECISIONS))
+    kernels: str = _key("auto", "matmul and attention kernels: cpu (written for XLA:CPU), standard (fused attention, plain products: GPU/TPU) or auto (cpu on a CPU backend)", check=one_of(*KERNELS))
+    eval_tasks: Any = _key(None, "tasks scored during training, a list of lambada, hellaswag, wikitext2, wikitext103, enwik8 (None: none)", check=TASK_NAMES)
+    eval_tasks_every: int = _key(0, "steps between task scores (0: at every evaluation, i.e. every train_steps)", check=AT_LEAST_0)
+    eval_tasks_items: int = _key(0, "items per task scored during training (0: all; wikitext: articles, enwik8: lines)", check=AT_LEAST_0)
     task_data: str = _key("", "directory with local copies of the tasks' files ('' = download and cache them)")
 
     # ------------------------------------------------------------------
@@ -152,7 +179,7 @@ class Config:
 
         for f in dataclasses.fields(self):
             value, kind = getattr(self, f.name), type(f.default)
-            if f.default is None and f.name not in PATH_KEYS:  # lists and objects (data_weights, eval_tasks, sample_*): checked below
+            if f.default is None and f.name not in PATH_KEYS:  # lists and objects (data_weights, eval_tasks, sample_*): by their check below
                 continue
             if f.name in PATH_KEYS:
                 need(value is None or isinstance(value, str) or (isinstance(value, list) and value
@@ -167,52 +194,17 @@ class Config:
                 need(isinstance(value, kind), f"{f.name} must be {_KINDS[kind]}, got {value!r}")
         if problems:  # the range checks below need values of the right types
             raise UserError("invalid config:\n  - " + "\n  - ".join(problems))
-        for name in ("n_ctx", "n_embd", "n_layer", "n_head", "n_vocab", "train_batch_size",
-                     "eval_batch_size", "predict_batch_size", "max_steps", "train_steps",
-                     "iterations", "grad_accum_steps", "keep_checkpoints", "pad_vocab_to"):
-            need(getattr(self, name) > 0, f"{name} must be positive, got {getattr(self, name)}")
-        for name in ("eval_steps", "warmup_steps", "checkpoint_every", "weight_decay", "grad_clip", "lr",
-                     "scan_unroll", "checkpoint_every_seconds", "early_stop_patience", "max_train_seconds",
-                     "sample_every"):
-            need(getattr(self, name) >= 0, f"{name} must be >= 0, got {getattr(self, name)}")
+        for f in dataclasses.fields(self):  # each key's own bounds or choices, declared with it
+            check, value = f.metadata["check"], getattr(self, f.name)
+            if check is not None:
+                need(check.accepts(value), f"{f.name} must be {check.phrase}, got {value!r}")
         if self.n_head > 0:
             need(self.n_embd % self.n_head == 0,
                  f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
-        need(self.model == "GPT2", f"model must be 'GPT2', got {self.model!r}")
-        need(self.precision in PRECISIONS, f"precision must be one of {PRECISIONS}, got {self.precision!r}")
-        need(self.inference_precision in ("auto", *PRECISIONS),
-             f"inference_precision must be one of {('auto', *PRECISIONS)}, got {self.inference_precision!r}")
-        need(self.opt_name in OPTIMIZERS, f"opt_name must be one of {tuple(OPTIMIZERS)}, got {self.opt_name!r}")
-        need(self.decay_type in DECAY_TYPES, f"decay_type must be one of {DECAY_TYPES}, got {self.decay_type!r}")
-        for name in ("embed_dropout", "attn_dropout", "res_dropout", "min_lr_ratio"):
-            need(0.0 <= getattr(self, name) <= 1.0, f"{name} must be in [0, 1], got {getattr(self, name)}")
-        for name in ("beta1", "beta2"):
-            need(0.0 <= getattr(self, name) < 1.0, f"{name} must be in [0, 1), got {getattr(self, name)}")
         if self.grad_accum_steps > 0 and self.train_batch_size > 0:
             need(self.train_batch_size % self.grad_accum_steps == 0,
                  f"train_batch_size ({self.train_batch_size}) must be divisible by "
                  f"grad_accum_steps ({self.grad_accum_steps})")
-        need(self.remat_policy in REMAT_POLICIES, f"remat_policy must be one of {REMAT_POLICIES}, got {self.remat_policy!r}")
-        need(self.kernels in KERNELS, f"kernels must be one of {KERNELS}, got {self.kernels!r}")
-        need(self.stitch >= 0 and self.minimum_size >= 0 and self.prefetch >= 0,
-             "stitch, minimum_size and prefetch must be >= 0")
-        need(self.eval_tasks is None or (isinstance(self.eval_tasks, list) and all(isinstance(t, str) for t in self.eval_tasks)),
-             f"eval_tasks must be a list of task names, got {self.eval_tasks!r}")
-        need(self.eval_tasks_every >= 0 and self.eval_tasks_items >= 0, "eval_tasks_every and eval_tasks_items must be >= 0")
-        need(self.window_order in WINDOW_ORDERS, f"window_order must be one of {WINDOW_ORDERS}, got {self.window_order!r}")
-        need(self.readers >= 1, f"readers must be at least 1, got {self.readers}")
-        need(isinstance(self.text_field, str) and bool(self.text_field), f"text_field must be a column name, got {self.text_field!r}")
-        if self.data_weights is not None:
-            need(isinstance(self.data_weights, list) and all(isinstance(w, (int, float)) and not isinstance(w, bool)
-                                                             and math.isfinite(w) for w in self.data_weights),
-                 f"data_weights must be a list of numbers, got {self.data_weights!r}")
-        if self.sample_prompts is not None:
-            need(isinstance(self.sample_prompts, str) or (isinstance(self.sample_prompts, list) and all(
-                isinstance(p, str) for p in self.sample_prompts)),
-                f"sample_prompts must be a list of strings or a file name, got {self.sample_prompts!r}")
-        if self.sample_options is not None:
-            need(isinstance(self.sample_options, (dict, str)),
-                 f"sample_options must be an object of sampling options, got {self.sample_options!r}")
         if problems:
             raise UserError("invalid config:\n  - " + "\n  - ".join(problems))
         return self

@@ -19,8 +19,9 @@ def keys_markdown() -> str:
            "", "| key | origin | default | meaning |", "| --- | --- | --- | --- |"]
     for name, f in FIELDS.items():
         also = f" Alias: `{aliases[name]}`." if name in aliases else ""
+        check = f" Must be {f.metadata['check'].phrase}." if f.metadata["check"] else ""
         out.append(f"| `{name}` | {'seed' if f.metadata['seed'] else 'new'} | `{f.default!r}` | "
-                   f"{_cell(f.metadata['doc'])}.{also} |")
+                   f"{_cell(f.metadata['doc'])}.{check}{also} |")
     out += ["", "## Optimizers (`opt_name`)", "", "| name | reads | what it is |", "| --- | --- | --- |"]
     for opt in OPTIMIZERS.values():
         out.append(f"| `{opt.name}` | {', '.join(f'`{k}`' for k in opt.keys)} | {_cell(opt.doc)} |")

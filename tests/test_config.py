@@ -44,6 +44,11 @@ def test_unknown_key_names_key_and_nearest(tmp_path):
     ({"n_ctx": "long"}, ["'n_ctx'", "int", "long"]),
     ({"attn_dropout": 1.5}, ["attn_dropout"]),
     ({"train_batch_size": 6, "grad_accum_steps": 4}, ["grad_accum_steps"]),
+    ({"beta2": 1.0}, ["beta2 must be in [0, 1), got 1.0"]),
+    ({"mesh_fsdp": 0, "seed": -2}, ["mesh_fsdp must be positive, got 0", "seed must be >= 0, got -2"]),
+    ({"window_order": "shuffled"}, ["window_order must be one of ('random', 'sequential'), got 'shuffled'"]),
+    ({"eval_tasks": "lambada"}, ["eval_tasks must be a list of task names"]),
+    ({"data_weights": [1, "x"]}, ["data_weights must be a list of numbers"]),
 ])
 def test_invalid_values_are_explained(tmp_path, data, words):
     with pytest.raises(UserError) as e:
@@ -109,3 +114,21 @@ def test_options_doc_is_generated_from_the_declarations():
     for name in [*FIELDS, *OPTIMIZERS, *(f.name for f in option_fields())]:
         assert f"| `{name}` |" in doc, name
     assert "Alias: `eval_every`" in doc
+
+
+def test_every_declared_check_is_enforced_and_documented():
+    """A key's range or choices is declared once with it: the same Check rejects a bad value in
+    validate() and is stated in docs/options.md."""
+    from gpt2train.config import FIELDS, Config
+    from gpt2train.option_docs import keys_markdown
+
+    doc = keys_markdown()
+    checked = [name for name, f in FIELDS.items() if f.metadata["check"] is not None]
+    assert len(checked) >= 40
+    for name in checked:
+        check = FIELDS[name].metadata["check"]
+        assert check.accepts(FIELDS[name].default), name  # every default passes its own check
+        row = next(line for line in doc.splitlines() if line.startswith(f"| `{name}` |"))
+        assert f"Must be {check.phrase}." in row
+    with pytest.raises(UserError, match=r"keep_checkpoints must be positive, got -1"):
+        Config(keep_checkpoints=-1).validate()
