@@ -75,6 +75,17 @@ class WindowSource(abc.ABC):
     def reset(self) -> None:
         """Back to the first batch (eval runs over the same batches every time)."""
 
+    def _place(self, global_batch: int, *, seed: int = 0, shuffle: bool = True, process_index: int = 0,
+               process_count: int = 1, name: str = "the data", batch_key: str = "train_batch_size") -> None:
+        """What every stream is given beside its data: this process's share of the global batch (named by
+        its config key in errors), the seed and whether to shuffle, and the data's name for messages."""
+        self.batch_size = shard_rows(global_batch, process_index, process_count, batch_key)
+        if shuffle and (not isinstance(seed, (int, np.integer)) or seed < 0):
+            raise UserError(f"seed {seed!r} must be a non-negative integer: fix \"seed\" in the config")
+        self._global_batch = global_batch
+        self._process_index, self._process_count = process_index, process_count
+        self._seed, self._shuffle, self._name = int(seed), shuffle, name
+
     def close(self) -> None:
         """Release what the source holds (a reading thread); by default there is nothing to release."""
 

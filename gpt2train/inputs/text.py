@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from gpt2train.errors import UserError
-from gpt2train.inputs.base import WindowSource, register_input, shard_rows, split_settings
+from gpt2train.inputs.base import WindowSource, register_input, split_settings
 from gpt2train.paths import expand_paths
 from gpt2train.text_sources import token_documents
 
@@ -29,23 +29,10 @@ from gpt2train.text_sources import token_documents
 class DocumentWindows(WindowSource):
     """Windows stitched from in-memory token documents; see the module doc for the layout."""
 
-    def __init__(
-        self,
-        docs: Sequence[np.ndarray],
-        eot_id: int,
-        n_ctx: int,
-        global_batch: int,
-        *,
-        seed: int = 0,
-        shuffle: bool = True,
-        process_index: int = 0,
-        process_count: int = 1,
-        name: str = "the data",
-        batch_key: str = "train_batch_size",
-    ):
-        self.batch_size = shard_rows(global_batch, process_index, process_count, batch_key)
-        if shuffle and (not isinstance(seed, (int, np.integer)) or seed < 0):
-            raise UserError(f"seed {seed!r} must be a non-negative integer: fix \"seed\" in the config")
+    def __init__(self, docs: Sequence[np.ndarray], eot_id: int, n_ctx: int, global_batch: int, **stream):
+        """`stream`: seed, shuffle, process_index, process_count, name, batch_key (WindowSource._place)."""
+        self._place(global_batch, **stream)
+        name = self._name
         # Each document carries its trailing <|endoftext|>, so an epoch is one concatenation.
         dtype = _token_dtype(docs, eot_id)
         self._docs = [np.append(np.asarray(d), eot_id).astype(dtype) for d in docs]
@@ -57,9 +44,6 @@ class DocumentWindows(WindowSource):
             )
         self.n_ctx = n_ctx
         self.num_windows = (n_tokens - 1) // n_ctx  # windows per epoch
-        self._global_batch = global_batch
-        self._process_index, self._process_count = process_index, process_count
-        self._seed, self._shuffle = int(seed), shuffle
         self._cache: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         self._pos = 0  # windows consumed from the endless stream, all processes together
 

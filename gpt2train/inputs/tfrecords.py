@@ -59,24 +59,11 @@ def file_groups(docs: Sequence[np.ndarray], eot_id: int, stitch: int, window: in
 class RecordWindows(WindowSource):
     """One stream of windows over a list of .tfrecords files; see the module doc."""
 
-    def __init__(
-        self,
-        files: Sequence[str],
-        eot_id: int,
-        n_ctx: int,
-        global_batch: int,
-        *,
-        stitch: int,
-        seed: int = 0,
-        shuffle: bool = True,
-        process_index: int = 0,
-        process_count: int = 1,
-        skip_corrupt: bool = False,
-        name: str = "the data",
-        batch_key: str = "train_batch_size",
-        n_vocab: int | None = None,
-    ):
-        self.batch_size = shard_rows(global_batch, process_index, process_count, batch_key)
+    def __init__(self, files: Sequence[str], eot_id: int, n_ctx: int, global_batch: int, *, stitch: int,
+                 skip_corrupt: bool = False, n_vocab: int | None = None, **stream):
+        """`stream`: seed, shuffle, process_index, process_count, name, batch_key (WindowSource._place)."""
+        self._place(global_batch, **stream)
+        name, process_index, process_count = self._name, self._process_index, self._process_count
         self._n_vocab = n_vocab  # ids outside [0, n_vocab) stop the run (or are skipped): never fed to the model
         all_files = sorted(files)
         if len(all_files) < process_count:
@@ -87,8 +74,7 @@ class RecordWindows(WindowSource):
         # (index in the full list, path): the index seeds the file's document order on any host.
         self._files = [(i, f) for i, f in enumerate(all_files) if i % process_count == process_index]
         self.n_ctx, self._eot, self._stitch = n_ctx, eot_id, max(1, int(stitch))
-        self._seed, self._shuffle, self._skip = int(seed), shuffle, skip_corrupt
-        self._name = name
+        self._skip = skip_corrupt
         self._epoch, self._file, self._window = 0, 0, 0
         self._current: tuple[tuple[int, int], list[np.ndarray]] | None = None  # ((epoch, file), windows)
         self.stats = records.ReadStats()
