@@ -5,6 +5,7 @@ local copies, download failures, and task scores during training across a stop a
 import json
 import os
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -219,6 +220,49 @@ def test_training_logs_task_scores_at_every_evaluation_and_after_a_kill(tmp_path
     assert [r["step"] for r in scored] == [2, 3, 4, 6]  # the killed run's step 4 replaced by the resumed run's
     assert all(0 <= r["task_hellaswag_acc_norm"] <= 1 and r["task_lambada_perplexity"] > 1 for r in scored)
     assert any(line.startswith("step 6:") and "hellaswag" in line and "lambada" in line for line in lines)
+
+
+def test_task_scores_after_a_real_sigkill_equal_an_uninterrupted_run(tmp_path):
+    """main.py is killed (SIGKILL) once task scores have been logged and training has gone on; the
+    rerun resumes, and its metrics.jsonl holds each evaluation's scores once, equal to those of a
+    run never interrupted."""
+    import time
+    from gpt2train.tokenizer import load_tokenizer
+    common = dict(max_steps=6, train_steps=2, eval_steps=0, iterations=1, checkpoint_every=1,
+                  eval_tasks=["hellaswag", "lambada"], eval_tasks_items=4, task_data=str(FIXTURES))
+    reference = Trainer(tiny_config(tmp_path / "ref", **common), load_tokenizer(tiny_config(tmp_path).encoder_path),
+                        progress=False, log=lambda *a, **k: None)
+    reference.run()
+    cfg = tiny_config(tmp_path / "killed", **common)
+    path = write_config(tmp_path / "killed.json", cfg)
+    metrics = pathlib.Path(cfg.model_path) / "metrics.jsonl"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "JAX_PLATFORMS": "cpu"}
+
+    def records():
+        return [json.loads(x) for x in metrics.read_text().splitlines()] if metrics.exists() else []
+
+    proc = subprocess.Popen([sys.executable, "main.py", "--model", str(path)], cwd=REPO, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    checkpoints = pathlib.Path(cfg.model_path) / "checkpoints"
+    # Killed once step 2's scores are logged and step 3's checkpoint is complete (saves are asynchronous).
+    while not (any("task_hellaswag_acc_norm" in r for r in records()) and (checkpoints / "3").is_dir()):
+        assert proc.poll() is None and time.time() < deadline, "the run ended before it could be killed"
+        time.sleep(0.01)
+    proc.kill()
+    proc.wait()
+    assert not any(r.get("step") == 6 for r in records())  # killed before the end
+    rerun = subprocess.run([sys.executable, "main.py", "--model", str(path)], cwd=REPO, env=env,
+                           capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    resumed_at = re.search(r"resumed from .* at step (\d+)", rerun.stdout + rerun.stderr)
+    assert resumed_at and 3 <= int(resumed_at.group(1)) < 6  # it went on from the killed run's checkpoint
+    keys = ("task_hellaswag_acc_norm", "task_lambada_acc", "task_lambada_perplexity")
+    want = [(r["step"], *(r[k] for k in keys)) for r in map(json.loads, open(
+        pathlib.Path(reference.cfg.model_path) / "metrics.jsonl")) if keys[0] in r]
+    got = [(r["step"], *(r[k] for k in keys)) for r in records() if keys[0] in r]
+    assert [w[0] for w in want] == [2, 4, 6]
+    assert got == want
 
 
 def test_unknown_task_in_the_config_stops_training_before_it_starts(tmp_path):
