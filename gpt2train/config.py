@@ -97,7 +97,7 @@ class Config:
     res_dropout: float = _key(0.1, "dropout on each residual branch output", True, check=FRACTION)
     model_path: str = _key("", "directory for checkpoints, metrics and logs", True)
     data_path: Any = _key("", "training data: file, directory, glob or list", True)
-    encoder_path: str = _key("", "directory with encoder.json and vocab.bpe", True)
+    encoder_path: str = _key("", "directory with encoder.json and vocab.bpe ('' = GPT-2's, shipped with the package)", True)
     train_batch_size: int = _key(8, "global sequences per optimizer step", True, check=POSITIVE)
     eval_batch_size: int = _key(8, "global sequences per eval batch", True, check=POSITIVE)
     predict_batch_size: int = _key(1, "samples generated in parallel", True, check=POSITIVE)

@@ -157,7 +157,9 @@ def _parse_encoder(text: str, shown: str) -> dict[str, int]:
 
 
 def load_tokenizer(encoder_path: str) -> Tokenizer:
-    """Load encoder.json + vocab.bpe from a directory (local path or fsspec URL)."""
+    """Load encoder.json + vocab.bpe from a directory (local path or fsspec URL); '' is GPT-2's own,
+    shipped with the package (a config that leaves encoder_path out trains with GPT-2's BPE)."""
+    encoder_path = encoder_path or GPT2_ENCODER_DIR
     fs, root = fsspec.core.url_to_fs(encoder_path)
     if not fs.isdir(root):
         raise UserError(

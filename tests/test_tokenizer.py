@@ -169,3 +169,11 @@ def test_chunking_keeps_pre_tokens():
         chunks = list(_chunks(text, size=size))
         assert len(chunks) > 3 and "".join(chunks) == text
         assert [t for c in chunks for t, _ in split(c)] == whole
+
+
+def test_an_empty_encoder_path_is_gpt2s_own_bpe():
+    """A config without encoder_path trains with GPT-2's BPE shipped in the package."""
+    from gpt2train.tokenizer import GPT2_ENCODER_DIR, load_tokenizer
+    default, shipped = load_tokenizer(""), load_tokenizer(GPT2_ENCODER_DIR)
+    assert default.n_vocab == shipped.n_vocab == 50257
+    assert default.encode("Hello world") == shipped.encode("Hello world") == [15496, 995]  # GPT-2's ids
