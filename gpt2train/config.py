@@ -12,8 +12,9 @@ import difflib
 import json
 import math
 import re
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import fsspec
 
@@ -39,8 +40,12 @@ ALIASES = {"eval_every": "train_steps", "log_every": "iterations", "eval_batches
 class Check:
     """What values a key accepts beyond its type, phrased for the error and the docs."""
 
-    phrase: str
+    what: str | Callable[[], str]  # a callable phrase is read when shown: a registry may grow after import
     accepts: Callable[[Any], bool]
+
+    @property
+    def phrase(self) -> str:
+        return self.what() if callable(self.what) else self.what
 
 
 POSITIVE = Check("positive", lambda v: v > 0)
@@ -58,8 +63,9 @@ WEIGHTS = Check("a list of numbers", lambda v: v is None or (isinstance(v, list)
 COLUMN_NAME = Check("a column name", lambda v: bool(v))
 
 
-def one_of(*choices: str) -> Check:
-    return Check(f"one of {choices}", lambda v: v in choices)
+def one_of(choices: Collection[str]) -> Check:
+    """Membership in `choices`, looked up when checked (OPTIMIZERS gains names registered later)."""
+    return Check(lambda: f"one of {tuple(choices)}", lambda v: v in choices)
 
 
 def _key(default, doc: str, seed: bool = False, *, check: Check | None = None):
@@ -69,7 +75,7 @@ def _key(default, doc: str, seed: bool = False, *, check: Check | None = None):
 @dataclass
 class Config:
     # --- the seed's keys ---
-    model: str = _key("GPT2", "model family; only GPT2", True, check=one_of("GPT2",))
+    model: str = _key("GPT2", "model family; only GPT2", True, check=one_of(("GPT2",)))
     n_ctx: int = _key(1024, "context length in tokens", True, check=POSITIVE)
     n_embd: int = _key(768, "width of the residual stream", True, check=POSITIVE)
     n_layer: int = _key(12, "number of transformer blocks", True, check=POSITIVE)
@@ -77,16 +83,16 @@ class Config:
     n_vocab: int = _key(50257, "vocabulary size; must equal the tokenizer's (50257 for GPT-2)", True, check=POSITIVE)
     scale_by_depth: bool = _key(True, "init residual projections with std 0.02/sqrt(2*n_layer)", True)
     scale_by_in: bool = _key(False, "init matmul weights with std 1/sqrt(fan_in) instead of 0.02", True)
-    precision: str = _key("float32", "compute dtype: float32 or bfloat16 (weights stay float32)", True, check=one_of(*PRECISIONS))
+    precision: str = _key("float32", "compute dtype: float32 or bfloat16 (weights stay float32)", True, check=one_of(PRECISIONS))
     input: str = _key("text", "registered input function that feeds training and eval", True)
     lr: float = _key(2.5e-4, "peak learning rate", True, check=AT_LEAST_0)
     warmup_steps: int = _key(2000, "linear warmup steps from 0 to lr", True, check=AT_LEAST_0)
-    opt_name: str = _key("adam", "optimizer: adam (it is AdamW when weight_decay > 0), adamw or adafactor", True, check=one_of(*OPTIMIZERS))
+    opt_name: str = _key("adam", "optimizer: adam (it is AdamW when weight_decay > 0), adamw or adafactor", True, check=one_of(OPTIMIZERS))
     weight_decay: float = _key(0.01, "decoupled weight decay on matrices (not biases, LayerNorm)", True, check=AT_LEAST_0)
     beta1: float = _key(0.9, "first-moment decay (adafactor: momentum, 0 disables it)", True, check=DECAY_RATE)
     beta2: float = _key(0.98, "second-moment decay (adam; adafactor with decay_type adam)", True, check=DECAY_RATE)
     epsilon: float = _key(1e-9, "optimizer epsilon", True)
-    decay_type: str = _key("pow", "adafactor second-moment schedule: pow or adam", True, check=one_of(*DECAY_TYPES))
+    decay_type: str = _key("pow", "adafactor second-moment schedule: pow or adam", True, check=one_of(DECAY_TYPES))
     decay_exponent: float = _key(0.8, "adafactor pow schedule: decay = 1 - (step+1)^-exponent", True)
     train_steps: int = _key(1000, "train steps between evaluations", True, check=POSITIVE)
     eval_steps: int = _key(10, "batches per evaluation (0 disables evaluation)", True, check=AT_LEAST_0)
@@ -128,7 +134,7 @@ class Config:
     remat: bool = _key(False, "recompute block activations in the backward pass to save memory")
     mesh_data: int = _key(0, "devices along the data axis of the mesh (0: all devices not used by mesh_fsdp)", check=AT_LEAST_0)
     mesh_fsdp: int = _key(1, "devices parameters and optimizer state are sharded over (FSDP); 1 = replicated", check=POSITIVE)
-    remat_policy: str = _key("nothing_saveable", "with remat: what a block keeps for backward (nothing_saveable, dots_saveable, dots_with_no_batch_dims_saveable)", check=one_of(*REMAT_POLICIES))
+    remat_policy: str = _key("nothing_saveable", "with remat: what a block keeps for backward (nothing_saveable, dots_saveable, dots_with_no_batch_dims_saveable)", check=one_of(REMAT_POLICIES))
     init_from: str = _key("", "start training from a pretrained model: 124M/355M/774M/1558M or a checkpoint directory")
     long_data_path: Any = _key(None, "long documents (.tfrecords) for the openwebtext_long and openwebtext_longbiased inputs")
     long_eval_data_path: Any = _key(None, "held-out long documents for openwebtext_long (default: eval_data_path)")
@@ -137,12 +143,12 @@ class Config:
     minimum_size: int = _key(128, "smallest document (tokens) in the records; sets stitch when stitch is 0", check=AT_LEAST_0)
     skip_corrupt_records: bool = _key(False, "skip (and count) damaged records instead of stopping")
     prefetch: int = _key(4, "batches read ahead in a background thread (0: read in the training loop)", check=AT_LEAST_0)
-    window_order: str = _key("random", "bin and parquet inputs' training windows: random (nanoGPT: drawn per batch, seeded) or sequential (in file order, as llm.c)", check=one_of(*WINDOW_ORDERS))
+    window_order: str = _key("random", "bin and parquet inputs' training windows: random (nanoGPT: drawn per batch, seeded) or sequential (in file order, as llm.c)", check=one_of(WINDOW_ORDERS))
     text_field: str = _key("text", "the text column of Parquet files and the text field of JSONL lines", check=COLUMN_NAME)
     readers: int = _key(4, "parquet input: row groups read and tokenized ahead by this many threads", check=POSITIVE)
     scan_unroll: int = _key(0, "layers per scan step: 1 compiles fastest, n_layer runs fastest (0: all if n_layer <= 12, else 1)", check=AT_LEAST_0)
-    inference_precision: str = _key("auto", "generate, evaluate and serve: float32, bfloat16 (weight matrices held in bfloat16: half the bytes per token) or auto (bfloat16 where the hardware computes it natively: TPU, GPU, CPUs with AVX-512 BF16 or AMX; else precision)", check=one_of("auto", *PRECISIONS))
-    kernels: str = _key("auto", "matmul and attention kernels: cpu (written for XLA:CPU), standard (fused attention, plain products: GPU/TPU) or auto (cpu on a CPU backend)", check=one_of(*KERNELS))
+    inference_precision: str = _key("auto", "generate, evaluate and serve: float32, bfloat16 (weight matrices held in bfloat16: half the bytes per token) or auto (bfloat16 where the hardware computes it natively: TPU, GPU, CPUs with AVX-512 BF16 or AMX; else precision)", check=one_of(("auto", *PRECISIONS)))
+    kernels: str = _key("auto", "matmul and attention kernels: cpu (written for XLA:CPU), standard (fused attention, plain products: GPU/TPU) or auto (cpu on a CPU backend)", check=one_of(KERNELS))
     eval_tasks: Any = _key(None, "tasks scored during training, a list of lambada, hellaswag, wikitext2, wikitext103, enwik8 (None: none)", check=TASK_NAMES)
     eval_tasks_every: int = _key(0, "steps between task scores (0: at every evaluation, i.e. every train_steps)", check=AT_LEAST_0)
     eval_tasks_items: int = _key(0, "items per task scored during training (0: all; wikitext: articles, enwik8: lines)", check=AT_LEAST_0)
