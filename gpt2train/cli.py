@@ -147,7 +147,7 @@ def load_generator(cfg, args):
 
 def check_vocabulary(cfg, tok) -> None:
     if tok.n_vocab != cfg.n_vocab:
-        raise UserError(f"n_vocab is {cfg.n_vocab} in the config but the tokenizer in {cfg.encoder_path} has "
+        raise UserError(f"n_vocab is {cfg.n_vocab} in the config but the tokenizer in {tok.name} has "
                         f"{tok.n_vocab} tokens: set encoder_path to the encoder the model was trained with")
 
 
@@ -299,6 +299,7 @@ def cmd_export(cfg, args) -> None:
     from .model import count_params
     from .model_card import write_model_card
     from .pretrained import export_hf
+    from .tokenizer import encoder_dir
     if not args.out and not args.push_to_hub:
         raise UserError("export needs --out DIR (a local copy), --push_to_hub ORG/NAME, or both")
     if args.push_to_hub:
@@ -308,7 +309,7 @@ def cmd_export(cfg, args) -> None:
     params, step = load_params(cfg, which=parse_which(args.checkpoint))
     with tempfile.TemporaryDirectory(prefix="gpt2train-export-") as scratch:
         out = args.out or scratch
-        export_hf(params, cfg, out, cfg.encoder_path or None)
+        export_hf(params, cfg, out, encoder_dir(cfg.encoder_path))
         padding = (cfg.padded_vocab - cfg.n_vocab) * cfg.n_embd  # embedding rows that are not tokens
         write_model_card(out, cfg, step, args.push_to_hub, count_params(params) - padding)
         if args.out:

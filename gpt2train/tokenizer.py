@@ -156,10 +156,15 @@ def _parse_encoder(text: str, shown: str) -> dict[str, int]:
     return encoder
 
 
+def encoder_dir(encoder_path: str) -> str:
+    """The directory an encoder_path names; '' is GPT-2's own, shipped with the package (a config that
+    leaves encoder_path out trains, and exports, with GPT-2's BPE)."""
+    return encoder_path or GPT2_ENCODER_DIR
+
+
 def load_tokenizer(encoder_path: str) -> Tokenizer:
-    """Load encoder.json + vocab.bpe from a directory (local path or fsspec URL); '' is GPT-2's own,
-    shipped with the package (a config that leaves encoder_path out trains with GPT-2's BPE)."""
-    encoder_path = encoder_path or GPT2_ENCODER_DIR
+    """Load encoder.json + vocab.bpe from a directory (local path or fsspec URL; '': see encoder_dir)."""
+    encoder_path = encoder_dir(encoder_path)
     fs, root = fsspec.core.url_to_fs(encoder_path)
     if not fs.isdir(root):
         raise UserError(

@@ -188,3 +188,19 @@ def test_download_converts_a_local_directory_into_a_ready_config(tmp_path):
     with pytest.raises(UserError, match="already holds a model"):
         from gpt2train.download import download
         download(str(tmp_path / "my-gpt2"), str(tmp_path / "models"), log=lambda *_: None)
+
+
+def test_export_without_encoder_path_ships_gpt2s_vocabulary(tmp_path):
+    """A config that leaves encoder_path out trains with GPT-2's BPE, so its export carries it too."""
+    from conftest import tiny_config, write_config
+    from gpt2train.cli import run_main
+    from gpt2train.tokenizer import load_tokenizer
+    from gpt2train.train import Trainer
+    cfg = tiny_config(tmp_path, encoder_path="")
+    trainer = Trainer(cfg, load_tokenizer(cfg.encoder_path), progress=False, log=lambda *a: None)
+    trainer.save()  # step 0
+    trainer.ckpt.close()
+    assert run_main(["export", "--model", str(write_config(tmp_path / "config.json", cfg)),
+                     "--out", str(tmp_path / "hf")]) == 0
+    for ours, theirs in (("encoder.json", "vocab.json"), ("vocab.bpe", "merges.txt")):
+        assert (tmp_path / "hf" / theirs).read_bytes() == (ENCODER_DIR / ours).read_bytes()
