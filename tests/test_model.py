@@ -74,6 +74,32 @@ def test_kv_cache_decoding_matches_full_forward(precision, tol):
     np.testing.assert_allclose(decoded[..., :v], full[..., :v], atol=tol, rtol=tol)
 
 
+@pytest.mark.parametrize("per_row_index", [False, True])
+def test_bf16_decode_step_updates_its_caches_in_place(per_row_index):
+    """A bfloat16 cache must be written where it lies: XLA:CPU converts a bfloat16 array it
+    updates to float32 and back, a copy of the whole cache at every token, so the cache is held
+    as its bits (uint16). The compiled step writes no float32 (or bfloat16) array of a cache's
+    shape, and it decodes as the full forward does."""
+    cfg = cfg_(precision="bfloat16")
+    trained = M.init_params(cfg, jax.random.PRNGKey(0))
+    params = M.decode_params(trained)
+    toks = jax.random.randint(jax.random.PRNGKey(1), (2, 9), 0, cfg.n_vocab)
+    cache, pad = M.init_cache(cfg, 2, 24), jnp.zeros(2, jnp.int32)
+    assert cache["k"][0].dtype == jnp.uint16
+    index = jnp.array([8, 8]) if per_row_index else 8
+    step = jax.jit(lambda c, t: M.forward_cached(params, t, c, index, pad, cfg), donate_argnums=0)
+    hlo = step.lower(cache, toks[:, 8:]).compile().as_text()
+    B_H, S, Dh = cache["k"][0].shape
+    writes = [line for line in hlo.splitlines() if "dynamic-update-slice(" in line or "scatter(" in line]
+    assert writes and not [w for w in writes if f"= f32[{B_H},{S},{Dh}]" in w or f"= bf16[{B_H},{S},{Dh}]" in w]
+    _, cache = M.forward_cached(params, toks[:, :8], cache, 0, pad, cfg)
+    logits, cache = step(cache, toks[:, 8:])
+    full = M.forward(trained, toks, cfg)
+    np.testing.assert_allclose(logits[:, 0, :cfg.n_vocab], full[:, 8, :cfg.n_vocab], atol=0.1, rtol=0.1)
+    written = jax.lax.bitcast_convert_type(cache["k"][0][:, :9], jnp.bfloat16)
+    assert np.all(np.asarray(written, np.float32) != 0) and np.all(np.asarray(cache["k"][0][:, 9:]) == 0)
+
+
 def test_left_padded_rows_match_unpadded(setup):
     cfg, params, toks = setup
     lengths = [20, 13, 5]
