@@ -41,12 +41,10 @@ class Generator:
         self._params = model.decode_params(params)
 
     def params_for(self, batch: int):
-        """Decode parameters for a batch size: batch 1 reads kernels transposed (faster matrix-vector
-        products). One layout is held at a time, converted in place when the batch size asks for
+        """Decode parameters for a batch size, in the kernel layout kernels.decode_transposed picks
+        for it. One layout is held at a time, converted in place when the batch size asks for
         the other, so memory stays at one copy of the weights."""
-        transposed = "kernel_t" in self._params["layers"][0]["mlp"]["c_fc"]
-        if (batch == 1) != transposed:
-            self._params = {**self._params, "layers": _relayout(self._params["layers"])}
+        self._params = model.laid_out_for(self._params, batch)
         return self._params
 
     # -------------------------------------------------------------- compiled pieces
@@ -196,18 +194,6 @@ def generate_batches(gen: Generator, prompts: Sequence[str], opts: SamplingOptio
             warnings.simplefilter("always")
             texts = gen.generate(rows[first:first + batch_size], opts.with_seed_offset(first), on_text=stream)
         yield Batch(first, texts, [str(w.message) for w in caught])
-
-
-@functools.partial(jax.jit, donate_argnums=0)  # the layers are the generator's own copies
-def _relayout(layers):
-    """Swap every layer kernel between [in, out] (`kernel`) and [out, in] (`kernel_t`)."""
-    def swap(tree):
-        if "kernel" in tree:
-            return {"kernel_t": tree["kernel"].T, "bias": tree["bias"]}
-        if "kernel_t" in tree:
-            return {"kernel": tree["kernel_t"].T, "bias": tree["bias"]}
-        return {k: swap(v) if isinstance(v, dict) else v for k, v in tree.items()}
-    return [swap(layer) for layer in layers]
 
 
 def banner(i: int) -> str:

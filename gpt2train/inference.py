@@ -12,28 +12,16 @@ AMX) and the training `precision` elsewhere, where bfloat16 products are emulate
 
 from __future__ import annotations
 
-import functools
 import os
 
 import jax
 import jax.numpy as jnp
 
+from . import kernels
 from .config import Config
 
 NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16")  # /proc/cpuinfo flags of x86 CPUs that multiply bf16
 ENV = "GPT2TRAIN_NATIVE_BF16"  # 1/0 overrides the detection (tests pin it so every machine agrees)
-
-
-@functools.cache
-def _cpu_flags() -> frozenset[str]:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return frozenset(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return frozenset()
 
 
 def native_bf16() -> bool:
@@ -43,7 +31,7 @@ def native_bf16() -> bool:
         return forced == "1"
     if jax.default_backend() in ("tpu", "gpu"):
         return True
-    return any(flag in _cpu_flags() for flag in NATIVE_BF16_FLAGS)
+    return any(flag in kernels.cpu_flags() for flag in NATIVE_BF16_FLAGS)
 
 
 def inference_config(cfg: Config) -> Config:

@@ -20,6 +20,7 @@ written for XLA:CPU and a standard one for GPU/TPU (config key `kernels`).
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -314,7 +315,7 @@ def decode_params(params: Params) -> Params:
     being sliced out of the stack (a copy) inside the compiled step. A layer may carry
     `kernel_t` ([out, in]) instead of `kernel`: XLA:CPU's matrix-vector product reads that
     layout faster (a 12-layer 124M weight stream 15% faster at batch 1, measured), while
-    several rows at once are faster with [in, out] kernels (generate.Generator.params_for).
+    several rows at once may be faster with [in, out] kernels (laid_out_for).
     The tied head is held as `wte_t` [D, V]: at the vocabulary's width XLA:CPU streams that
     layout faster at every batch size (measured at 124M: 38 against 32 GB/s at batch 1, 29
     against 17 at batch 8); the embedding gathers its columns."""
@@ -322,6 +323,27 @@ def decode_params(params: Params) -> Params:
     layers = [jax.tree.map(lambda a, i=i: a[i], params["h"]) for i in range(n_layer)]
     rest = {k: v for k, v in params.items() if k not in ("h", "wte")}
     return {**rest, "wte_t": params["wte"].T, "layers": layers}
+
+
+def laid_out_for(params: Params, rows: int) -> Params:
+    """Decode parameters (decode_params) with their layer kernels in the layout that decoding
+    `rows` texts at once reads fastest (kernels.decode_transposed): unchanged if they are."""
+    transposed = "kernel_t" in params["layers"][0]["mlp"]["c_fc"]
+    if kernels.decode_transposed(rows) == transposed:
+        return params
+    return {**params, "layers": _swap_kernel_layouts(params["layers"])}
+
+
+@functools.partial(jax.jit, donate_argnums=0)  # decode_params' layers are copies: converted in place
+def _swap_kernel_layouts(layers):
+    """Swap every layer kernel between [in, out] (`kernel`) and [out, in] (`kernel_t`)."""
+    def swap(tree):
+        if "kernel" in tree:
+            return {"kernel_t": tree["kernel"].T, "bias": tree["bias"]}
+        if "kernel_t" in tree:
+            return {"kernel": tree["kernel_t"].T, "bias": tree["bias"]}
+        return {k: swap(v) if isinstance(v, dict) else v for k, v in tree.items()}
+    return [swap(layer) for layer in layers]
 
 
 def forward_cached(params: Params, tokens: jax.Array, cache: dict, index, pad: jax.Array, cfg: Config,

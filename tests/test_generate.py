@@ -277,3 +277,21 @@ def test_batches_of_a_prompt_file_each_get_their_own_seed(gen):
 
 
 SEED_NEAR_LIMIT = 2**32 - 3
+
+
+@pytest.mark.parametrize("amx", [False, True])
+def test_kernel_layout_follows_the_cpu_and_decodes_the_same(gpt2_tokenizer, monkeypatch, amx):
+    """Several rows read [out, in] kernels on CPUs with AMX and [in, out] ones elsewhere (one row
+    always [out, in]: kernels.decode_transposed); either way, a batch decodes what each of its
+    prompts decodes alone."""
+    from gpt2train import kernels
+    monkeypatch.setattr(kernels, "cpu_flags", lambda: frozenset({"avx512f", "amx_bf16"} if amx else {"avx512f"}))
+    cfg = Config(n_ctx=64, n_embd=64, n_layer=2, n_head=4, n_vocab=50257).validate()
+    g = Generator(cfg, stacked_params(cfg), gpt2_tokenizer, chunk=8)
+    opts = SamplingOptions(length=10, temperature=0.0, stop_at_eot=False)
+    prompts = ["The meaning of life is", "def f(x):", "Once upon a time", "1, 2, 3,"]
+    alone = [g.generate([p], opts, return_tokens=True)[0] for p in prompts]
+    assert "kernel_t" in g.params_for(1)["layers"][0]["mlp"]["c_fc"]
+    together = g.generate(prompts, opts, return_tokens=True)
+    assert ("kernel_t" in g.params_for(len(prompts))["layers"][0]["mlp"]["c_fc"]) == amx
+    assert together == alone

@@ -105,7 +105,7 @@ class Engine:
 
     def __init__(self, cfg: Config, params, eot_id: int, *, slots: int, chunk: int = 4):
         self.cfg, self.eot, self.slots, self.chunk = cfg, eot_id, slots, chunk
-        self.params = model.decode_params(params)
+        self.params = model.laid_out_for(model.decode_params(params), slots)
         self.buckets = prompt_buckets(cfg.n_ctx)
         B, V = slots, cfg.padded_vocab
         self.state = SlotState(
