@@ -69,6 +69,22 @@ def test_attention_values_and_gradients_agree(dtype):
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_attention_row_by_row_equals_the_whole_batch(dtype, monkeypatch):
+    """Without a gradient, a batch with large scores goes one row at a time (ROW_BY_ROW_SCORE_BYTES):
+    the same numbers as the whole batch at once and as the gradient's forward, but for the last
+    bit of a product's rounding (the products' batch shapes differ)."""
+    qkv = jax.random.normal(jax.random.PRNGKey(0), (3, 150, 3, 3, 16)).astype(dtype)
+    whole = jax.jit(lambda q: K.causal_attention(q, "cpu"))(qkv)
+    monkeypatch.setattr(K, "ROW_BY_ROW_SCORE_BYTES", 0)
+    jaxpr = str(jax.make_jaxpr(lambda q: K.causal_attention(q, "cpu"))(qkv))
+    assert "while" in jaxpr or "scan" in jaxpr  # the rows are a loop
+    by_row = jax.jit(lambda q: K.causal_attention(q, "cpu"))(qkv)
+    assert_close(by_row, whole, dtype, roundings=1)
+    forward_of_gradient, _ = jax.vjp(lambda q: K.causal_attention(q, "cpu"), qkv)
+    assert_close(by_row, forward_of_gradient, dtype, roundings=1)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 @pytest.mark.parametrize("transposed", [False, True])  # [in, out] layers; the tied head's [V, D]
 @pytest.mark.parametrize("rows", [16, 15])  # an odd row count takes the float32 weight-gradient path
 def test_matmul_values_and_gradients_agree(dtype, transposed, rows):
