@@ -461,3 +461,16 @@ def test_playground_streams_text_and_stops_in_chromium(server, browser, tmp_path
     assert metric(server.url, 'gpt2train_texts_finished_total{reason="cancelled"}') == cancelled + 1
     assert len(shown) < 120 * 8  # the text ended early
     assert browser.find_element(By.ID, "generate").is_enabled()
+
+
+def test_foreground_server_ends_as_ctrl_c_does_even_when_the_signal_is_dropped(gpt2_tokenizer, monkeypatch):
+    """`serve` exits 130 on Ctrl-C: when uvicorn's shutdown returns without the KeyboardInterrupt
+    (asyncio's runner can drop the signal uvicorn raises again), run() raises it itself."""
+    cfg = Config(n_ctx=64, n_embd=32, n_layer=1, n_head=2, n_vocab=50257, model_path="/tmp/tiny-gpt2").validate()
+    srv = ServingServer(cfg, M.init_params(cfg, jax.random.PRNGKey(0)), gpt2_tokenizer, SamplingOptions(length=2),
+                        sock=bind("127.0.0.1", 0), settings=SETTINGS)
+    monkeypatch.setattr(srv.uvicorn, "run", lambda sockets: None)  # shut down, the signal lost
+    with pytest.raises(KeyboardInterrupt):
+        srv.run()
+    assert not srv.scheduler.alive  # stopped on the way out
+    srv.sock.close()

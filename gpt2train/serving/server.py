@@ -124,6 +124,10 @@ class ServingServer:
             self.uvicorn.run(sockets=[self.sock])
         finally:
             self.scheduler.stop()
+        # uvicorn raises the Ctrl-C it caught again once it has shut down, but asyncio's runner
+        # drops it when it lands as the server's task ends (seen under load: exit 0, not 130). The
+        # foreground server only returns on a signal, so it ends as Ctrl-C does either way.
+        raise KeyboardInterrupt
 
     def start(self) -> "ServingServer":
         """Serve from a thread; returns once the server answers."""
