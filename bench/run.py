@@ -80,17 +80,16 @@ ISA_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_b
 
 def cpu_model_and_flags() -> tuple[str, list[str]]:
     """The CPU's model name and which of ISA_FLAGS /proc/cpuinfo lists for it."""
-    cpu, flags = platform.processor(), set()
+    from gpt2train.kernels import cpu_flags
+    cpu = platform.processor()
     try:
         for line in open("/proc/cpuinfo"):
-            if line.startswith("model name") and cpu == platform.processor():
+            if line.startswith("model name"):
                 cpu = line.split(":", 1)[1].strip()
-            elif line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
                 break
     except OSError:
         pass
-    return cpu, [f for f in ISA_FLAGS if f in flags]
+    return cpu, [f for f in ISA_FLAGS if f in cpu_flags()]
 
 
 def xla_intra_op_threads() -> int:

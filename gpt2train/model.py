@@ -171,12 +171,12 @@ def attention(x, p, cfg: Config, dtype, key=None, cache=None, mask=None):
 # A bfloat16 cache is held as its bits, in uint16: XLA:CPU updates a bfloat16 array by converting
 # all of it to float32 and back, which copied every cache whole at every token (17 ms of a 61 ms
 # batch-8 decode step at 124M), while an integer array is updated in place.
-CACHE_BITS = {jnp.dtype(jnp.bfloat16): jnp.uint16}
+CACHE_BITS = jnp.uint16
 
 
 def _cache_values(cache, dtype):
     """A cache (or a slice of one) as values in dtype."""
-    if cache.dtype == jnp.uint16:
+    if cache.dtype == CACHE_BITS:
         cache = jax.lax.bitcast_convert_type(cache, jnp.bfloat16)
     return cache.astype(dtype)
 
@@ -185,8 +185,8 @@ def _write_cache(cache, new, index, n_head: int):
     """Write new [B * H, T, Dh] at slot `index` of cache [B * H, S, Dh]: one slot for every row
     (a scalar: an in-place slice update) or each row its own ([B]: a scatter, for a server's
     batch whose rows hold texts of different lengths)."""
-    if cache.dtype == jnp.uint16:
-        new = jax.lax.bitcast_convert_type(new.astype(jnp.bfloat16), jnp.uint16)
+    if cache.dtype == CACHE_BITS:
+        new = jax.lax.bitcast_convert_type(new.astype(jnp.bfloat16), CACHE_BITS)
     new = new.astype(cache.dtype)
     if jnp.ndim(index) == 0:
         return jax.lax.dynamic_update_slice(cache, new, (0, index, 0))
@@ -304,7 +304,7 @@ def init_cache(cfg: Config, batch: int, length: int) -> dict:
     Separate arrays (not one stacked [L, ...] array) let each decode step update every layer's
     cache in place; a stacked cache would be rewritten whole at every token."""
     shape = (batch * cfg.n_head, length, cfg.head_dim)
-    dtype = CACHE_BITS.get(jnp.dtype(compute_dtype(cfg)), compute_dtype(cfg))
+    dtype = CACHE_BITS if cfg.precision == "bfloat16" else compute_dtype(cfg)
     return {"k": [jnp.zeros(shape, dtype) for _ in range(cfg.n_layer)],
             "v": [jnp.zeros(shape, dtype) for _ in range(cfg.n_layer)]}
 
