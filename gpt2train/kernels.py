@@ -4,8 +4,10 @@ standard  what JAX offers every backend: `jax.nn.dot_product_attention` (fused c
           kernels on GPU and TPU) and plain products accumulated in float32, differentiated
           by JAX's automatic differentiation.
 cpu       kernels written for XLA:CPU, each for the measured reason given where it is defined:
-          causal attention by blocks of query rows with its own backward, and bfloat16
-          products with their own backward that keeps every product in bfloat16.
+          causal attention by blocks of query rows with its own backward, bfloat16
+          products with their own backward that keeps every product in bfloat16, and
+          decoding's one- and two-row bfloat16 products by our compiled kernel
+          (native_kernel.py) on CPUs with AVX-512 bfloat16.
 auto      `cpu` when JAX's default backend is the CPU, else `standard`.
 
 Both compute the same function; tests/test_kernels.py holds them to the same values and gradients.
@@ -20,7 +22,10 @@ import math
 import jax
 import jax.numpy as jnp
 
+from . import native_kernel
+
 IMPLS = ("cpu", "standard")
+NATIVE_ROWS = 2  # rows up to which a bfloat16 product goes to native_kernel.rows_matmul (see native_rows)
 
 
 @functools.cache
@@ -36,14 +41,30 @@ def cpu_flags() -> frozenset[str]:
     return frozenset()
 
 
-def decode_transposed(rows: int) -> bool:
-    """Whether decoding `rows` texts at once reads layer kernels as [out, in] (model.decode_params).
+def decode_transposed(rows: int, dtype=jnp.float32) -> bool:
+    """Whether decoding `rows` texts at once, in dtype, reads layer kernels as [out, in]
+    (model.decode_params).
 
-    One row does everywhere: XLA:CPU's matrix-vector product streams that layout faster. Several
-    rows do on CPUs with AMX, where XLA:CPU's products of a few rows by [out, in] kernels are
-    faster too (124M, batch 8, on an Intel Xeon with AMX: bfloat16 209 against 166 tok/s, float32
-    132 against 121); on the AVX-512 AMD EPYC [in, out] was the faster one for several rows."""
-    return rows == 1 or (jax.default_backend() == "cpu" and "amx_bf16" in cpu_flags())
+    One row does everywhere: XLA:CPU's matrix-vector product streams that layout faster, and the
+    native kernel (native_rows) reads it. Several rows do on CPUs with AMX, where XLA:CPU's
+    products of a few rows by [out, in] kernels are faster too (124M, batch 8, on an Intel Xeon
+    with AMX: bfloat16 209 against 166 tok/s, float32 132 against 121); on the AVX-512 AMD EPYC
+    [in, out] was the faster one for several rows, unless the native kernel takes them."""
+    return (rows == 1 or (jax.default_backend() == "cpu" and "amx_bf16" in cpu_flags())
+            or native_rows(rows, dtype))
+
+
+def native_rows(rows: int, dtype) -> bool:
+    """Whether a product of `rows` rows in dtype by an [out, in] kernel goes to
+    native_kernel.rows_matmul.
+
+    Only bfloat16, and only for one or two rows, on CPUs with AVX-512 bfloat16: there the weights
+    stream at the memory's pace, where XLA:CPU streams them as float32 (124M, 12 layers and the
+    head chained, Intel Xeon with AMX: 1 row 9.5 ms against 20 for XLA's float32 and 49 for its
+    bfloat16; 2 rows 12.3 against 18.0). From 4 rows on, XLA's own bfloat16 products (AMX) are
+    faster (16.5 against 18.4 ms), the kernel's vdpbf16ps being compute-bound there."""
+    return (rows <= NATIVE_ROWS and jnp.dtype(dtype) == jnp.bfloat16 and jax.default_backend() == "cpu"
+            and "avx512_bf16" in cpu_flags() and native_kernel.available())
 
 
 def resolve(impl: str) -> str:
@@ -59,6 +80,8 @@ def matmul(x, w, *, transposed: bool = False, impl: str):
     """x [N, K] times the kernel w -- [K, M], or [M, K] with transposed -- cast to x's dtype.
     Returns float32 [N, M], accumulated in float32."""
     if resolve(impl) == "cpu" and x.dtype == jnp.bfloat16:
+        if transposed and native_rows(x.shape[0], x.dtype):
+            return _native_matmul(x, w.astype(x.dtype))
         return _low_precision_matmul(x, w, transposed)
     return _contract(x, w.astype(x.dtype), 1, 1 if transposed else 0)
 
@@ -116,6 +139,26 @@ def _low_precision_matmul_bwd(transposed, residuals, g):
 
 
 _low_precision_matmul.defvjp(_low_precision_matmul_fwd, _low_precision_matmul_bwd)
+
+
+@jax.custom_vjp
+def _native_matmul(x, w):
+    """x [B, K] times w [N, K] as w.T through native_kernel.rows_matmul (decoding); its gradient,
+    should one be taken, by XLA's products."""
+    return native_kernel.rows_matmul(x, w)
+
+
+def _native_matmul_fwd(x, w):
+    return native_kernel.rows_matmul(x, w), (x, w)
+
+
+def _native_matmul_bwd(residuals, g):
+    x, w = residuals
+    g = g.astype(x.dtype)
+    return _contract(g, w, 1, 0).astype(x.dtype), _contract(g, x, 0, 0).astype(w.dtype)
+
+
+_native_matmul.defvjp(_native_matmul_fwd, _native_matmul_bwd)
 
 
 # ----------------------------------------------------------------------------- cpu: attention

@@ -326,12 +326,24 @@ def decode_params(params: Params) -> Params:
 
 
 def laid_out_for(params: Params, rows: int) -> Params:
-    """Decode parameters (decode_params) with their layer kernels in the layout that decoding
-    `rows` texts at once reads fastest (kernels.decode_transposed): unchanged if they are."""
-    transposed = "kernel_t" in params["layers"][0]["mlp"]["c_fc"]
-    if kernels.decode_transposed(rows) == transposed:
-        return params
-    return {**params, "layers": _swap_kernel_layouts(params["layers"])}
+    """Decode parameters (decode_params) with their layer kernels and tied head in the layouts
+    that decoding `rows` texts at once reads fastest: layers by kernels.decode_transposed, the
+    head as `wte` [V, D] where kernels.native_rows takes it, else `wte_t` [D, V]. Unchanged if
+    they are already so; otherwise converted in place."""
+    c_fc = params["layers"][0]["mlp"]["c_fc"]
+    dtype = (c_fc.get("kernel_t", c_fc.get("kernel"))).dtype
+    if kernels.decode_transposed(rows, dtype) != ("kernel_t" in c_fc):
+        params = {**params, "layers": _swap_kernel_layouts(params["layers"])}
+    if kernels.native_rows(rows, dtype) == ("wte_t" in params):
+        head = "wte_t" if "wte_t" in params else "wte"
+        rest = {k: v for k, v in params.items() if k != head}
+        params = {**rest, ("wte" if head == "wte_t" else "wte_t"): _transposed(params[head])}
+    return params
+
+
+@functools.partial(jax.jit, donate_argnums=0)
+def _transposed(a):
+    return a.T
 
 
 @functools.partial(jax.jit, donate_argnums=0)  # decode_params' layers are copies: converted in place

@@ -58,14 +58,20 @@ def test_bfloat16_costs_under_half_a_percent_of_perplexity(trained, gpt2_tokeniz
     assert abs(bf16["perplexity"] / f32["perplexity"] - 1) < 0.005, (f32["perplexity"], bf16["perplexity"])
 
 
-def test_bfloat16_greedy_text_matches_float32(trained, gpt2_tokenizer):
+@pytest.mark.parametrize("together", [True, False])
+def test_bfloat16_greedy_text_matches_float32(trained, gpt2_tokenizer, together):
+    """Together: a batch of 3 (XLA's bfloat16 products); alone: one text at a time, whose products
+    go to the native kernel on CPUs with AVX-512 bfloat16 (kernels.native_rows)."""
     cfg, params = trained
     opts = SamplingOptions(length=50, temperature=0.0, stop_at_eot=False)
     prompts = ["import json\n", "def decode(self, s):", "class JSONEncoder(object):"]
     f32 = Generator(cfg, params, gpt2_tokenizer, chunk=16).generate(prompts, opts, return_tokens=True)
     bf16_cfg = cfg.replace(precision="bfloat16")
-    bf16 = Generator(bf16_cfg, hold_params(params, bf16_cfg), gpt2_tokenizer, chunk=16).generate(
-        prompts, opts, return_tokens=True)
+    bf16_gen = Generator(bf16_cfg, hold_params(params, bf16_cfg), gpt2_tokenizer, chunk=16)
+    if together:
+        bf16 = bf16_gen.generate(prompts, opts, return_tokens=True)
+    else:
+        bf16 = [bf16_gen.generate([p], opts, return_tokens=True)[0] for p in prompts]
     first_divergence = [next((i for i, (a, b) in enumerate(zip(x, y)) if a != b), len(x)) for x, y in zip(f32, bf16)]
     assert first_divergence == [50, 50, 50], f"bfloat16 greedy text first differs at tokens {first_divergence}"
 

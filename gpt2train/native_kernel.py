@@ -1,0 +1,105 @@
+"""Our one compiled CPU kernel, `rows_matmul` (csrc/rows_matmul.cc), built on first use and
+called from XLA through JAX's foreign function interface.
+
+It multiplies one or two rows of bfloat16 activations by a bfloat16 kernel laid out [out, in]:
+decoding one text in bfloat16, which XLA:CPU runs no faster than in float32 (the .cc file says
+why). kernels.py decides when it is used; everything else multiplies with XLA.
+
+The library is compiled with the system's C++ compiler ($CXX, else c++) for this machine's CPU
+(-march=native) against the headers jaxlib ships, once, into ~/.cache/gpt2train/native (or
+$XDG_CACHE_HOME/gpt2train/native), named by a hash of the source, the compiler, jaxlib's version
+and the CPU, so a home shared between machines keeps one build per CPU. Without a compiler, or
+if the build fails, decoding warns once and multiplies with XLA. GPT2TRAIN_NATIVE_KERNEL=off never
+builds or uses it. The folder holds code this program runs: compile_cache.check_private refuses
+one that others can write to.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import warnings
+
+import jax
+import jax.numpy as jnp
+
+from . import compile_cache
+from .errors import UserError
+
+ENV = "GPT2TRAIN_NATIVE_KERNEL"
+SOURCE = os.path.join(os.path.dirname(__file__), "csrc", "rows_matmul.cc")
+TARGET = "gpt2train_rows_matmul"
+FLAGS = ["-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w"]
+
+
+def cache_dir() -> str:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "gpt2train", "native")
+
+
+def _cpu_identity() -> str:
+    """The CPU's model name and ISA flags: what -march=native compiles for."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            lines = [line for line in f if line.startswith(("model name", "flags"))]
+        return "".join(sorted(set(lines)))
+    except OSError:
+        return platform.processor()
+
+
+def _build(compiler: str) -> str:
+    """Compile the library if this source, compiler, jaxlib and CPU have no build yet; its path."""
+    version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=60).stdout
+    with open(SOURCE, "rb") as f:
+        source = f.read()
+    key = hashlib.sha256(b"\0".join([source, version.encode(), jax.__version__.encode(),
+                                     _cpu_identity().encode(), " ".join(FLAGS).encode()])).hexdigest()[:16]
+    folder = cache_dir()
+    os.makedirs(folder, exist_ok=True)
+    compile_cache.check_private(folder)
+    path = os.path.join(folder, f"rows_matmul-{key}.so")
+    if not os.path.exists(path):
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=folder)
+        os.close(fd)
+        try:  # built aside, then renamed: a concurrent start or a kill never leaves half a library
+            done = subprocess.run([compiler, *FLAGS, "-I", jax.ffi.include_dir(), SOURCE, "-o", tmp],
+                                  capture_output=True, text=True, timeout=300)
+            if done.returncode != 0:
+                raise RuntimeError(done.stderr.strip().splitlines()[-1] if done.stderr.strip() else "compiler failed")
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    return path
+
+
+@functools.cache
+def available() -> bool:
+    """Whether rows_matmul can be called here: built (or found built) and registered with XLA."""
+    if os.environ.get(ENV, "").strip().lower() in ("off", "0", "false", "no"):
+        return False
+    compiler = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
+    if not compiler:
+        warnings.warn("no C++ compiler (c++, g++ or clang++; or $CXX): decoding one text in bfloat16 runs "
+                      f"at XLA's speed, about half of what it could; install one (e.g. g++), or set {ENV}=off")
+        return False
+    try:
+        library = ctypes.cdll.LoadLibrary(_build(compiler))
+        jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(library.RowsMatmul), platform="cpu")
+    except (OSError, RuntimeError, subprocess.SubprocessError, AttributeError, UserError) as e:
+        warnings.warn(f"could not build the native decoding kernel ({e}): decoding one text in bfloat16 "
+                      f"runs at XLA's speed; set {ENV}=off to skip the attempt")
+        return False
+    return True
+
+
+def rows_matmul(x, w):
+    """x [B, K] bfloat16 times w [N, K] bfloat16 (as w.T): [B, N] float32. Needs available()."""
+    out = jax.ShapeDtypeStruct((x.shape[0], w.shape[0]), jnp.float32)
+    return jax.ffi.ffi_call(TARGET, out, vmap_method="sequential")(x, w)

@@ -1,0 +1,140 @@
+"""Our compiled CPU kernel (native_kernel.py, csrc/rows_matmul.cc): built on first use, the same
+products as XLA's, used exactly where kernels.native_rows says, and a clear fallback without it.
+
+The kernel needs AVX-512 bfloat16; on a CPU without it the tests that run it are skipped and the
+fallback tests still run (decoding then never asks for it)."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from gpt2train import kernels as K
+from gpt2train import model as M
+from gpt2train import native_kernel
+from gpt2train.config import Config
+from gpt2train.inference import hold_params
+
+HAS_BF16 = "avx512_bf16" in K.cpu_flags()
+needs_bf16 = pytest.mark.skipif(not HAS_BF16, reason="this CPU has no AVX-512 bfloat16: the kernel is never used here")
+
+
+def exact_product(x, w):
+    """x . w.T in float64 from the bfloat16 values: what float32 accumulation approximates."""
+    return np.asarray(x, np.float64) @ np.asarray(w, np.float64).T
+
+
+@needs_bf16
+@pytest.mark.parametrize("rows,k,n", [(1, 768, 2304), (2, 3072, 768), (1, 100, 7), (2, 37, 33), (11, 64, 50),
+                                      (2, 768, 50304)])
+def test_rows_matmul_is_the_product_at_any_shape(rows, k, n):
+    """Columns split over threads, kernel rows in pairs (an odd one left), K not a multiple of the
+    32-wide step (masked tail), more rows than one pass takes (11 = 8 + 3)."""
+    assert native_kernel.available()
+    keys = jax.random.split(jax.random.key(rows * k + n), 2)
+    x = jax.random.normal(keys[0], (rows, k)).astype(jnp.bfloat16)
+    w = jax.random.normal(keys[1], (n, k)).astype(jnp.bfloat16)
+    out = jax.jit(native_kernel.rows_matmul)(x, w)
+    assert out.shape == (rows, n) and out.dtype == jnp.float32
+    exact = exact_product(x, w)
+    # float32 sums of k exact products of bfloat16s: a few float32 roundings of the running sum
+    bound = 4 * k * np.finfo(np.float32).eps * np.abs(np.asarray(x, np.float64)) @ np.abs(np.asarray(w, np.float64)).T
+    assert np.all(np.abs(np.asarray(out, np.float64) - exact) <= bound + 1e-6)
+
+
+@needs_bf16
+def test_matmul_takes_the_kernel_only_where_native_rows_says_and_its_gradient_is_xlas():
+    x1 = jax.random.normal(jax.random.key(0), (1, 96)).astype(jnp.bfloat16)
+    x4 = jax.random.normal(jax.random.key(1), (4, 96)).astype(jnp.bfloat16)
+    w = jax.random.normal(jax.random.key(2), (40, 96)).astype(jnp.bfloat16)
+    def uses_kernel(x, w, impl="cpu", **kw):
+        return native_kernel.TARGET in jax.jit(lambda x, w: K.matmul(x, w, impl=impl, **kw)).lower(x, w).as_text()
+    assert uses_kernel(x1, w, transposed=True)
+    assert not uses_kernel(x4, w, transposed=True)  # 4 rows: XLA's own (faster there)
+    assert not uses_kernel(x1, w.T)                  # [in, out] kernels: XLA's own
+    assert not uses_kernel(x1.astype(jnp.float32), w.astype(jnp.float32), transposed=True)
+    assert not uses_kernel(x1, w, "standard", transposed=True)
+
+    def loss(x, w, via):
+        return jnp.sum(K.matmul(x, w, transposed=True, impl=via) ** 2)
+    grads = jax.grad(loss, argnums=(0, 1))(x1, w, "cpu")
+    reference = jax.grad(loss, argnums=(0, 1))(x1.astype(jnp.float32), w.astype(jnp.float32), "standard")
+    for got, want in zip(grads, reference):
+        scale = np.max(np.abs(np.asarray(want)))
+        assert np.max(np.abs(np.asarray(got, np.float32) - np.asarray(want))) <= 4 * 2.0 ** -8 * scale
+
+
+@needs_bf16
+def test_decoding_one_text_in_bfloat16_reads_the_head_as_it_lies_and_matches_xla(monkeypatch):
+    """Batch 1 in bfloat16: [out, in] layers and the head as wte [V, D] (the kernel's layout);
+    batch 4: wte_t [D, V] again. The logits of a decode step equal XLA's within bfloat16's
+    rounding of the activations between layers."""
+    cfg = Config(n_ctx=32, n_embd=64, n_layer=2, n_head=4, n_vocab=300, precision="bfloat16").validate()
+    params = hold_params(M.init_params(cfg, jax.random.key(0)), cfg)
+    one = M.laid_out_for(M.decode_params(params), 1)
+    assert "wte" in one and "wte_t" not in one and "kernel_t" in one["layers"][0]["mlp"]["c_fc"]
+
+    def step_logits(p):
+        cache = M.init_cache(cfg, 1, cfg.n_ctx)
+        tokens = jnp.asarray([[5, 17, 250, 3]], jnp.int32)
+        logits, _ = jax.jit(lambda p, c: M.forward_cached(p, tokens, c, 0, jnp.zeros(1, jnp.int32), cfg,
+                                                          last_only=True))(p, cache)
+        return np.asarray(logits, np.float32)
+    native = step_logits(one)
+    monkeypatch.setattr(K, "native_rows", lambda rows, dtype: False)
+    xla = step_logits(one)
+    assert np.max(np.abs(native - xla)) <= 8 * 2.0 ** -8 * np.max(np.abs(xla))
+    monkeypatch.undo()
+    four = M.laid_out_for(M.laid_out_for(M.decode_params(params), 1), 4)
+    assert "wte_t" in four and "wte" not in four
+    np.testing.assert_array_equal(np.asarray(four["wte_t"]), np.asarray(params["wte"]).T)
+
+
+def run_python(code: str, **env):
+    full = {**os.environ, **env}
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
+                          env=full, timeout=300)
+
+
+def test_without_a_compiler_decoding_warns_once_and_multiplies_with_xla(tmp_path):
+    """A broken compiler ($CXX) is one warning naming the way out; products still come out right."""
+    fake = tmp_path / "c++"
+    fake.write_text("#!/bin/sh\necho 'fake: no compiler here' >&2\nexit 1\n")
+    fake.chmod(0o755)
+    done = run_python("""
+        import warnings, jax, jax.numpy as jnp, numpy as np
+        from gpt2train import kernels as K, native_kernel
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            x = jnp.ones((1, 40), jnp.bfloat16); w = jnp.ones((9, 40), jnp.bfloat16)
+            a = K.matmul(x, w, transposed=True, impl="cpu"); b = K.matmul(x, w, transposed=True, impl="cpu")
+        assert not native_kernel.available()
+        assert np.all(np.asarray(a) == 40) and np.all(np.asarray(b) == 40)
+        notes = [str(c.message) for c in caught if "native" in str(c.message)]
+        print(len(notes)); print(notes[0] if notes else "")
+        """, CXX=str(fake), XDG_CACHE_HOME=str(tmp_path / "cache"))
+    assert done.returncode == 0, done.stderr
+    count, message = done.stdout.splitlines()[:2]
+    if HAS_BF16:
+        assert count == "1" and "GPT2TRAIN_NATIVE_KERNEL=off" in message and "fake: no compiler here" in message
+    else:
+        assert count == "0"  # never asked for: nothing to warn about
+
+
+@needs_bf16
+def test_off_switch_and_one_build_per_source_and_cpu(tmp_path):
+    off = run_python("""
+        from gpt2train import native_kernel; print(native_kernel.available())
+        """, GPT2TRAIN_NATIVE_KERNEL="off", XDG_CACHE_HOME=str(tmp_path / "off"))
+    assert off.stdout.strip() == "False" and not (tmp_path / "off").exists()
+    code = "from gpt2train import native_kernel; print(native_kernel.available())"
+    for _ in range(2):
+        on = run_python(code, XDG_CACHE_HOME=str(tmp_path / "on"))
+        assert on.stdout.strip() == "True", on.stderr
+    built = list((tmp_path / "on" / "gpt2train" / "native").iterdir())
+    assert len(built) == 1 and built[0].name.startswith("rows_matmul-") and built[0].suffix == ".so"
