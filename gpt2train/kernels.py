@@ -6,8 +6,8 @@ standard  what JAX offers every backend: `jax.nn.dot_product_attention` (fused c
 cpu       kernels written for XLA:CPU, each for the measured reason given where it is defined:
           causal attention by blocks of query rows with its own backward, bfloat16
           products with their own backward that keeps every product in bfloat16, and
-          decoding's one- and two-row bfloat16 products by our compiled kernel
-          (native_kernel.py) on CPUs with AVX-512 bfloat16.
+          decoding's bfloat16 products of a few rows and its attention over the bfloat16
+          caches by our compiled kernels (native_kernel.py) on CPUs with AVX-512 bfloat16.
 auto      `cpu` when JAX's default backend is the CPU, else `standard`.
 
 Both compute the same function; tests/test_kernels.py holds them to the same values and gradients.
@@ -25,7 +25,7 @@ import jax.numpy as jnp
 from . import native_kernel
 
 IMPLS = ("cpu", "standard")
-NATIVE_ROWS = 2  # rows up to which a bfloat16 product goes to native_kernel.rows_matmul (see native_rows)
+NATIVE_ROWS = 16  # rows up to which a bfloat16 product may go to our compiled kernel (native_rows)
 
 
 @functools.cache
@@ -56,15 +56,28 @@ def decode_transposed(rows: int, dtype=jnp.float32) -> bool:
 
 def native_rows(rows: int, dtype) -> bool:
     """Whether a product of `rows` rows in dtype by an [out, in] kernel goes to
-    native_kernel.rows_matmul.
+    native_kernel.rows_matmul: bfloat16 only, on CPUs with AVX-512 bfloat16, up to NATIVE_ROWS
+    rows with AMX and up to 2 without. There the weights stream at near the memory's pace, where
+    XLA:CPU streams them as float32 for one row and packs them for several (124M, 12 layers and
+    the head chained, Intel Xeon with AMX: 1 row 10.1 ms against 20 for XLA's float32 and 49
+    for its bfloat16; 8 rows 12.9 against 17.8; 16 rows 13.9 against 19.0). Without AMX the
+    kernel's vdpbf16ps is compute-bound from 4 rows on (19.5 ms), where XLA is faster."""
+    if jnp.dtype(dtype) != jnp.bfloat16 or jax.default_backend() != "cpu" or "avx512_bf16" not in cpu_flags():
+        return False
+    return rows <= (NATIVE_ROWS if "amx_bf16" in cpu_flags() else 2) and native_kernel.available()
 
-    Only bfloat16, and only for one or two rows, on CPUs with AVX-512 bfloat16: there the weights
-    stream at the memory's pace, where XLA:CPU streams them as float32 (124M, 12 layers and the
-    head chained, Intel Xeon with AMX: 1 row 9.5 ms against 20 for XLA's float32 and 49 for its
-    bfloat16; 2 rows 12.3 against 18.0). From 4 rows on, XLA's own bfloat16 products (AMX) are
-    faster (16.5 against 18.4 ms), the kernel's vdpbf16ps being compute-bound there."""
-    return (rows <= NATIVE_ROWS and jnp.dtype(dtype) == jnp.bfloat16 and jax.default_backend() == "cpu"
-            and "avx512_bf16" in cpu_flags() and native_kernel.available())
+
+def native_cached_attention(impl: str) -> bool:
+    """Whether decoding's attention over bfloat16 caches goes to native_kernel.cached_attention
+    (CPUs with AVX-512 bfloat16, `kernels` cpu). XLA:CPU multiplies each head's single query row
+    in float32, so it converted every cache it read to float32 at every token (124M, batch 8:
+    12.4 of a 30.6 ms step); the kernel reads the caches' bfloat16 as they lie."""
+    return (resolve(impl) == "cpu" and "avx512_bf16" in cpu_flags() and native_kernel.available())
+
+
+def cached_attention(q, k_cache, v_cache, key_mask):
+    """native_kernel.cached_attention, where native_cached_attention says so."""
+    return native_kernel.cached_attention(q, k_cache, v_cache, key_mask)
 
 
 def resolve(impl: str) -> str:

@@ -150,14 +150,18 @@ def attention(x, p, cfg: Config, dtype, key=None, cache=None, mask=None):
         # Queries read the first S slots that key_mask covers: a server's batch whose texts are
         # short reads that much of its context-long caches, not all of them.
         S = key_mask.shape[-1]
-        k_read, v_read = (k_cache, v_cache) if S == k_cache.shape[1] else (k_cache[:, :S], v_cache[:, :S])
-        k_read, v_read = _cache_values(k_read, dtype), _cache_values(v_read, dtype)
-        scores = jnp.einsum("ntd,nsd->nts", heads(q), k_read, preferred_element_type=jnp.float32)
-        scores = scores.reshape(B, H, T, -1)
-        # A finite floor: padding rows see no key at all and must not turn into NaN.
-        scores = jnp.where(key_mask[:, None, :, :], scores / math.sqrt(Dh), -1e30)
-        probs = jax.nn.softmax(scores, axis=-1).astype(dtype).reshape(B * H, T, -1)
-        out = jnp.einsum("nts,nsd->ntd", probs, v_read).reshape(B, H, T, Dh).transpose(0, 2, 1, 3)
+        if k_cache.dtype == CACHE_BITS and kernels.native_cached_attention(cfg.kernels):
+            out = kernels.cached_attention(heads(q).astype(jnp.bfloat16), k_cache, v_cache, key_mask)
+        else:
+            k_read, v_read = (k_cache, v_cache) if S == k_cache.shape[1] else (k_cache[:, :S], v_cache[:, :S])
+            k_read, v_read = _cache_values(k_read, dtype), _cache_values(v_read, dtype)
+            scores = jnp.einsum("ntd,nsd->nts", heads(q), k_read, preferred_element_type=jnp.float32)
+            scores = scores.reshape(B, H, T, -1)
+            # A finite floor: padding rows see no key at all and must not turn into NaN.
+            scores = jnp.where(key_mask[:, None, :, :], scores / math.sqrt(Dh), -1e30)
+            probs = jax.nn.softmax(scores, axis=-1).astype(dtype).reshape(B * H, T, -1)
+            out = jnp.einsum("nts,nsd->ntd", probs, v_read)
+        out = out.astype(dtype).reshape(B, H, T, Dh).transpose(0, 2, 1, 3)
         new_cache = (k_cache, v_cache)
     elif mask is not None:
         out = _attend_masked(q, k, v, mask)

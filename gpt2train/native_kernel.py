@@ -1,15 +1,19 @@
-"""Our one compiled CPU kernel, `rows_matmul` (csrc/rows_matmul.cc), built on first use and
-called from XLA through JAX's foreign function interface.
+"""Our compiled CPU kernels for decoding in bfloat16 (csrc/decode.cc), built on first use and
+called from XLA through JAX's foreign function interface:
 
-It multiplies one or two rows of bfloat16 activations by a bfloat16 kernel laid out [out, in]:
-decoding one text in bfloat16, which XLA:CPU runs no faster than in float32 (the .cc file says
-why). kernels.py decides when it is used; everything else multiplies with XLA.
+rows_matmul       a few rows (1-16) of bfloat16 activations times a bfloat16 kernel laid out
+                  [out, in], whose weights XLA:CPU streams at about half the memory's pace;
+cached_attention  one or a few query positions against bfloat16 key/value caches, which XLA:CPU
+                  converted to float32 whole at every token.
+
+The .cc file says why each is faster; kernels.native_rows and kernels.native_cached_attention
+decide when they are used (CPUs with AVX-512 bfloat16); everything else runs on XLA.
 
 The library is compiled with the system's C++ compiler ($CXX, else c++) for this machine's CPU
 (-march=native) against the headers jaxlib ships, once, into ~/.cache/gpt2train/native (or
 $XDG_CACHE_HOME/gpt2train/native), named by a hash of the source, the compiler, jaxlib's version
 and the CPU, so a home shared between machines keeps one build per CPU. Without a compiler, or
-if the build fails, decoding warns once and multiplies with XLA. GPT2TRAIN_NATIVE_KERNEL=off never
+if the build fails, decoding warns once and runs on XLA. GPT2TRAIN_NATIVE_KERNEL=off never
 builds or uses it. The folder holds code this program runs: compile_cache.check_private refuses
 one that others can write to.
 """
@@ -33,8 +37,9 @@ from . import compile_cache
 from .errors import UserError
 
 ENV = "GPT2TRAIN_NATIVE_KERNEL"
-SOURCE = os.path.join(os.path.dirname(__file__), "csrc", "rows_matmul.cc")
+SOURCE = os.path.join(os.path.dirname(__file__), "csrc", "decode.cc")
 TARGET = "gpt2train_rows_matmul"
+ATTENTION_TARGET = "gpt2train_cached_attention"
 FLAGS = ["-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w"]
 
 
@@ -63,7 +68,7 @@ def _build(compiler: str) -> str:
     folder = cache_dir()
     os.makedirs(folder, exist_ok=True)
     compile_cache.check_private(folder)
-    path = os.path.join(folder, f"rows_matmul-{key}.so")
+    path = os.path.join(folder, f"decode-{key}.so")
     if not os.path.exists(path):
         fd, tmp = tempfile.mkstemp(suffix=".so", dir=folder)
         os.close(fd)
@@ -81,20 +86,21 @@ def _build(compiler: str) -> str:
 
 @functools.cache
 def available() -> bool:
-    """Whether rows_matmul can be called here: built (or found built) and registered with XLA."""
+    """Whether the kernels can be called here: built (or found built) and registered with XLA."""
     if os.environ.get(ENV, "").strip().lower() in ("off", "0", "false", "no"):
         return False
     compiler = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
     if not compiler:
-        warnings.warn("no C++ compiler (c++, g++ or clang++; or $CXX): decoding one text in bfloat16 runs "
-                      f"at XLA's speed, about half of what it could; install one (e.g. g++), or set {ENV}=off")
+        warnings.warn("no C++ compiler (c++, g++ or clang++; or $CXX): decoding in bfloat16 runs at "
+                      f"XLA's speed, about half of what it could; install one (e.g. g++), or set {ENV}=off")
         return False
     try:
         library = ctypes.cdll.LoadLibrary(_build(compiler))
         jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(library.RowsMatmul), platform="cpu")
+        jax.ffi.register_ffi_target(ATTENTION_TARGET, jax.ffi.pycapsule(library.CachedAttention), platform="cpu")
     except (OSError, RuntimeError, subprocess.SubprocessError, AttributeError, UserError) as e:
-        warnings.warn(f"could not build the native decoding kernel ({e}): decoding one text in bfloat16 "
-                      f"runs at XLA's speed; set {ENV}=off to skip the attempt")
+        warnings.warn(f"could not build the native decoding kernels ({e}): decoding in bfloat16 runs "
+                      f"at XLA's speed; set {ENV}=off to skip the attempt")
         return False
     return True
 
@@ -103,3 +109,11 @@ def rows_matmul(x, w):
     """x [B, K] bfloat16 times w [N, K] bfloat16 (as w.T): [B, N] float32. Needs available()."""
     out = jax.ShapeDtypeStruct((x.shape[0], w.shape[0]), jnp.float32)
     return jax.ffi.ffi_call(TARGET, out, vmap_method="sequential")(x, w)
+
+
+def cached_attention(q, k_cache, v_cache, key_mask):
+    """Decoding's attention: q [B * H, T, Dh] bfloat16 against the first S slots of the caches
+    [B * H, L, Dh] (bfloat16 bits, uint16) that key_mask [B, T, S] allows. Returns [B * H, T, Dh]
+    float32. Needs available()."""
+    out = jax.ShapeDtypeStruct(q.shape, jnp.float32)
+    return jax.ffi.ffi_call(ATTENTION_TARGET, out, vmap_method="sequential")(q, k_cache, v_cache, key_mask)

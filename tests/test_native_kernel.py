@@ -1,8 +1,8 @@
-"""Our compiled CPU kernel (native_kernel.py, csrc/rows_matmul.cc): built on first use, the same
-products as XLA's, used exactly where kernels.native_rows says, and a clear fallback without it.
+"""Our compiled CPU kernels (native_kernel.py, csrc/decode.cc): built on first use, the same
+products and attention as XLA's, used exactly where kernels says, and a clear fallback without them.
 
-The kernel needs AVX-512 bfloat16; on a CPU without it the tests that run it are skipped and the
-fallback tests still run (decoding then never asks for it)."""
+The kernels need AVX-512 bfloat16; on a CPU without it the tests that run them are skipped and the
+fallback tests still run (decoding then never asks for them)."""
 
 import os
 import subprocess
@@ -31,10 +31,11 @@ def exact_product(x, w):
 
 @needs_bf16
 @pytest.mark.parametrize("rows,k,n", [(1, 768, 2304), (2, 3072, 768), (1, 100, 7), (2, 37, 33), (11, 64, 50),
-                                      (2, 768, 50304)])
+                                      (2, 768, 50304), (16, 3072, 200), (5, 96, 40)])
 def test_rows_matmul_is_the_product_at_any_shape(rows, k, n):
-    """Columns split over threads, kernel rows in pairs (an odd one left), K not a multiple of the
-    32-wide step (masked tail), more rows than one pass takes (11 = 8 + 3)."""
+    """Columns split over threads; one row by vdpbf16ps, kernel rows in pairs (an odd one left),
+    K not a multiple of the 32-wide step (masked tail), more rows than one pass takes (11 = 8 + 3);
+    on AMX CPUs 2-16 rows by tiles, in blocks of 64 and 16 kernel rows, the rest by vdpbf16ps."""
     assert native_kernel.available()
     keys = jax.random.split(jax.random.key(rows * k + n), 2)
     x = jax.random.normal(keys[0], (rows, k)).astype(jnp.bfloat16)
@@ -51,11 +52,13 @@ def test_rows_matmul_is_the_product_at_any_shape(rows, k, n):
 def test_matmul_takes_the_kernel_only_where_native_rows_says_and_its_gradient_is_xlas():
     x1 = jax.random.normal(jax.random.key(0), (1, 96)).astype(jnp.bfloat16)
     x4 = jax.random.normal(jax.random.key(1), (4, 96)).astype(jnp.bfloat16)
+    x17 = jax.random.normal(jax.random.key(3), (17, 96)).astype(jnp.bfloat16)
     w = jax.random.normal(jax.random.key(2), (40, 96)).astype(jnp.bfloat16)
     def uses_kernel(x, w, impl="cpu", **kw):
         return native_kernel.TARGET in jax.jit(lambda x, w: K.matmul(x, w, impl=impl, **kw)).lower(x, w).as_text()
     assert uses_kernel(x1, w, transposed=True)
-    assert not uses_kernel(x4, w, transposed=True)  # 4 rows: XLA's own (faster there)
+    assert uses_kernel(x4, w, transposed=True) == ("amx_bf16" in K.cpu_flags())  # by AMX; else XLA is faster
+    assert not uses_kernel(x17, w, transposed=True)  # past NATIVE_ROWS: XLA's own
     assert not uses_kernel(x1, w.T)                  # [in, out] kernels: XLA's own
     assert not uses_kernel(x1.astype(jnp.float32), w.astype(jnp.float32), transposed=True)
     assert not uses_kernel(x1, w, "standard", transposed=True)
@@ -72,7 +75,7 @@ def test_matmul_takes_the_kernel_only_where_native_rows_says_and_its_gradient_is
 @needs_bf16
 def test_decoding_one_text_in_bfloat16_reads_the_head_as_it_lies_and_matches_xla(monkeypatch):
     """Batch 1 in bfloat16: [out, in] layers and the head as wte [V, D] (the kernel's layout);
-    batch 4: wte_t [D, V] again. The logits of a decode step equal XLA's within bfloat16's
+    batch 17 (past NATIVE_ROWS): wte_t [D, V] again. The logits of a decode step equal XLA's within bfloat16's
     rounding of the activations between layers."""
     cfg = Config(n_ctx=32, n_embd=64, n_layer=2, n_head=4, n_vocab=300, precision="bfloat16").validate()
     params = hold_params(M.init_params(cfg, jax.random.key(0)), cfg)
@@ -90,9 +93,9 @@ def test_decoding_one_text_in_bfloat16_reads_the_head_as_it_lies_and_matches_xla
     xla = step_logits(one)
     assert np.max(np.abs(native - xla)) <= 8 * 2.0 ** -8 * np.max(np.abs(xla))
     monkeypatch.undo()
-    four = M.laid_out_for(M.laid_out_for(M.decode_params(params), 1), 4)
-    assert "wte_t" in four and "wte" not in four
-    np.testing.assert_array_equal(np.asarray(four["wte_t"]), np.asarray(params["wte"]).T)
+    many = M.laid_out_for(M.laid_out_for(M.decode_params(params), 1), K.NATIVE_ROWS + 1)
+    assert "wte_t" in many and "wte" not in many
+    np.testing.assert_array_equal(np.asarray(many["wte_t"]), np.asarray(params["wte"]).T)
 
 
 def run_python(code: str, **env):
@@ -137,4 +140,36 @@ def test_off_switch_and_one_build_per_source_and_cpu(tmp_path):
         on = run_python(code, XDG_CACHE_HOME=str(tmp_path / "on"))
         assert on.stdout.strip() == "True", on.stderr
     built = list((tmp_path / "on" / "gpt2train" / "native").iterdir())
-    assert len(built) == 1 and built[0].name.startswith("rows_matmul-") and built[0].suffix == ".so"
+    assert len(built) == 1 and built[0].name.startswith("decode-") and built[0].suffix == ".so"
+
+
+def reference_attention(q, k_bits, v_bits, mask):
+    """The model's XLA formula in float64: scores of the allowed slots (others -1e30), softmax, times v."""
+    as64 = lambda bits: np.asarray(jax.lax.bitcast_convert_type(bits, jnp.bfloat16), np.float64)  # noqa: E731
+    q, k, v, mask = np.asarray(q, np.float64), as64(k_bits), as64(v_bits), np.asarray(mask)
+    BH, T, Dh = q.shape
+    S, H = mask.shape[-1], BH // mask.shape[0]
+    scores = np.einsum("ntd,nsd->nts", q, k[:, :S]) / np.sqrt(Dh)
+    scores = np.where(np.repeat(mask, H, axis=0), scores, -1e30)
+    probs = np.exp(scores - scores.max(-1, keepdims=True))
+    return np.einsum("nts,nsd->ntd", probs / probs.sum(-1, keepdims=True), v[:, :S])
+
+
+@needs_bf16
+@pytest.mark.parametrize("B,H,T,L,S,Dh", [(2, 3, 1, 40, 40, 64), (3, 2, 5, 64, 37, 64), (1, 4, 2, 20, 17, 24)])
+def test_cached_attention_is_the_models_softmax_over_the_allowed_slots(B, H, T, L, S, Dh):
+    """Spans shorter than the caches (S < L, read in place), several query positions, a head size
+    that is not a multiple of 32, a row that may read nothing (averages every slot, as XLA's
+    path does) and rows of different lengths."""
+    keys = jax.random.split(jax.random.key(B * 100 + S), 3)
+    q = (jax.random.normal(keys[0], (B * H, T, Dh)) * 2).astype(jnp.bfloat16)
+    bits = lambda key: jax.lax.bitcast_convert_type(  # noqa: E731
+        jax.random.normal(key, (B * H, L, Dh)).astype(jnp.bfloat16), jnp.uint16)
+    k_bits, v_bits = bits(keys[1]), bits(keys[2])
+    lengths = np.arange(B)[:, None] * 3 + np.arange(T)[None, :] + S // 2   # row b, position t reads this many
+    mask = np.arange(S)[None, None, :] < np.minimum(lengths, S)[:, :, None]
+    mask[0, 0] = False                                                       # a padding row: no slot allowed
+    out = jax.jit(native_kernel.cached_attention)(q, k_bits, v_bits, jnp.asarray(mask))
+    expected = reference_attention(q, k_bits, v_bits, mask)
+    assert out.shape == q.shape and out.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(out, np.float64), expected, rtol=0, atol=1e-4 * np.abs(expected).max())

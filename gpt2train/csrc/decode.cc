@@ -1,0 +1,345 @@
+// Decoding's bfloat16 kernels for CPUs with AVX-512 bfloat16 (gpt2train/native_kernel.py builds
+// and loads this; kernels.native_rows and kernels.native_cached_attention say when each is used).
+//
+// rows_matmul: a few rows (1-16) of bfloat16 activations times a bfloat16 kernel laid out
+// [out, in], accumulated in float32. Decoding multiplies a few rows by every weight once per
+// token, so its speed is how fast the weights stream from memory. XLA:CPU multiplies a single
+// bfloat16 row in float32 (weights converted to float32 and streamed as such) and its bfloat16
+// kernels for a few rows pack the weights first, streaming about half as fast as its float32
+// one: holding the weights in bfloat16 bought little. This kernel reads each weight once,
+// straight from the layout it lies in -- by vdpbf16ps for one row, by AMX tiles for more where
+// the CPU has them -- and spreads output columns over XLA's own threads.
+//
+// cached_attention: each head's query row against its bfloat16 key/value cache. XLA:CPU
+// multiplies a single bfloat16 row in float32, so it converted every cache to float32 at every
+// token; this reads the caches' bits as they lie, one (head, position) row per task.
+#include <immintrin.h>
+
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cmath>
+#include <atomic>
+#include <cstdint>
+#include <memory>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+constexpr int64_t kGroup = 8;  // rows multiplied per pass over a pair of kernel rows
+
+#if !defined(__AVX512BF16__) || !defined(__AVX512BW__)
+#error "decode.cc needs AVX-512 with bfloat16 (native_kernel.py builds it only where the CPU has avx512_bf16)"
+#endif
+
+// G rows of x against kernel rows n and n + 1: 2 * G accumulators of 16 lanes, each step
+// multiplying 32 bfloat16 pairs (vdpbf16ps) into float32.
+template <int G>
+void group_pair(const uint16_t* x, const uint16_t* w0, const uint16_t* w1, int64_t K, float* y0, float* y1,
+                int64_t y_stride) {
+  __m512 a0[G], a1[G];
+  for (int g = 0; g < G; ++g) a0[g] = a1[g] = _mm512_setzero_ps();
+  int64_t k = 0;
+  for (; k + 32 <= K; k += 32) {
+    __m512bh v0 = (__m512bh)_mm512_loadu_si512(w0 + k);
+    __m512bh v1 = (__m512bh)_mm512_loadu_si512(w1 + k);
+    for (int g = 0; g < G; ++g) {
+      __m512bh xv = (__m512bh)_mm512_loadu_si512(x + g * K + k);
+      a0[g] = _mm512_dpbf16_ps(a0[g], xv, v0);
+      a1[g] = _mm512_dpbf16_ps(a1[g], xv, v1);
+    }
+  }
+  if (k < K) {  // the tail, by masked loads (zeros multiply to nothing)
+    __mmask32 m = (__mmask32)((1ull << (K - k)) - 1);
+    __m512bh v0 = (__m512bh)_mm512_maskz_loadu_epi16(m, w0 + k);
+    __m512bh v1 = (__m512bh)_mm512_maskz_loadu_epi16(m, w1 + k);
+    for (int g = 0; g < G; ++g) {
+      __m512bh xv = (__m512bh)_mm512_maskz_loadu_epi16(m, x + g * K + k);
+      a0[g] = _mm512_dpbf16_ps(a0[g], xv, v0);
+      a1[g] = _mm512_dpbf16_ps(a1[g], xv, v1);
+    }
+  }
+  for (int g = 0; g < G; ++g) {
+    y0[g * y_stride] = _mm512_reduce_add_ps(a0[g]);
+    if (y1) y1[g * y_stride] = _mm512_reduce_add_ps(a1[g]);
+  }
+}
+using GroupFn = void (*)(const uint16_t*, const uint16_t*, const uint16_t*, int64_t, float*, float*, int64_t);
+constexpr GroupFn kGroupFns[kGroup + 1] = {nullptr,         group_pair<1>, group_pair<2>, group_pair<3>, group_pair<4>,
+                                           group_pair<5>, group_pair<6>, group_pair<7>, group_pair<8>};
+
+// Output columns [n0, n1) of y [B, N] = x [B, K] . w [N, K]^T.
+void columns(const uint16_t* x, const uint16_t* w, float* y, int64_t B, int64_t K, int64_t N, int64_t n0,
+             int64_t n1) {
+  for (int64_t n = n0; n < n1; n += 2) {
+    const bool pair = n + 1 < n1;
+    const uint16_t* w0 = w + n * K;
+    const uint16_t* w1 = pair ? w0 + K : w0;
+    for (int64_t b = 0; b < B; b += kGroup) {  // the kernel rows stay in L1 between groups
+      const int64_t g = std::min(kGroup, B - b);
+      kGroupFns[g](x + b * K, w0, w1, K, y + b * N + n, pair ? y + b * N + n + 1 : nullptr, N);
+    }
+  }
+}
+
+
+#if defined(__AMX_BF16__) && defined(__AMX_TILE__)
+constexpr bool kHasAmx = true;
+
+// AMX tiles are the process's to ask for (Linux 5.16+); XLA's own kernels have usually asked already.
+bool amx_permitted() {
+  static const bool ok = [] {
+    constexpr long kReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
+    return syscall(SYS_arch_prctl, kReqXcompPerm, kXfeatureXtiledata) == 0;
+  }();
+  return ok;
+}
+
+struct TileConfig {
+  uint8_t palette = 0, start_row = 0, reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+// x [B <= 16, K] laid out as AMX's right operand: for each 32-wide block of K, 16 rows (pairs of
+// k) of 16 columns (b) of 2 bfloat16s; rows past B are zeros.
+void pack_x(const uint16_t* x, int64_t B, int64_t K, uint16_t* xp) {
+  for (int64_t kb = 0; kb < K / 32; ++kb)
+    for (int r = 0; r < 16; ++r)
+      for (int b = 0; b < 16; ++b)
+        for (int j = 0; j < 2; ++j)
+          xp[(kb * 16 + r) * 32 + b * 2 + j] = b < B ? x[b * K + kb * 32 + 2 * r + j] : 0;
+}
+
+// Output columns [n0, n1) -- whole blocks of 16 -- of y [B, N] by AMX: tiles 0-3 accumulate
+// [16 kernel rows, 16 x rows] in float32, tiles 4-5 hold kernel rows as they lie, tile 6 packed x.
+// The thread's own tile configuration (XLA's kernels may hold one) is put back afterwards.
+void columns_amx(const uint16_t* xp, const uint16_t* w, float* y, int64_t B, int64_t K, int64_t N, int64_t n0,
+                 int64_t n1) {
+  alignas(64) TileConfig saved, mine;
+  _tile_storeconfig(&saved);
+  mine.palette = 1;
+  for (int t = 0; t < 7; ++t) {
+    mine.rows[t] = 16;
+    mine.colsb[t] = 64;
+  }
+  _tile_loadconfig(&mine);
+  alignas(64) float c[16][16];
+  auto store = [&](auto tile_store, int64_t n) {
+    tile_store();
+    for (int64_t b = 0; b < B; ++b)
+      for (int m = 0; m < 16; ++m) y[b * N + n + m] = c[m][b];
+  };
+  const int64_t stride = K * 2;
+  int64_t n = n0;
+  for (; n + 64 <= n1; n += 64) {
+    _tile_zero(0);
+    _tile_zero(1);
+    _tile_zero(2);
+    _tile_zero(3);
+    const uint16_t* wn = w + n * K;
+    for (int64_t k = 0; k < K; k += 32) {
+      _tile_loadd(6, xp + k * 16, 64);
+      _tile_loadd(4, wn + k, stride);
+      _tile_dpbf16ps(0, 4, 6);
+      _tile_loadd(5, wn + 16 * K + k, stride);
+      _tile_dpbf16ps(1, 5, 6);
+      _tile_loadd(4, wn + 32 * K + k, stride);
+      _tile_dpbf16ps(2, 4, 6);
+      _tile_loadd(5, wn + 48 * K + k, stride);
+      _tile_dpbf16ps(3, 5, 6);
+    }
+    store([&] { _tile_stored(0, c, 64); }, n);
+    store([&] { _tile_stored(1, c, 64); }, n + 16);
+    store([&] { _tile_stored(2, c, 64); }, n + 32);
+    store([&] { _tile_stored(3, c, 64); }, n + 48);
+  }
+  for (; n + 16 <= n1; n += 16) {
+    _tile_zero(0);
+    for (int64_t k = 0; k < K; k += 32) {
+      _tile_loadd(6, xp + k * 16, 64);
+      _tile_loadd(4, w + n * K + k, stride);
+      _tile_dpbf16ps(0, 4, 6);
+    }
+    store([&] { _tile_stored(0, c, 64); }, n);
+  }
+  if (saved.palette)
+    _tile_loadconfig(&saved);
+  else
+    _tile_release();
+}
+#else
+constexpr bool kHasAmx = false;
+bool amx_permitted() { return false; }
+void pack_x(const uint16_t*, int64_t, int64_t, uint16_t*) {}
+void columns_amx(const uint16_t*, const uint16_t*, float*, int64_t, int64_t, int64_t, int64_t, int64_t) {}
+#endif
+
+// From this many rows on, AMX multiplies where the CPU has it (124M's products chained, Intel Xeon:
+// 2 rows 11.4 ms against 13.8 by vdpbf16ps, 8 rows 12.9 against 31.1); one row streams faster
+// through vdpbf16ps (10.1 against 11.0 ms).
+constexpr int64_t kAmxMinRows = 2;
+
+// Runs fn(i0, i1) over [0, n) in chunks, on the calling thread and on XLA's pool. A task that
+// starts after the work is done finds no chunk left and returns, so the caller only ever waits
+// for chunks already running, never for a task the pool has not started. Several chunks per
+// thread even out threads that start late; chunk sizes are multiples of `align`.
+template <typename Fn>
+void parallel_chunks(ffi::ThreadPool& pool, int64_t n, int64_t align, int64_t min_chunk, Fn fn) {
+  struct State {
+    State(Fn f, int64_t n, int64_t chunk) : fn(std::move(f)), n(n), chunk(chunk), chunks((n + chunk - 1) / chunk) {}
+    Fn fn;
+    int64_t n, chunk, chunks;
+    std::atomic<int64_t> next{0}, done{0};
+    void work() {
+      for (int64_t c; (c = next.fetch_add(1)) < chunks;) {
+        fn(c * chunk, std::min(n, (c + 1) * chunk));
+        done.fetch_add(1, std::memory_order_release);
+      }
+    }
+  };
+  const int64_t threads = std::max<int64_t>(1, pool.num_threads());
+  const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(threads * 4, n / std::max<int64_t>(1, min_chunk)));
+  const int64_t chunk = std::max<int64_t>(align, ((n + chunks - 1) / chunks + align - 1) / align * align);
+  auto state = std::make_shared<State>(std::move(fn), n, chunk);
+  for (int64_t t = 1; t < std::min(threads, state->chunks); ++t) pool.Schedule([state] { state->work(); });
+  state->work();
+  while (state->done.load(std::memory_order_acquire) < state->chunks) _mm_pause();
+}
+
+ffi::Error RowsMatmulImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::Result<ffi::AnyBuffer> y) {
+  auto xd = x.dimensions(), wd = w.dimensions();
+  if (x.element_type() != ffi::DataType::BF16 || w.element_type() != ffi::DataType::BF16 ||
+      y->element_type() != ffi::DataType::F32)
+    return ffi::Error::InvalidArgument("rows_matmul: x and w must be bfloat16 and the result float32");
+  if (xd.size() != 2 || wd.size() != 2 || xd[1] != wd[1])
+    return ffi::Error::InvalidArgument("rows_matmul: x [B, K] and w [N, K] expected");
+  const auto* xs = reinterpret_cast<const uint16_t*>(x.untyped_data());
+  const auto* ws = reinterpret_cast<const uint16_t*>(w.untyped_data());
+  auto* ys = reinterpret_cast<float*>(y->untyped_data());
+  const int64_t B = xd[0], K = xd[1], N = wd[0];
+  const bool amx = kHasAmx && B >= kAmxMinRows && B <= 16 && K % 32 == 0 && N >= 16 && amx_permitted();
+  auto xp = std::make_shared<std::vector<uint16_t>>(amx ? K * 16 : 0);  // x packed for AMX
+  if (amx) pack_x(xs, B, K, xp->data());
+  // Chunks of whole AMX blocks (64 kernel rows), or of even sizes that keep kernel rows paired.
+  parallel_chunks(pool, N, amx ? 64 : 2, 64, [=](int64_t n0, int64_t n1) {
+    const int64_t whole = amx ? n0 + (n1 - n0) / 16 * 16 : n0;
+    if (amx) columns_amx(xp->data(), ws, ys, B, K, N, n0, whole);
+    columns(xs, ws, ys, B, K, N, whole, n1);
+  });
+  return ffi::Error::Success();
+}
+
+
+// ----------------------------------------------------------------------------- cached_attention
+// exp(x) for x <= 0 in float32 to about 2 ulp (x = n ln2 + r, |r| <= ln2 / 2, Taylor to r^6,
+// times 2^n); 0 below -87, as float32's exp underflows there.
+inline __m512 exp_nonpositive(__m512 x) {
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145752f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.42860677e-6f), r);
+  __m512 p = _mm512_set1_ps(1.f / 720);
+  for (float c : {1.f / 120, 1.f / 24, 1.f / 6, 0.5f, 1.f, 1.f}) p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
+  return _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.f), _CMP_GT_OQ), _mm512_scalef_ps(p, n));
+}
+
+// One query row (head bh, position t) against the first S slots of its caches: softmax of the
+// scaled scores of the slots the mask allows (others -1e30, as the model's XLA path floors them,
+// so a row that may read nothing averages every slot instead of turning into NaN), times v.
+void attend_row(const uint16_t* q, const uint16_t* k, const uint16_t* v, const bool* mask, float* out,
+                int64_t S, int64_t Dh, float* scores) {
+  const int64_t blocks = (Dh + 31) / 32;
+  const float scale = 1.f / std::sqrt(static_cast<float>(Dh));
+  float top = -1e30f;
+  for (int64_t s = 0; s < S; ++s) {
+    if (!mask[s]) {
+      scores[s] = -1e30f;
+      continue;
+    }
+    __m512 acc = _mm512_setzero_ps();
+    for (int64_t j = 0; j < blocks; ++j) {
+      const __mmask32 m = Dh - j * 32 >= 32 ? ~__mmask32{0} : (__mmask32)((1u << (Dh - j * 32)) - 1);
+      acc = _mm512_dpbf16_ps(acc, (__m512bh)_mm512_maskz_loadu_epi16(m, q + j * 32),
+                             (__m512bh)_mm512_maskz_loadu_epi16(m, k + s * Dh + j * 32));
+    }
+    scores[s] = _mm512_reduce_add_ps(acc) * scale;
+    top = std::max(top, scores[s]);
+  }
+  __m512 total = _mm512_setzero_ps();
+  int64_t s = 0;
+  for (; s + 16 <= S; s += 16) {
+    const __m512 e = exp_nonpositive(_mm512_sub_ps(_mm512_loadu_ps(scores + s), _mm512_set1_ps(top)));
+    _mm512_storeu_ps(scores + s, e);
+    total = _mm512_add_ps(total, e);
+  }
+  if (s < S) {
+    const __mmask16 m = (__mmask16)((1u << (S - s)) - 1);
+    const __m512 e = exp_nonpositive(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, scores + s), _mm512_set1_ps(top)));
+    _mm512_mask_storeu_ps(scores + s, m, e);
+    total = _mm512_add_ps(total, _mm512_maskz_mov_ps(m, e));
+  }
+  const float inv = 1.f / _mm512_reduce_add_ps(total);
+  for (int64_t j = 0; j < Dh; j += 16) {
+    const __mmask16 m = Dh - j >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (Dh - j)) - 1);
+    __m512 acc = _mm512_setzero_ps();
+    for (int64_t s = 0; s < S; ++s) {
+      if (scores[s] == 0.f) continue;  // masked (or negligible) slots add nothing
+      const __m512 vs = _mm512_cvtpbh_ps((__m256bh)_mm256_maskz_loadu_epi16(m, v + s * Dh + j));
+      acc = _mm512_fmadd_ps(_mm512_set1_ps(scores[s]), vs, acc);
+    }
+    _mm512_mask_storeu_ps(out + j, m, _mm512_mul_ps(acc, _mm512_set1_ps(inv)));
+  }
+}
+
+ffi::Error CachedAttentionImpl(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v,
+                               ffi::AnyBuffer mask, ffi::Result<ffi::AnyBuffer> out) {
+  auto qd = q.dimensions(), kd = k.dimensions(), md = mask.dimensions();
+  if (q.element_type() != ffi::DataType::BF16 || k.element_type() != ffi::DataType::U16 ||
+      v.element_type() != ffi::DataType::U16 || mask.element_type() != ffi::DataType::PRED ||
+      out->element_type() != ffi::DataType::F32)
+    return ffi::Error::InvalidArgument("cached_attention: q bfloat16, caches uint16 (bfloat16 bits), mask bool");
+  if (qd.size() != 3 || kd.size() != 3 || md.size() != 3 || kd[0] != qd[0] || kd[2] != qd[2] || md[1] != qd[1] ||
+      md[0] == 0 || qd[0] % md[0] != 0 || md[2] > kd[1] || v.dimensions().size() != 3 ||
+      v.dimensions()[0] != kd[0] || v.dimensions()[1] != kd[1] || v.dimensions()[2] != kd[2])
+    return ffi::Error::InvalidArgument("cached_attention: q [B*H, T, Dh], caches [B*H, L, Dh], mask [B, T, S <= L]");
+  const auto* qs = reinterpret_cast<const uint16_t*>(q.untyped_data());
+  const auto* ks = reinterpret_cast<const uint16_t*>(k.untyped_data());
+  const auto* vs = reinterpret_cast<const uint16_t*>(v.untyped_data());
+  const auto* ms = reinterpret_cast<const bool*>(mask.untyped_data());
+  auto* os = reinterpret_cast<float*>(out->untyped_data());
+  // Queries read the first S slots (the mask's width) of caches L slots long.
+  const int64_t BH = qd[0], T = qd[1], Dh = qd[2], S = md[2], L = kd[1], H = BH / md[0];
+  parallel_chunks(pool, BH * T, 1, 4, [=](int64_t i0, int64_t i1) {
+    std::vector<float> scores(S);
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t bh = i / T, t = i % T;
+      attend_row(qs + i * Dh, ks + bh * L * Dh, vs + bh * L * Dh, ms + ((bh / H) * T + t) * S, os + i * Dh, S, Dh,
+                 scores.data());
+    }
+  });
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(RowsMatmul, RowsMatmulImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(CachedAttention, CachedAttentionImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>());
