@@ -35,7 +35,7 @@ def exact_product(x, w):
 def test_rows_matmul_is_the_product_at_any_shape(rows, k, n):
     """Columns split over threads; one row by vdpbf16ps, kernel rows in pairs (an odd one left),
     K not a multiple of the 32-wide step (masked tail), more rows than one pass takes (11 = 8 + 3);
-    on AMX CPUs 2-16 rows by tiles, in blocks of 64 and 16 kernel rows, the rest by vdpbf16ps."""
+    on AMX CPUs 2-16 rows by tiles, in blocks of 16 kernel rows, the rest by vdpbf16ps."""
     assert native_kernel.available()
     keys = jax.random.split(jax.random.key(rows * k + n), 2)
     x = jax.random.normal(keys[0], (rows, k)).astype(jnp.bfloat16)

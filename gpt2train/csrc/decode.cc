@@ -116,57 +116,32 @@ void pack_x(const uint16_t* x, int64_t B, int64_t K, uint16_t* xp) {
           xp[(kb * 16 + r) * 32 + b * 2 + j] = b < B ? x[b * K + kb * 32 + 2 * r + j] : 0;
 }
 
-// Output columns [n0, n1) -- whole blocks of 16 -- of y [B, N] by AMX: tiles 0-3 accumulate
-// [16 kernel rows, 16 x rows] in float32, tiles 4-5 hold kernel rows as they lie, tile 6 packed x.
+// Output columns [n0, n1) -- whole blocks of 16 -- of y [B, N] by AMX: tile 0 accumulates
+// [16 kernel rows, 16 x rows] in float32, tile 1 holds 16 kernel rows as they lie, tile 2 the
+// packed x. One block of 16 kernel rows at a time: 16 streams from memory, which the hardware
+// prefetchers follow (blocks of 64 rows, 64 streams, read 124M's weights 13% slower at 8 rows).
 // The thread's own tile configuration (XLA's kernels may hold one) is put back afterwards.
 void columns_amx(const uint16_t* xp, const uint16_t* w, float* y, int64_t B, int64_t K, int64_t N, int64_t n0,
                  int64_t n1) {
   alignas(64) TileConfig saved, mine;
   _tile_storeconfig(&saved);
   mine.palette = 1;
-  for (int t = 0; t < 7; ++t) {
+  for (int t = 0; t < 3; ++t) {
     mine.rows[t] = 16;
     mine.colsb[t] = 64;
   }
   _tile_loadconfig(&mine);
   alignas(64) float c[16][16];
-  auto store = [&](auto tile_store, int64_t n) {
-    tile_store();
+  for (int64_t n = n0; n + 16 <= n1; n += 16) {
+    _tile_zero(0);
+    for (int64_t k = 0; k < K; k += 32) {
+      _tile_loadd(2, xp + k * 16, 64);
+      _tile_loadd(1, w + n * K + k, K * 2);
+      _tile_dpbf16ps(0, 1, 2);
+    }
+    _tile_stored(0, c, 64);
     for (int64_t b = 0; b < B; ++b)
       for (int m = 0; m < 16; ++m) y[b * N + n + m] = c[m][b];
-  };
-  const int64_t stride = K * 2;
-  int64_t n = n0;
-  for (; n + 64 <= n1; n += 64) {
-    _tile_zero(0);
-    _tile_zero(1);
-    _tile_zero(2);
-    _tile_zero(3);
-    const uint16_t* wn = w + n * K;
-    for (int64_t k = 0; k < K; k += 32) {
-      _tile_loadd(6, xp + k * 16, 64);
-      _tile_loadd(4, wn + k, stride);
-      _tile_dpbf16ps(0, 4, 6);
-      _tile_loadd(5, wn + 16 * K + k, stride);
-      _tile_dpbf16ps(1, 5, 6);
-      _tile_loadd(4, wn + 32 * K + k, stride);
-      _tile_dpbf16ps(2, 4, 6);
-      _tile_loadd(5, wn + 48 * K + k, stride);
-      _tile_dpbf16ps(3, 5, 6);
-    }
-    store([&] { _tile_stored(0, c, 64); }, n);
-    store([&] { _tile_stored(1, c, 64); }, n + 16);
-    store([&] { _tile_stored(2, c, 64); }, n + 32);
-    store([&] { _tile_stored(3, c, 64); }, n + 48);
-  }
-  for (; n + 16 <= n1; n += 16) {
-    _tile_zero(0);
-    for (int64_t k = 0; k < K; k += 32) {
-      _tile_loadd(6, xp + k * 16, 64);
-      _tile_loadd(4, w + n * K + k, stride);
-      _tile_dpbf16ps(0, 4, 6);
-    }
-    store([&] { _tile_stored(0, c, 64); }, n);
   }
   if (saved.palette)
     _tile_loadconfig(&saved);
@@ -181,8 +156,7 @@ void columns_amx(const uint16_t*, const uint16_t*, float*, int64_t, int64_t, int
 #endif
 
 // From this many rows on, AMX multiplies where the CPU has it (124M's products chained, Intel Xeon:
-// 2 rows 11.4 ms against 13.8 by vdpbf16ps, 8 rows 12.9 against 31.1); one row streams faster
-// through vdpbf16ps (10.1 against 11.0 ms).
+// 2 rows 10.1 ms against 13.8 by vdpbf16ps, 8 rows 10.3 against 31.1, XLA's bfloat16 17.8).
 constexpr int64_t kAmxMinRows = 2;
 
 // Runs fn(i0, i1) over [0, n) in chunks, on the calling thread and on XLA's pool. A task that
@@ -226,8 +200,8 @@ ffi::Error RowsMatmulImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer
   const bool amx = kHasAmx && B >= kAmxMinRows && B <= 16 && K % 32 == 0 && N >= 16 && amx_permitted();
   auto xp = std::make_shared<std::vector<uint16_t>>(amx ? K * 16 : 0);  // x packed for AMX
   if (amx) pack_x(xs, B, K, xp->data());
-  // Chunks of whole AMX blocks (64 kernel rows), or of even sizes that keep kernel rows paired.
-  parallel_chunks(pool, N, amx ? 64 : 2, 64, [=](int64_t n0, int64_t n1) {
+  // Chunks of whole AMX blocks (16 kernel rows), or of even sizes that keep kernel rows paired.
+  parallel_chunks(pool, N, amx ? 16 : 2, 64, [=](int64_t n0, int64_t n1) {
     const int64_t whole = amx ? n0 + (n1 - n0) / 16 * 16 : n0;
     if (amx) columns_amx(xp->data(), ws, ys, B, K, N, n0, whole);
     columns(xs, ws, ys, B, K, N, whole, n1);
