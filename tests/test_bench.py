@@ -33,6 +33,10 @@ def test_smoke_suite_writes_a_complete_report(tmp_path):
     assert 0 < batch_1["fraction_of_copy_bandwidth"] and batch_1["copy_bandwidth_gb_s"] > 0
     assert all(r["generate"][b]["context_free_step_ms"] > 0 and r["generate"][b]["ceiling_ratio"] > 0
                and 0 < r["generate"][b]["fraction_of_ceiling"] and r["generate"][b]["cache_read_ms"] > 0 for b in ("batch_1", "batch_2"))
+    for b in ("batch_1", "batch_2", "batch_1_bf16", "batch_2_bf16"):  # memory alone: weights + cache at copy speed
+        row = r["generate"][b]
+        expected = int(b[6]) * row["copy_bandwidth_gb_s"] * 1e9 / row["weight_bytes_per_token"]
+        assert 0 < row["bandwidth_ceiling_tok_s"] < expected and row["bandwidth_ceiling_ratio"] > 0
     assert r["eval"]["ratio"] > 0 and r["eval"]["ours_bf16_tok_s"] > 0 and r["eval"]["ratio_bf16"] > 0
     # bfloat16 weights are half the bytes a step reads
     g = r["generate"]
@@ -46,5 +50,6 @@ def test_smoke_suite_writes_a_complete_report(tmp_path):
     assert q["steps"] > 1 and 0 < q["heldout_bits_per_byte"] < 10
     md = (tmp_path / "report.md").read_text()
     assert "## Training" in md and "## Generation" in md and "ceiling tokens/s" in md and "## Time to quality" in md
+    assert "memory-only ceiling tokens/s" in md
     assert "of copy bandwidth" in md and "Threads: ours (XLA:CPU)" in md and f"BLAS {ref['blas']}" in md
     assert "bandwidth limit" not in md
