@@ -25,6 +25,7 @@ import jax.numpy as jnp
 from . import native_kernel
 
 IMPLS = ("cpu", "standard")
+BF16_BITS = jnp.uint16  # a bfloat16 array held as its bits (see matmul and model.laid_out_for)
 NATIVE_ROWS = 16  # rows up to which a bfloat16 product may go to our compiled kernel (native_rows)
 
 
@@ -91,7 +92,12 @@ def resolve(impl: str) -> str:
 
 def matmul(x, w, *, transposed: bool = False, impl: str):
     """x [N, K] times the kernel w -- [K, M], or [M, K] with transposed -- cast to x's dtype.
-    Returns float32 [N, M], accumulated in float32."""
+    Returns float32 [N, M], accumulated in float32. A uint16 w (BF16_BITS, decoding only: no
+    gradient) holds bfloat16 bits."""
+    if w.dtype == BF16_BITS:
+        if transposed and native_rows(x.shape[0], jnp.bfloat16) and resolve(impl) == "cpu":
+            return native_kernel.rows_matmul(x.astype(jnp.bfloat16), w)
+        w = jax.lax.bitcast_convert_type(w, jnp.bfloat16)
     if resolve(impl) == "cpu" and x.dtype == jnp.bfloat16:
         if transposed and native_rows(x.shape[0], x.dtype):
             return _native_matmul(x, w.astype(x.dtype))

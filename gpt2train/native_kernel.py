@@ -106,7 +106,8 @@ def available() -> bool:
 
 
 def rows_matmul(x, w):
-    """x [B, K] bfloat16 times w [N, K] bfloat16 (as w.T): [B, N] float32. Needs available()."""
+    """x [B, K] bfloat16 times w [N, K] bfloat16, or its bits as uint16 (as w.T): [B, N] float32.
+    Needs available()."""
     out = jax.ShapeDtypeStruct((x.shape[0], w.shape[0]), jnp.float32)
     return jax.ffi.ffi_call(TARGET, out, vmap_method="sequential")(x, w)
 

@@ -74,13 +74,14 @@ def test_matmul_takes_the_kernel_only_where_native_rows_says_and_its_gradient_is
 
 @needs_bf16
 def test_decoding_one_text_in_bfloat16_reads_the_head_as_it_lies_and_matches_xla(monkeypatch):
-    """Batch 1 in bfloat16: [out, in] layers and the head as wte [V, D] (the kernel's layout);
-    batch 17 (past NATIVE_ROWS): wte_t [D, V] again. The logits of a decode step equal XLA's within bfloat16's
+    """Batch 1 in bfloat16: [out, in] layers and the head as wte_bits [V, D] (the kernel's layout,
+    as bfloat16 bits); batch 17 (past NATIVE_ROWS): wte_t [D, V] again. The logits of a decode step equal XLA's within bfloat16's
     rounding of the activations between layers."""
     cfg = Config(n_ctx=32, n_embd=64, n_layer=2, n_head=4, n_vocab=300, precision="bfloat16").validate()
     params = hold_params(M.init_params(cfg, jax.random.key(0)), cfg)
     one = M.laid_out_for(M.decode_params(params), 1)
-    assert "wte" in one and "wte_t" not in one and "kernel_t" in one["layers"][0]["mlp"]["c_fc"]
+    assert "wte_bits" in one and "wte_t" not in one and "kernel_t" in one["layers"][0]["mlp"]["c_fc"]
+    assert one["wte_bits"].dtype == jnp.uint16 and one["wte_bits"].shape == params["wte"].shape
 
     def step_logits(p):
         cache = M.init_cache(cfg, 1, cfg.n_ctx)
@@ -94,7 +95,7 @@ def test_decoding_one_text_in_bfloat16_reads_the_head_as_it_lies_and_matches_xla
     assert np.max(np.abs(native - xla)) <= 8 * 2.0 ** -8 * np.max(np.abs(xla))
     monkeypatch.undo()
     many = M.laid_out_for(M.laid_out_for(M.decode_params(params), 1), K.NATIVE_ROWS + 1)
-    assert "wte_t" in many and "wte" not in many
+    assert "wte_t" in many and "wte_bits" not in many
     np.testing.assert_array_equal(np.asarray(many["wte_t"]), np.asarray(params["wte"]).T)
 
 
@@ -173,3 +174,22 @@ def test_cached_attention_is_the_models_softmax_over_the_allowed_slots(B, H, T, 
     expected = reference_attention(q, k_bits, v_bits, mask)
     assert out.shape == q.shape and out.dtype == jnp.float32
     np.testing.assert_allclose(np.asarray(out, np.float64), expected, rtol=0, atol=1e-4 * np.abs(expected).max())
+
+
+@needs_bf16
+def test_decode_step_never_converts_the_embedding_table():
+    """XLA:CPU gathers bfloat16 rows in float32, converting the whole table first: the decode
+    step of a server (one step per compiled call) paid for 77 MB of conversion per token at
+    124M. Held as bits (wte_bits), the table is gathered as it lies: the compiled step holds no
+    float32 array of the table's shape, and the embedding equals the bfloat16 table's rows."""
+    cfg = Config(n_ctx=32, n_embd=64, n_layer=2, n_head=4, n_vocab=300, precision="bfloat16").validate()
+    params = hold_params(M.init_params(cfg, jax.random.key(0)), cfg)
+    one = M.laid_out_for(M.decode_params(params), 1)
+    cache, pad, tokens = M.init_cache(cfg, 1, cfg.n_ctx), jnp.zeros(1, jnp.int32), jnp.asarray([[7]], jnp.int32)
+    step = jax.jit(lambda p, c: M.forward_cached(p, tokens, c, 3, pad, cfg))
+    hlo = step.lower(one, cache).compile().as_text()
+    V, D = params["wte"].shape
+    assert f"f32[{V},{D}]" not in hlo and f"f32[{D},{V}]" not in hlo
+    rows = M.embed(one, jnp.asarray([[7, 299]]), jnp.asarray([[0, 1]]), cfg, jnp.float32)
+    expected = params["wte"][jnp.asarray([[7, 299]])].astype(jnp.float32) + params["wpe"][:2].astype(jnp.float32)
+    np.testing.assert_allclose(np.asarray(rows), np.asarray(expected), rtol=2 ** -8)

@@ -188,9 +188,10 @@ void parallel_chunks(ffi::ThreadPool& pool, int64_t n, int64_t align, int64_t mi
 
 ffi::Error RowsMatmulImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::Result<ffi::AnyBuffer> y) {
   auto xd = x.dimensions(), wd = w.dimensions();
-  if (x.element_type() != ffi::DataType::BF16 || w.element_type() != ffi::DataType::BF16 ||
+  if (x.element_type() != ffi::DataType::BF16 ||
+      (w.element_type() != ffi::DataType::BF16 && w.element_type() != ffi::DataType::U16) ||
       y->element_type() != ffi::DataType::F32)
-    return ffi::Error::InvalidArgument("rows_matmul: x and w must be bfloat16 and the result float32");
+    return ffi::Error::InvalidArgument("rows_matmul: x bfloat16, w bfloat16 (or its bits, uint16), result float32");
   if (xd.size() != 2 || wd.size() != 2 || xd[1] != wd[1])
     return ffi::Error::InvalidArgument("rows_matmul: x [B, K] and w [N, K] expected");
   const auto* xs = reinterpret_cast<const uint16_t*>(x.untyped_data());
