@@ -33,6 +33,7 @@ from bench.run import cpu_model_and_flags, write_report
 from gpt2train import model as M
 from gpt2train.config import Config
 from gpt2train.generate import Generator
+from gpt2train.inference import hold_params, inference_config
 from gpt2train.sampling import SamplingOptions
 from gpt2train.serving.server import ServeSettings, ServingServer
 from gpt2train.tokenizer import GPT2_ENCODER_DIR, load_tokenizer
@@ -123,7 +124,8 @@ def single_request_generator(cfg, params, tok, max_tokens: int, repeats: int = 2
 def markdown(report: dict) -> str:
     lines = [f"# Serving benchmark ({report['shape']})", "",
              f"{report['cpu']} ({', '.join(report['isa_flags']) or 'no AVX2/AVX-512/AMX'}), {report['cores']} cores, load average at start {report['load_average']} and at the end "
-             f"{report['load_average_end']}; {report['slots']} slots, {report['max_tokens']} new tokens per request, "
+             f"{report['load_average_end']}; {report['precision']} (the `inference_precision: auto` choice here), "
+             f"{report['slots']} slots, {report['max_tokens']} new tokens per request, "
              f"{report['prompt_tokens']}-token prompt, "
              f"warm-up (compiling) {report['warm_up_s']} s.", "",
              "| clients | requests | errors | tokens/s (all clients) | vs 1 client | TTFT p50 | TTFT p95 | "
@@ -152,7 +154,10 @@ def main(argv=None) -> dict:
         dict(n_layer=12, n_embd=768, n_head=12, n_ctx=1024)
     cfg = Config(n_vocab=50257, model_path="gpt2-124M-random" if not args.smoke else "tiny", **shape).validate()
     tok = load_tokenizer(GPT2_ENCODER_DIR)
-    params = M.init_params(cfg, jax.random.PRNGKey(0))
+    # As `serve` and `generate` load a model (inference.load_for_inference): in the precision
+    # `inference_precision: auto` picks on this machine, weights held in it.
+    cfg = inference_config(cfg)
+    params = hold_params(M.init_params(cfg, jax.random.PRNGKey(0)), cfg)
     load = [round(x, 2) for x in os.getloadavg()]  # before the run (another process's load shows here)
     start = time.perf_counter()
     server = ServingServer(cfg, params, tok, SamplingOptions(), port=0, access_log=False,
@@ -172,7 +177,7 @@ def main(argv=None) -> dict:
     cpu, isa = cpu_model_and_flags()
     report = {"shape": "smoke" if args.smoke else "124M", "cpu": cpu, "isa_flags": isa, "cores": os.cpu_count(),
               "load_average": load, "load_average_end": [round(x, 2) for x in os.getloadavg()],
-              "prompt_tokens": len(tok.encode(PROMPT)), "slots": args.slots,
+              "prompt_tokens": len(tok.encode(PROMPT)), "slots": args.slots, "precision": cfg.precision,
               "max_tokens": args.max_tokens, "warm_up_s": round(warm, 1), "levels": levels, "generator": generator}
     write_report(report, markdown(report), pathlib.Path(args.out), "serve_report")
     return report
