@@ -6,8 +6,8 @@ standard  what JAX offers every backend: `jax.nn.dot_product_attention` (fused c
 cpu       kernels written for XLA:CPU, each for the measured reason given where it is defined:
           causal attention by blocks of query rows with its own backward, bfloat16
           products with their own backward that keeps every product in bfloat16, and
-          decoding's bfloat16 products of a few rows and its attention over the bfloat16
-          caches by our compiled kernels (native_kernel.py) on CPUs with AVX-512 bfloat16.
+          decoding's products of a few rows (bfloat16 and float32) and its attention over
+          bfloat16 caches by our compiled kernels (native_kernel.py) on CPUs with AVX-512.
 auto      `cpu` when JAX's default backend is the CPU, else `standard`.
 
 Both compute the same function; tests/test_kernels.py holds them to the same values and gradients.
@@ -57,15 +57,24 @@ def decode_transposed(rows: int, dtype=jnp.float32) -> bool:
 
 def native_rows(rows: int, dtype) -> bool:
     """Whether a product of `rows` rows in dtype by an [out, in] kernel goes to
-    native_kernel.rows_matmul: bfloat16 only, on CPUs with AVX-512 bfloat16, up to NATIVE_ROWS
-    rows with AMX and up to 2 without. There the weights stream at near the memory's pace, where
-    XLA:CPU streams them as float32 for one row and packs them for several (124M, 12 layers and
-    the head chained, Intel Xeon with AMX: 1 row 10.1 ms against 20 for XLA's float32 and 49
-    for its bfloat16; 8 rows 12.9 against 17.8; 16 rows 13.9 against 19.0). Without AMX the
-    kernel's vdpbf16ps is compute-bound from 4 rows on (19.5 ms), where XLA is faster."""
-    if jnp.dtype(dtype) != jnp.bfloat16 or jax.default_backend() != "cpu" or "avx512_bf16" not in cpu_flags():
+    native_kernel.rows_matmul, which reads the weights near the memory's pace where XLA:CPU does
+    not (124M's 12 layers and head chained, Intel Xeon with AMX):
+
+    bfloat16  on CPUs with AVX-512 bfloat16, up to NATIVE_ROWS rows with AMX and up to 2
+              without. XLA:CPU streams bfloat16 weights as float32 for one row and packs them for
+              several: 1 row 10.1 ms against 20 for XLA's float32 and 49 for its bfloat16; 8 rows
+              10.3 against 17.8; 16 rows 11.7 against 19.0. Without AMX the kernel's vdpbf16ps
+              is compute-bound from 4 rows on (19.5 ms), where XLA is faster.
+    float32   on CPUs with AVX-512, up to NATIVE_ROWS rows: 1 row 15.8 ms against 18.2, 2 rows
+              17.6 against 31.2, 8 rows 28.1 against 36.6, 16 rows 35.5 against 40.8."""
+    if jax.default_backend() != "cpu" or rows > NATIVE_ROWS:
         return False
-    return rows <= (NATIVE_ROWS if "amx_bf16" in cpu_flags() else 2) and native_kernel.available()
+    flags = cpu_flags()
+    if jnp.dtype(dtype) == jnp.bfloat16:
+        usable = "avx512_bf16" in flags and (rows <= 2 or "amx_bf16" in flags)
+    else:
+        usable = jnp.dtype(dtype) == jnp.float32 and {"avx512f", "avx512bw"} <= flags
+    return usable and native_kernel.available()
 
 
 def native_cached_attention(impl: str) -> bool:
@@ -90,17 +99,19 @@ def resolve(impl: str) -> str:
     return impl
 
 
-def matmul(x, w, *, transposed: bool = False, impl: str):
+def matmul(x, w, *, transposed: bool = False, impl: str, decoding: bool = False):
     """x [N, K] times the kernel w -- [K, M], or [M, K] with transposed -- cast to x's dtype.
-    Returns float32 [N, M], accumulated in float32. A uint16 w (BF16_BITS, decoding only: no
-    gradient) holds bfloat16 bits."""
+    Returns float32 [N, M], accumulated in float32. decoding: a decode step's product, which
+    may go to the compiled kernel (native_rows); training and evaluation never do. A uint16 w
+    (BF16_BITS, decoding only: no gradient) holds bfloat16 bits."""
+    native = decoding and transposed and resolve(impl) == "cpu"
     if w.dtype == BF16_BITS:
-        if transposed and native_rows(x.shape[0], jnp.bfloat16) and resolve(impl) == "cpu":
+        if native and native_rows(x.shape[0], jnp.bfloat16):
             return native_kernel.rows_matmul(x.astype(jnp.bfloat16), w)
         w = jax.lax.bitcast_convert_type(w, jnp.bfloat16)
+    if native and x.dtype in (jnp.bfloat16, jnp.float32) and native_rows(x.shape[0], x.dtype):
+        return _native_matmul(x, w.astype(x.dtype))
     if resolve(impl) == "cpu" and x.dtype == jnp.bfloat16:
-        if transposed and native_rows(x.shape[0], x.dtype):
-            return _native_matmul(x, w.astype(x.dtype))
         return _low_precision_matmul(x, w, transposed)
     return _contract(x, w.astype(x.dtype), 1, 1 if transposed else 0)
 

@@ -102,8 +102,8 @@ def dense(x, p, dtype, impl: str = "auto"):
     # As a 2-D matmul over all tokens: XLA:CPU differentiates a batched [B, T, D] einsum into
     # weight-gradient dots it runs ~30% slower than the same 2-D ones (measured at 4x256).
     x2 = x.reshape(-1, x.shape[-1])
-    if "kernel_t" in p:  # [out, in], for batch-1 decoding (see decode_params)
-        y = kernels.matmul(x2, p["kernel_t"], transposed=True, impl=impl)
+    if "kernel_t" in p:  # [out, in], for decoding (see decode_params)
+        y = kernels.matmul(x2, p["kernel_t"], transposed=True, impl=impl, decoding=True)
     else:
         y = kernels.matmul(x2, p["kernel"], impl=impl)
     return (y + p["bias"]).astype(dtype).reshape(*x.shape[:-1], y.shape[-1])
@@ -266,9 +266,9 @@ def logits_from_hidden(params, x, cfg: Config):
     if "wte_t" in params:  # decoding's [D, V] table (decode_params)
         logits = kernels.matmul(x2, params["wte_t"], impl=cfg.kernels)
     elif "wte_bits" in params:  # decoding's bfloat16 [V, D] table as its bits (laid_out_for)
-        logits = kernels.matmul(x2, params["wte_bits"], transposed=True, impl=cfg.kernels)
+        logits = kernels.matmul(x2, params["wte_bits"], transposed=True, impl=cfg.kernels, decoding=True)
     else:  # wte [V, D] as it lies: through wte.T, XLA:CPU ran all three head products in float32
-        logits = kernels.matmul(x2, params["wte"], transposed=True, impl=cfg.kernels)
+        logits = kernels.matmul(x2, params["wte"], transposed=True, impl=cfg.kernels, decoding="layers" in params)
     logits = logits.reshape(*x.shape[:-1], logits.shape[-1])
     if cfg.padded_vocab != cfg.n_vocab:
         # Added, not selected: the gradient of an added constant is the identity, while a
@@ -336,31 +336,29 @@ def decode_params(params: Params) -> Params:
 def laid_out_for(params: Params, rows: int) -> Params:
     """Decode parameters (decode_params) with their layer kernels and tied head in the layouts
     that decoding `rows` texts at once reads fastest: layers by kernels.decode_transposed; the
-    head as `wte_t` [D, V], or, where kernels.native_rows takes it, as `wte_bits`: [V, D], the
-    bfloat16 table held as its bits (uint16), as the caches are. XLA:CPU gathers bfloat16 rows in
-    float32, converting the whole table first (once per compiled call, 10.8 ms of a server's
-    40 ms 124M step with 16 slots); uint16 rows it gathers as they are. Unchanged if already so;
-    otherwise converted in place."""
+    head as `wte_t` [D, V], or, where kernels.native_rows takes it, [V, D]: `wte` in float32,
+    `wte_bits` in bfloat16 -- the table held as its bits (uint16), as the caches are: XLA:CPU
+    gathers bfloat16 rows in float32, converting the whole table first (once per compiled call,
+    10.8 ms of a server's 40 ms 124M step with 16 slots), uint16 rows as they are. Unchanged if
+    already so; otherwise converted in place."""
     c_fc = params["layers"][0]["mlp"]["c_fc"]
     dtype = (c_fc.get("kernel_t", c_fc.get("kernel"))).dtype
     if kernels.decode_transposed(rows, dtype) != ("kernel_t" in c_fc):
         params = {**params, "layers": _swap_kernel_layouts(params["layers"])}
-    if kernels.native_rows(rows, dtype) == ("wte_t" in params):
-        if "wte_t" in params:
-            params = {**{k: v for k, v in params.items() if k != "wte_t"}, "wte_bits": _to_bits_t(params["wte_t"])}
-        else:
-            params = {**{k: v for k, v in params.items() if k != "wte_bits"}, "wte_t": _from_bits_t(params["wte_bits"])}
+    head = next(k for k in ("wte_t", "wte", "wte_bits") if k in params)
+    want = ("wte_bits" if dtype == jnp.bfloat16 else "wte") if kernels.native_rows(rows, dtype) else "wte_t"
+    if head != want:
+        params = {**{k: v for k, v in params.items() if k != head}, want: _relaid_head(params[head], head, want)}
     return params
 
 
-@functools.partial(jax.jit, donate_argnums=0)
-def _to_bits_t(a):
-    return jax.lax.bitcast_convert_type(a.T, kernels.BF16_BITS)
-
-
-@functools.partial(jax.jit, donate_argnums=0)
-def _from_bits_t(bits):
-    return jax.lax.bitcast_convert_type(bits, jnp.bfloat16).T
+@functools.partial(jax.jit, static_argnums=(1, 2), donate_argnums=0)
+def _relaid_head(table, head: str, want: str):
+    """The tied head moved from its `head` form to its `want` form (see laid_out_for)."""
+    wte = {"wte_t": lambda: table.T, "wte": lambda: table,
+           "wte_bits": lambda: jax.lax.bitcast_convert_type(table, jnp.bfloat16)}[head]()
+    return {"wte_t": lambda: wte.T, "wte": lambda: wte,
+            "wte_bits": lambda: jax.lax.bitcast_convert_type(wte, kernels.BF16_BITS)}[want]()
 
 
 @functools.partial(jax.jit, donate_argnums=0)  # decode_params' layers are copies: converted in place

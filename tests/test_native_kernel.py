@@ -21,29 +21,33 @@ from gpt2train.config import Config
 from gpt2train.inference import hold_params
 
 HAS_BF16 = "avx512_bf16" in K.cpu_flags()
+HAS_AVX512 = {"avx512f", "avx512bw"} <= K.cpu_flags()
 needs_bf16 = pytest.mark.skipif(not HAS_BF16, reason="this CPU has no AVX-512 bfloat16: the kernel is never used here")
+needs_avx512 = pytest.mark.skipif(not HAS_AVX512, reason="this CPU has no AVX-512: the kernels are never used here")
 
 
 def exact_product(x, w):
-    """x . w.T in float64 from the bfloat16 values: what float32 accumulation approximates."""
+    """x . w.T in float64 from the inputs' values: what float32 accumulation approximates."""
     return np.asarray(x, np.float64) @ np.asarray(w, np.float64).T
 
 
-@needs_bf16
+@pytest.mark.parametrize("dtype", [
+    pytest.param(jnp.bfloat16, marks=needs_bf16), pytest.param(jnp.float32, marks=needs_avx512)])
 @pytest.mark.parametrize("rows,k,n", [(1, 768, 2304), (2, 3072, 768), (1, 100, 7), (2, 37, 33), (11, 64, 50),
                                       (2, 768, 50304), (16, 3072, 200), (5, 96, 40)])
-def test_rows_matmul_is_the_product_at_any_shape(rows, k, n):
-    """Columns split over threads; one row by vdpbf16ps, kernel rows in pairs (an odd one left),
-    K not a multiple of the 32-wide step (masked tail), more rows than one pass takes (11 = 8 + 3);
-    on AMX CPUs 2-16 rows by tiles, in blocks of 16 kernel rows, the rest by vdpbf16ps."""
+def test_rows_matmul_is_the_product_at_any_shape(rows, k, n, dtype):
+    """Columns split over threads; kernel rows in pairs (an odd one left), K not a multiple of the
+    vector step (masked tail), more rows than one pass takes (11 = 8 + 3); bfloat16 by vdpbf16ps,
+    and on AMX CPUs 2-16 rows by tiles, in blocks of 16 kernel rows, the rest by vdpbf16ps;
+    float32 by FMA."""
     assert native_kernel.available()
     keys = jax.random.split(jax.random.key(rows * k + n), 2)
-    x = jax.random.normal(keys[0], (rows, k)).astype(jnp.bfloat16)
-    w = jax.random.normal(keys[1], (n, k)).astype(jnp.bfloat16)
+    x = jax.random.normal(keys[0], (rows, k)).astype(dtype)
+    w = jax.random.normal(keys[1], (n, k)).astype(dtype)
     out = jax.jit(native_kernel.rows_matmul)(x, w)
     assert out.shape == (rows, n) and out.dtype == jnp.float32
     exact = exact_product(x, w)
-    # float32 sums of k exact products of bfloat16s: a few float32 roundings of the running sum
+    # float32 sums of k products (exact for bfloat16s): a few float32 roundings of each and of the sum
     bound = 4 * k * np.finfo(np.float32).eps * np.abs(np.asarray(x, np.float64)) @ np.abs(np.asarray(w, np.float64)).T
     assert np.all(np.abs(np.asarray(out, np.float64) - exact) <= bound + 1e-6)
 
@@ -54,17 +58,20 @@ def test_matmul_takes_the_kernel_only_where_native_rows_says_and_its_gradient_is
     x4 = jax.random.normal(jax.random.key(1), (4, 96)).astype(jnp.bfloat16)
     x17 = jax.random.normal(jax.random.key(3), (17, 96)).astype(jnp.bfloat16)
     w = jax.random.normal(jax.random.key(2), (40, 96)).astype(jnp.bfloat16)
-    def uses_kernel(x, w, impl="cpu", **kw):
-        return native_kernel.TARGET in jax.jit(lambda x, w: K.matmul(x, w, impl=impl, **kw)).lower(x, w).as_text()
+    def uses_kernel(x, w, impl="cpu", decoding=True, **kw):
+        return native_kernel.TARGET in jax.jit(
+            lambda x, w: K.matmul(x, w, impl=impl, decoding=decoding, **kw)).lower(x, w).as_text()
     assert uses_kernel(x1, w, transposed=True)
     assert uses_kernel(x4, w, transposed=True) == ("amx_bf16" in K.cpu_flags())  # by AMX; else XLA is faster
     assert not uses_kernel(x17, w, transposed=True)  # past NATIVE_ROWS: XLA's own
     assert not uses_kernel(x1, w.T)                  # [in, out] kernels: XLA's own
-    assert not uses_kernel(x1.astype(jnp.float32), w.astype(jnp.float32), transposed=True)
+    assert uses_kernel(x1.astype(jnp.float32), w.astype(jnp.float32), transposed=True)  # float32 too
+    assert not uses_kernel(x17.astype(jnp.float32), w.astype(jnp.float32), transposed=True)
     assert not uses_kernel(x1, w, "standard", transposed=True)
+    assert not uses_kernel(x1, w, decoding=False, transposed=True)  # training and evaluation: XLA's own
 
     def loss(x, w, via):
-        return jnp.sum(K.matmul(x, w, transposed=True, impl=via) ** 2)
+        return jnp.sum(K.matmul(x, w, transposed=True, impl=via, decoding=True) ** 2)
     grads = jax.grad(loss, argnums=(0, 1))(x1, w, "cpu")
     reference = jax.grad(loss, argnums=(0, 1))(x1.astype(jnp.float32), w.astype(jnp.float32), "standard")
     for got, want in zip(grads, reference):
@@ -72,16 +79,19 @@ def test_matmul_takes_the_kernel_only_where_native_rows_says_and_its_gradient_is
         assert np.max(np.abs(np.asarray(got, np.float32) - np.asarray(want))) <= 4 * 2.0 ** -8 * scale
 
 
-@needs_bf16
-def test_decoding_one_text_in_bfloat16_reads_the_head_as_it_lies_and_matches_xla(monkeypatch):
-    """Batch 1 in bfloat16: [out, in] layers and the head as wte_bits [V, D] (the kernel's layout,
-    as bfloat16 bits); batch 17 (past NATIVE_ROWS): wte_t [D, V] again. The logits of a decode step equal XLA's within bfloat16's
-    rounding of the activations between layers."""
-    cfg = Config(n_ctx=32, n_embd=64, n_layer=2, n_head=4, n_vocab=300, precision="bfloat16").validate()
+@pytest.mark.parametrize("precision,head,tolerance", [
+    pytest.param("bfloat16", "wte_bits", 8 * 2.0 ** -8, marks=needs_bf16),
+    pytest.param("float32", "wte", 1e-5, marks=needs_avx512)])
+def test_decoding_one_text_reads_the_head_as_it_lies_and_matches_xla(monkeypatch, precision, head, tolerance):
+    """Batch 1: [out, in] layers and the head [V, D], the kernel's layout (in bfloat16 as its
+    bits, wte_bits); batch 17 (past NATIVE_ROWS): wte_t [D, V] again. The logits of a decode step
+    equal XLA's within the precision's rounding of the activations between layers."""
+    cfg = Config(n_ctx=32, n_embd=64, n_layer=2, n_head=4, n_vocab=300, precision=precision).validate()
     params = hold_params(M.init_params(cfg, jax.random.key(0)), cfg)
     one = M.laid_out_for(M.decode_params(params), 1)
-    assert "wte_bits" in one and "wte_t" not in one and "kernel_t" in one["layers"][0]["mlp"]["c_fc"]
-    assert one["wte_bits"].dtype == jnp.uint16 and one["wte_bits"].shape == params["wte"].shape
+    assert head in one and "wte_t" not in one and "kernel_t" in one["layers"][0]["mlp"]["c_fc"]
+    assert one[head].shape == params["wte"].shape
+    assert one[head].dtype == (jnp.uint16 if precision == "bfloat16" else jnp.float32)
 
     def step_logits(p):
         cache = M.init_cache(cfg, 1, cfg.n_ctx)
@@ -92,10 +102,10 @@ def test_decoding_one_text_in_bfloat16_reads_the_head_as_it_lies_and_matches_xla
     native = step_logits(one)
     monkeypatch.setattr(K, "native_rows", lambda rows, dtype: False)
     xla = step_logits(one)
-    assert np.max(np.abs(native - xla)) <= 8 * 2.0 ** -8 * np.max(np.abs(xla))
+    assert np.max(np.abs(native - xla)) <= tolerance * np.max(np.abs(xla))
     monkeypatch.undo()
     many = M.laid_out_for(M.laid_out_for(M.decode_params(params), 1), K.NATIVE_ROWS + 1)
-    assert "wte_t" in many and "wte_bits" not in many
+    assert "wte_t" in many and head not in many
     np.testing.assert_array_equal(np.asarray(many["wte_t"]), np.asarray(params["wte"]).T)
 
 
@@ -116,7 +126,8 @@ def test_without_a_compiler_decoding_warns_once_and_multiplies_with_xla(tmp_path
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             x = jnp.ones((1, 40), jnp.bfloat16); w = jnp.ones((9, 40), jnp.bfloat16)
-            a = K.matmul(x, w, transposed=True, impl="cpu"); b = K.matmul(x, w, transposed=True, impl="cpu")
+            a = K.matmul(x, w, transposed=True, impl="cpu", decoding=True)
+            b = K.matmul(x, w, transposed=True, impl="cpu", decoding=True)
         assert not native_kernel.available()
         assert np.all(np.asarray(a) == 40) and np.all(np.asarray(b) == 40)
         notes = [str(c.message) for c in caught if "native" in str(c.message)]

@@ -33,12 +33,19 @@ namespace {
 
 constexpr int64_t kGroup = 8;  // rows multiplied per pass over a pair of kernel rows
 
-#if !defined(__AVX512BF16__) || !defined(__AVX512BW__)
-#error "decode.cc needs AVX-512 with bfloat16 (native_kernel.py builds it only where the CPU has avx512_bf16)"
+#if !defined(__AVX512F__) || !defined(__AVX512BW__)
+#error "decode.cc needs AVX-512 (native_kernel.py builds it only where the CPU has avx512f and avx512bw)"
+#endif
+// The bfloat16 kernels need AVX-512 BF16 too; kernels.py asks for them only where the CPU has it.
+#if defined(__AVX512BF16__)
+constexpr bool kHasBf16 = true;
+#else
+constexpr bool kHasBf16 = false;
 #endif
 
-// G rows of x against kernel rows n and n + 1: 2 * G accumulators of 16 lanes, each step
-// multiplying 32 bfloat16 pairs (vdpbf16ps) into float32.
+#if defined(__AVX512BF16__)
+// bfloat16: G rows of x against kernel rows n and n + 1: 2 * G accumulators of 16 lanes, each
+// step multiplying 32 bfloat16 pairs (vdpbf16ps) into float32.
 template <int G>
 void group_pair(const uint16_t* x, const uint16_t* w0, const uint16_t* w1, int64_t K, float* y0, float* y1,
                 int64_t y_stride) {
@@ -69,20 +76,57 @@ void group_pair(const uint16_t* x, const uint16_t* w0, const uint16_t* w1, int64
     if (y1) y1[g * y_stride] = _mm512_reduce_add_ps(a1[g]);
   }
 }
-using GroupFn = void (*)(const uint16_t*, const uint16_t*, const uint16_t*, int64_t, float*, float*, int64_t);
-constexpr GroupFn kGroupFns[kGroup + 1] = {nullptr,         group_pair<1>, group_pair<2>, group_pair<3>, group_pair<4>,
-                                           group_pair<5>, group_pair<6>, group_pair<7>, group_pair<8>};
+#endif
 
-// Output columns [n0, n1) of y [B, N] = x [B, K] . w [N, K]^T.
-void columns(const uint16_t* x, const uint16_t* w, float* y, int64_t B, int64_t K, int64_t N, int64_t n0,
-             int64_t n1) {
+// float32: G rows of x against kernel rows n and n + 1, 16 products per step by FMA.
+template <int G>
+void group_pair(const float* x, const float* w0, const float* w1, int64_t K, float* y0, float* y1,
+                int64_t y_stride) {
+  __m512 a0[G], a1[G];
+  for (int g = 0; g < G; ++g) a0[g] = a1[g] = _mm512_setzero_ps();
+  int64_t k = 0;
+  for (; k + 16 <= K; k += 16) {
+    const __m512 v0 = _mm512_loadu_ps(w0 + k), v1 = _mm512_loadu_ps(w1 + k);
+    for (int g = 0; g < G; ++g) {
+      const __m512 xv = _mm512_loadu_ps(x + g * K + k);
+      a0[g] = _mm512_fmadd_ps(xv, v0, a0[g]);
+      a1[g] = _mm512_fmadd_ps(xv, v1, a1[g]);
+    }
+  }
+  if (k < K) {
+    const __mmask16 m = (__mmask16)((1u << (K - k)) - 1);
+    const __m512 v0 = _mm512_maskz_loadu_ps(m, w0 + k), v1 = _mm512_maskz_loadu_ps(m, w1 + k);
+    for (int g = 0; g < G; ++g) {
+      const __m512 xv = _mm512_maskz_loadu_ps(m, x + g * K + k);
+      a0[g] = _mm512_fmadd_ps(xv, v0, a0[g]);
+      a1[g] = _mm512_fmadd_ps(xv, v1, a1[g]);
+    }
+  }
+  for (int g = 0; g < G; ++g) {
+    y0[g * y_stride] = _mm512_reduce_add_ps(a0[g]);
+    if (y1) y1[g * y_stride] = _mm512_reduce_add_ps(a1[g]);
+  }
+}
+
+template <typename T>
+using GroupFn = void (*)(const T*, const T*, const T*, int64_t, float*, float*, int64_t);
+template <typename T>
+constexpr GroupFn<T> kGroupFns[kGroup + 1] = {nullptr,          group_pair<1>, group_pair<2>, group_pair<3>,
+                                              group_pair<4>,    group_pair<5>, group_pair<6>, group_pair<7>,
+                                              group_pair<8>};
+
+// Output columns [n0, n1) of y [B, N] = x [B, K] . w [N, K]^T; T is uint16_t (bfloat16 bits) or float.
+// Each row of x has its own accumulators, summed in the same order whatever B is: a text decodes
+// to the same bits alone and in a batch.
+template <typename T>
+void columns(const T* x, const T* w, float* y, int64_t B, int64_t K, int64_t N, int64_t n0, int64_t n1) {
   for (int64_t n = n0; n < n1; n += 2) {
     const bool pair = n + 1 < n1;
-    const uint16_t* w0 = w + n * K;
-    const uint16_t* w1 = pair ? w0 + K : w0;
+    const T* w0 = w + n * K;
+    const T* w1 = pair ? w0 + K : w0;
     for (int64_t b = 0; b < B; b += kGroup) {  // the kernel rows stay in L1 between groups
       const int64_t g = std::min(kGroup, B - b);
-      kGroupFns[g](x + b * K, w0, w1, K, y + b * N + n, pair ? y + b * N + n + 1 : nullptr, N);
+      kGroupFns<T>[g](x + b * K, w0, w1, K, y + b * N + n, pair ? y + b * N + n + 1 : nullptr, N);
     }
   }
 }
@@ -188,16 +232,25 @@ void parallel_chunks(ffi::ThreadPool& pool, int64_t n, int64_t align, int64_t mi
 
 ffi::Error RowsMatmulImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::Result<ffi::AnyBuffer> y) {
   auto xd = x.dimensions(), wd = w.dimensions();
-  if (x.element_type() != ffi::DataType::BF16 ||
-      (w.element_type() != ffi::DataType::BF16 && w.element_type() != ffi::DataType::U16) ||
-      y->element_type() != ffi::DataType::F32)
-    return ffi::Error::InvalidArgument("rows_matmul: x bfloat16, w bfloat16 (or its bits, uint16), result float32");
+  const bool f32 = x.element_type() == ffi::DataType::F32 && w.element_type() == ffi::DataType::F32;
+  const bool bf16 = x.element_type() == ffi::DataType::BF16 &&
+                    (w.element_type() == ffi::DataType::BF16 || w.element_type() == ffi::DataType::U16);
+  if (!(f32 || bf16) || y->element_type() != ffi::DataType::F32)
+    return ffi::Error::InvalidArgument(
+        "rows_matmul: x and w float32, or x bfloat16 and w bfloat16 (or its bits, uint16); result float32");
   if (xd.size() != 2 || wd.size() != 2 || xd[1] != wd[1])
     return ffi::Error::InvalidArgument("rows_matmul: x [B, K] and w [N, K] expected");
-  const auto* xs = reinterpret_cast<const uint16_t*>(x.untyped_data());
-  const auto* ws = reinterpret_cast<const uint16_t*>(w.untyped_data());
   auto* ys = reinterpret_cast<float*>(y->untyped_data());
   const int64_t B = xd[0], K = xd[1], N = wd[0];
+  if (f32) {
+    const auto* xs = reinterpret_cast<const float*>(x.untyped_data());
+    const auto* ws = reinterpret_cast<const float*>(w.untyped_data());
+    parallel_chunks(pool, N, 2, 64, [=](int64_t n0, int64_t n1) { columns(xs, ws, ys, B, K, N, n0, n1); });
+    return ffi::Error::Success();
+  }
+#if defined(__AVX512BF16__)
+  const auto* xs = reinterpret_cast<const uint16_t*>(x.untyped_data());
+  const auto* ws = reinterpret_cast<const uint16_t*>(w.untyped_data());
   const bool amx = kHasAmx && B >= kAmxMinRows && B <= 16 && K % 32 == 0 && N >= 16 && amx_permitted();
   auto xp = std::make_shared<std::vector<uint16_t>>(amx ? K * 16 : 0);  // x packed for AMX
   if (amx) pack_x(xs, B, K, xp->data());
@@ -208,10 +261,14 @@ ffi::Error RowsMatmulImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer
     columns(xs, ws, ys, B, K, N, whole, n1);
   });
   return ffi::Error::Success();
+#else
+  return ffi::Error::InvalidArgument("rows_matmul: this build has no bfloat16 kernels (the CPU lacks AVX-512 BF16)");
+#endif
 }
 
 
 // ----------------------------------------------------------------------------- cached_attention
+#if defined(__AVX512BF16__)
 // exp(x) for x <= 0 in float32 to about 2 ulp (x = n ln2 + r, |r| <= ln2 / 2, Taylor to r^6,
 // times 2^n); 0 below -87, as float32's exp underflows there.
 inline __m512 exp_nonpositive(__m512 x) {
@@ -272,6 +329,8 @@ void attend_row(const uint16_t* q, const uint16_t* k, const uint16_t* v, const b
   }
 }
 
+#endif
+
 ffi::Error CachedAttentionImpl(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v,
                                ffi::AnyBuffer mask, ffi::Result<ffi::AnyBuffer> out) {
   auto qd = q.dimensions(), kd = k.dimensions(), md = mask.dimensions();
@@ -283,6 +342,9 @@ ffi::Error CachedAttentionImpl(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyB
       md[0] == 0 || qd[0] % md[0] != 0 || md[2] > kd[1] || v.dimensions().size() != 3 ||
       v.dimensions()[0] != kd[0] || v.dimensions()[1] != kd[1] || v.dimensions()[2] != kd[2])
     return ffi::Error::InvalidArgument("cached_attention: q [B*H, T, Dh], caches [B*H, L, Dh], mask [B, T, S <= L]");
+#if !defined(__AVX512BF16__)
+  return ffi::Error::InvalidArgument("cached_attention: this build has no bfloat16 kernels (no AVX-512 BF16)");
+#else
   const auto* qs = reinterpret_cast<const uint16_t*>(q.untyped_data());
   const auto* ks = reinterpret_cast<const uint16_t*>(k.untyped_data());
   const auto* vs = reinterpret_cast<const uint16_t*>(v.untyped_data());
@@ -299,6 +361,7 @@ ffi::Error CachedAttentionImpl(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyB
     }
   });
   return ffi::Error::Success();
+#endif
 }
 
 }  // namespace
