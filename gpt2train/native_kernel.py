@@ -1,13 +1,15 @@
-"""Our compiled CPU kernels for decoding in bfloat16 (csrc/decode.cc), built on first use and
-called from XLA through JAX's foreign function interface:
+"""Our compiled CPU kernels for decoding (csrc/decode.cc), built on first use and called from
+XLA through JAX's foreign function interface:
 
-rows_matmul       a few rows (1-16) of bfloat16 activations times a bfloat16 kernel laid out
-                  [out, in], whose weights XLA:CPU streams at about half the memory's pace;
+rows_matmul       a few rows (1-16) of activations times a kernel laid out [out, in], in
+                  bfloat16 (whose weights XLA:CPU streams at about half the memory's pace) or
+                  float32 (whose few-row products XLA:CPU runs compute-bound);
 cached_attention  one or a few query positions against bfloat16 key/value caches, which XLA:CPU
                   converted to float32 whole at every token.
 
 The .cc file says why each is faster; kernels.native_rows and kernels.native_cached_attention
-decide when they are used (CPUs with AVX-512 bfloat16); everything else runs on XLA.
+decide when they are used (CPUs with AVX-512; bfloat16 with AVX-512 BF16 too, and AMX for more
+than 2 rows); everything else runs on XLA.
 
 The library is compiled with the system's C++ compiler ($CXX, else c++) for this machine's CPU
 (-march=native) against the headers jaxlib ships, once, into ~/.cache/gpt2train/native (or
@@ -91,23 +93,23 @@ def available() -> bool:
         return False
     compiler = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
     if not compiler:
-        warnings.warn("no C++ compiler (c++, g++ or clang++; or $CXX): decoding in bfloat16 runs at "
-                      f"XLA's speed, about half of what it could; install one (e.g. g++), or set {ENV}=off")
+        warnings.warn("no C++ compiler (c++, g++ or clang++; or $CXX): decoding runs at XLA's speed, "
+                      f"about half of what it could in bfloat16; install one (e.g. g++), or set {ENV}=off")
         return False
     try:
         library = ctypes.cdll.LoadLibrary(_build(compiler))
         jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(library.RowsMatmul), platform="cpu")
         jax.ffi.register_ffi_target(ATTENTION_TARGET, jax.ffi.pycapsule(library.CachedAttention), platform="cpu")
     except (OSError, RuntimeError, subprocess.SubprocessError, AttributeError, UserError) as e:
-        warnings.warn(f"could not build the native decoding kernels ({e}): decoding in bfloat16 runs "
-                      f"at XLA's speed; set {ENV}=off to skip the attempt")
+        warnings.warn(f"could not build the native decoding kernels ({e}): decoding runs at XLA's speed; "
+                      f"set {ENV}=off to skip the attempt")
         return False
     return True
 
 
 def rows_matmul(x, w):
-    """x [B, K] bfloat16 times w [N, K] bfloat16, or its bits as uint16 (as w.T): [B, N] float32.
-    Needs available()."""
+    """x [B, K] times w [N, K] (as w.T): [B, N] float32. Both float32, or x bfloat16 and w
+    bfloat16 or its bits (uint16). Needs available()."""
     out = jax.ShapeDtypeStruct((x.shape[0], w.shape[0]), jnp.float32)
     return jax.ffi.ffi_call(TARGET, out, vmap_method="sequential")(x, w)
 

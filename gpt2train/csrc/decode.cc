@@ -1,12 +1,13 @@
-// Decoding's bfloat16 kernels for CPUs with AVX-512 bfloat16 (gpt2train/native_kernel.py builds
-// and loads this; kernels.native_rows and kernels.native_cached_attention say when each is used).
+// Decoding's kernels for CPUs with AVX-512 (gpt2train/native_kernel.py builds and loads this;
+// kernels.native_rows and kernels.native_cached_attention say when each is used).
 //
-// rows_matmul: a few rows (1-16) of bfloat16 activations times a bfloat16 kernel laid out
-// [out, in], accumulated in float32. Decoding multiplies a few rows by every weight once per
+// rows_matmul: a few rows (1-16) of activations times a kernel laid out [out, in], accumulated
+// in float32; bfloat16 (where the CPU has AVX-512 BF16) or float32. In float32, XLA:CPU's
+// products of a few rows are compute-bound; this one streams the weights by FMA. Decoding multiplies a few rows by every weight once per
 // token, so its speed is how fast the weights stream from memory. XLA:CPU multiplies a single
 // bfloat16 row in float32 (weights converted to float32 and streamed as such) and its bfloat16
 // kernels for a few rows pack the weights first, streaming about half as fast as its float32
-// one: holding the weights in bfloat16 bought little. This kernel reads each weight once,
+// one: holding the weights in bfloat16 bought little. In bfloat16 this kernel reads each weight once,
 // straight from the layout it lies in -- by vdpbf16ps for one row, by AMX tiles for more where
 // the CPU has them -- and spreads output columns over XLA's own threads.
 //
