@@ -38,11 +38,8 @@ constexpr int64_t kGroup = 8;  // rows multiplied per pass over a pair of kernel
 #error "decode.cc needs AVX-512 (native_kernel.py builds it only where the CPU has avx512f and avx512bw)"
 #endif
 // The bfloat16 kernels need AVX-512 BF16 too; kernels.py asks for them only where the CPU has it.
-#if defined(__AVX512BF16__)
-constexpr bool kHasBf16 = true;
-#else
-constexpr bool kHasBf16 = false;
-#endif
+// The two group_pair kernels below are written out per type: one template over both, with masked
+// loads throughout, ran float32's 8-row products 27% slower (37.2 against 29.2 ms chained at 124M).
 
 #if defined(__AVX512BF16__)
 // bfloat16: G rows of x against kernel rows n and n + 1: 2 * G accumulators of 16 lanes, each
