@@ -7,7 +7,9 @@ cpu       kernels written for XLA:CPU, each for the measured reason given where 
           causal attention by blocks of query rows with its own backward, bfloat16
           products with their own backward that keeps every product in bfloat16, and
           decoding's products of a few rows (bfloat16 and float32) and its attention over
-          bfloat16 caches by our compiled kernels (native_kernel.py) on CPUs with AVX-512.
+          bfloat16 caches by our compiled kernels (native_kernel.py) on CPUs with AVX-512, and,
+          on CPUs with AMX, bfloat16 work without a gradient (evaluation, task scoring):
+          layer products, causal attention and the head's losses, by our kernels too.
 auto      `cpu` when JAX's default backend is the CPU, else `standard`.
 
 Both compute the same function; tests/test_kernels.py holds them to the same values and gradients.
@@ -85,6 +87,85 @@ def native_cached_attention(impl: str) -> bool:
     return (resolve(impl) == "cpu" and "avx512_bf16" in cpu_flags() and native_kernel.available())
 
 
+def native_dense(x, w, impl: str) -> bool:
+    """Whether a layer's product x [N, K] (bfloat16) . w [K, M] (float32) + bias goes to
+    native_kernel.dense when no gradient is taken (CPUs with AMX, `kernels` cpu, K and M multiples
+    of 32): XLA:CPU ran these products at about 1.0 TFLOP/s and c_fc's GELU as a pass of its own
+    (124M evaluation at 8 x 1024 on an Intel Xeon with AMX: c_fc and GELU 65 ms a layer, the
+    kernel 30; c_attn 35 against 21). Under a gradient the reference runs (dense)."""
+    return (resolve(impl) == "cpu" and x.dtype == jnp.bfloat16 and w.dtype == jnp.float32 and x.ndim == 2
+            and w.ndim == 2 and x.shape[1] % 32 == 0 and w.shape[1] % 32 == 0
+            and {"amx_bf16", "amx_tile"} <= cpu_flags() and native_kernel.available())
+
+
+def dense(x, w, bias, gelu: bool, reference):
+    """native_kernel.dense where native_dense says so; under a gradient reference(x, w, bias) --
+    the same product by XLA -- computes it and its gradient, so training's step is unchanged."""
+    return _native_dense(x, w, bias, gelu, reference)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _native_dense(x, w, bias, gelu, reference):
+    return native_kernel.dense(x, w, bias, gelu)
+
+
+def _native_dense_fwd(x, w, bias, gelu, reference):
+    return jax.vjp(reference, x, w, bias)
+
+
+def _native_dense_bwd(gelu, reference, pullback, g):
+    return pullback(g)
+
+
+_native_dense.defvjp(_native_dense_fwd, _native_dense_bwd)
+
+
+def native_head_losses(x, w, n_vocab: int, impl: str) -> bool:
+    """Whether the tied head's token losses of a bfloat16 x [N, K] under w [V_pad, K] go to
+    native_kernel.head_losses (CPUs with AMX, `kernels` cpu): XLA:CPU wrote the float32 logits out
+    and read them back for the mask, the maximum, the sum and the target (124M evaluation at 8 x
+    1024 on an Intel Xeon with AMX: 2.2 of a 4.4 s step; the kernel's head takes 0.5). A gradient
+    never goes there (head_losses)."""
+    return (resolve(impl) == "cpu" and x.dtype == jnp.bfloat16 and x.ndim == 2 and x.shape[1] % 32 == 0
+            and -(-n_vocab // 32) * 32 <= w.shape[0] and {"amx_bf16", "amx_tile"} <= cpu_flags()
+            and native_kernel.available())
+
+
+def head_losses(x, w, targets, n_vocab: int, reference):
+    """Token losses [N] by native_kernel.head_losses, where native_head_losses says so; under a
+    gradient, reference(x, w, targets) -- the same losses by XLA -- computes them and their
+    gradient, so training's step is unchanged."""
+    return _native_head_losses(x, w, targets, n_vocab, reference)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _native_head_losses(x, w, targets, n_vocab, reference):
+    return native_kernel.head_losses(x, w.astype(jnp.bfloat16), targets, n_vocab)
+
+
+def _native_head_losses_fwd(x, w, targets, n_vocab, reference):
+    return jax.vjp(lambda x, w: reference(x, w, targets), x, w)
+
+
+def _native_head_losses_bwd(n_vocab, reference, pullback, g):
+    return (*pullback(g), None)
+
+
+_native_head_losses.defvjp(_native_head_losses_fwd, _native_head_losses_bwd)
+
+
+def native_causal_attention(qkv) -> bool:
+    """Whether causal attention over a bfloat16 qkv [B, T, 3, H, Dh] (`kernels` cpu) goes to
+    native_kernel.causal_attention when no gradient is taken (CPUs with AMX, Dh a multiple of 32
+    up to 128): XLA:CPU wrote every block's float32 scores out between the product and the softmax
+    and converted q, k and v to float32 on the way (124M evaluation at 8 x 1024 on an Intel Xeon
+    with AMX: 95 ms a layer; the kernel's flash attention, blocks of 32 keys with a running
+    maximum, 34). Under a gradient _attend_causal's own forward and backward run (_native_causal)."""
+    Dh = qkv.shape[-1]
+    return (qkv.dtype == jnp.bfloat16 and Dh % 32 == 0 and Dh <= 128 and {"amx_bf16", "amx_tile"} <= cpu_flags()
+            and native_kernel.available())
+
+
 def cached_attention(q, k_cache, v_cache, key_mask):
     """native_kernel.cached_attention, where native_cached_attention says so."""
     return native_kernel.cached_attention(q, k_cache, v_cache, key_mask)
@@ -120,6 +201,8 @@ def causal_attention(qkv, impl: str):
     """Causal self-attention on the stacked qkv [B, T, 3, H, Dh] as c_attn produces it: [B, T, H, Dh]
     in qkv's dtype (scores and softmax in float32)."""
     if resolve(impl) == "cpu":
+        if native_causal_attention(qkv):
+            return _native_causal(qkv)
         return _attend_causal(qkv)
     return jax.nn.dot_product_attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], is_causal=True)
 
@@ -271,3 +354,14 @@ def _attend_causal_bwd(block, residuals, g):
 
 
 _attend_causal.defvjp(_attend_causal_fwd, _attend_causal_bwd)
+
+
+@jax.custom_vjp
+def _native_causal(qkv):
+    """native_kernel.causal_attention without a gradient; with one, _attend_causal's forward and
+    backward (the kernel keeps no probabilities for a backward pass)."""
+    return native_kernel.causal_attention(qkv)
+
+
+_native_causal.defvjp(lambda qkv: _attend_causal_fwd(qkv, ATTN_BLOCK),
+                      lambda residuals, g: _attend_causal_bwd(ATTN_BLOCK, residuals, g))

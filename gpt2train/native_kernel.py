@@ -1,21 +1,27 @@
-"""Our compiled CPU kernels for decoding (csrc/decode.cc), built on first use and called from
-XLA through JAX's foreign function interface:
+"""Our compiled CPU kernels (csrc/), built on first use into one library and called from XLA
+through JAX's foreign function interface.
 
+Decoding (csrc/decode.cc, CPUs with AVX-512):
 rows_matmul       a few rows (1-16) of activations times a kernel laid out [out, in], in
                   bfloat16 (whose weights XLA:CPU streams at about half the memory's pace) or
                   float32 (whose few-row products XLA:CPU runs compute-bound);
 cached_attention  one or a few query positions against bfloat16 key/value caches, which XLA:CPU
                   converted to float32 whole at every token.
 
-The .cc file says why each is faster; kernels.native_rows and kernels.native_cached_attention
-decide when they are used (CPUs with AVX-512; bfloat16 with AVX-512 BF16 too, and AMX for more
-than 2 rows); everything else runs on XLA.
+Scoring (csrc/scoring.cc and csrc/products.cc, CPUs with AMX; bfloat16, never under a gradient):
+dense             a layer's product of many rows, with its bias and GELU, rounded once;
+causal_attention  flash attention over blocks of 32 keys, the scores never in memory;
+head_losses       the tied head's token losses, the logits never in memory.
+
+The .cc files say why each is faster; kernels.native_rows, native_cached_attention, native_dense,
+native_causal_attention and native_head_losses decide when they are used; everything else runs
+on XLA.
 
 The library is compiled with the system's C++ compiler ($CXX, else c++) for this machine's CPU
 (-march=native) against the headers jaxlib ships, once, into ~/.cache/gpt2train/native (or
 $XDG_CACHE_HOME/gpt2train/native), named by a hash of the source, the compiler, jaxlib's version
 and the CPU, so a home shared between machines keeps one build per CPU. Without a compiler, or
-if the build fails, decoding warns once and runs on XLA. GPT2TRAIN_NATIVE_KERNEL=off never
+if the build fails, the first use warns once and XLA runs everything. GPT2TRAIN_NATIVE_KERNEL=off never
 builds or uses it. The folder holds code this program runs: compile_cache.check_private refuses
 one that others can write to.
 """
@@ -34,14 +40,20 @@ import warnings
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from . import compile_cache
 from .errors import UserError
 
 ENV = "GPT2TRAIN_NATIVE_KERNEL"
-SOURCE = os.path.join(os.path.dirname(__file__), "csrc", "decode.cc")
+CSRC = os.path.join(os.path.dirname(__file__), "csrc")
+SOURCES = [os.path.join(CSRC, name) for name in ("decode.cc", "scoring.cc", "products.cc")]  # compiled into one library
+HEADERS = [os.path.join(CSRC, "common.h")]
 TARGET = "gpt2train_rows_matmul"
 ATTENTION_TARGET = "gpt2train_cached_attention"
+HEAD_LOSSES_TARGET = "gpt2train_head_losses"
+CAUSAL_TARGET = "gpt2train_causal_attention"
+DENSE_TARGET = "gpt2train_dense"
 FLAGS = ["-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w"]
 
 
@@ -63,19 +75,21 @@ def _cpu_identity() -> str:
 def _build(compiler: str) -> str:
     """Compile the library if this source, compiler, jaxlib and CPU have no build yet; its path."""
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=60).stdout
-    with open(SOURCE, "rb") as f:
-        source = f.read()
+    source = b""
+    for name in SOURCES + HEADERS:
+        with open(name, "rb") as f:
+            source += f.read()
     key = hashlib.sha256(b"\0".join([source, version.encode(), jax.__version__.encode(),
                                      _cpu_identity().encode(), " ".join(FLAGS).encode()])).hexdigest()[:16]
     folder = cache_dir()
     os.makedirs(folder, exist_ok=True)
     compile_cache.check_private(folder)
-    path = os.path.join(folder, f"decode-{key}.so")
+    path = os.path.join(folder, f"kernels-{key}.so")
     if not os.path.exists(path):
         fd, tmp = tempfile.mkstemp(suffix=".so", dir=folder)
         os.close(fd)
         try:  # built aside, then renamed: a concurrent start or a kill never leaves half a library
-            done = subprocess.run([compiler, *FLAGS, "-I", jax.ffi.include_dir(), SOURCE, "-o", tmp],
+            done = subprocess.run([compiler, *FLAGS, "-I", jax.ffi.include_dir(), *SOURCES, "-o", tmp],
                                   capture_output=True, text=True, timeout=300)
             if done.returncode != 0:
                 raise RuntimeError(done.stderr.strip().splitlines()[-1] if done.stderr.strip() else "compiler failed")
@@ -93,15 +107,18 @@ def available() -> bool:
         return False
     compiler = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
     if not compiler:
-        warnings.warn("no C++ compiler (c++, g++ or clang++; or $CXX): decoding runs at XLA's speed, "
-                      f"about half of what it could in bfloat16; install one (e.g. g++), or set {ENV}=off")
+        warnings.warn("no C++ compiler (c++, g++ or clang++; or $CXX): decoding and bfloat16 evaluation run "
+                      f"at XLA's speed, about half of what they could; install one (e.g. g++), or set {ENV}=off")
         return False
     try:
         library = ctypes.cdll.LoadLibrary(_build(compiler))
         jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(library.RowsMatmul), platform="cpu")
         jax.ffi.register_ffi_target(ATTENTION_TARGET, jax.ffi.pycapsule(library.CachedAttention), platform="cpu")
+        jax.ffi.register_ffi_target(HEAD_LOSSES_TARGET, jax.ffi.pycapsule(library.HeadLosses), platform="cpu")
+        jax.ffi.register_ffi_target(CAUSAL_TARGET, jax.ffi.pycapsule(library.CausalAttention), platform="cpu")
+        jax.ffi.register_ffi_target(DENSE_TARGET, jax.ffi.pycapsule(library.Dense), platform="cpu")
     except (OSError, RuntimeError, subprocess.SubprocessError, AttributeError, UserError) as e:
-        warnings.warn(f"could not build the native decoding kernels ({e}): decoding runs at XLA's speed; "
+        warnings.warn(f"could not build the native kernels ({e}): decoding and evaluation run at XLA's speed; "
                       f"set {ENV}=off to skip the attempt")
         return False
     return True
@@ -120,3 +137,28 @@ def cached_attention(q, k_cache, v_cache, key_mask):
     float32. Needs available()."""
     out = jax.ShapeDtypeStruct(q.shape, jnp.float32)
     return jax.ffi.ffi_call(ATTENTION_TARGET, out, vmap_method="sequential")(q, k_cache, v_cache, key_mask)
+
+
+def head_losses(x, w, targets, n_vocab: int):
+    """Each token's cross-entropy under the tied head: x [N, K] bfloat16, w [V_pad, K] bfloat16 (or
+    its bits), targets [N] int32 -> [N] float32, logsumexp over the first n_vocab rows of x . w^T
+    minus the target's logit; the logits are never written out. Needs available() and AMX."""
+    out = jax.ShapeDtypeStruct((x.shape[0],), jnp.float32)
+    return jax.ffi.ffi_call(HEAD_LOSSES_TARGET, out, vmap_method="sequential")(
+        x, w, targets.astype(jnp.int32), n_vocab=np.int64(n_vocab))
+
+
+def causal_attention(qkv):
+    """Causal self-attention of qkv [B, T, 3, H, Dh] bfloat16 (Dh a multiple of 32 up to 128):
+    [B, T, H, Dh] bfloat16, softmax in float32 over blocks of keys, the scores never written out.
+    Needs available() and AMX."""
+    B, T, _, H, Dh = qkv.shape
+    out = jax.ShapeDtypeStruct((B, T, H, Dh), jnp.bfloat16)
+    return jax.ffi.ffi_call(CAUSAL_TARGET, out, vmap_method="sequential")(qkv)
+
+
+def dense(x, w, bias, gelu: bool):
+    """x [N, K] bfloat16 times w [K, M] float32 plus bias [M] float32, GELU (tanh form) if asked,
+    rounded once: [N, M] bfloat16. K and M multiples of 32. Needs available() and AMX."""
+    out = jax.ShapeDtypeStruct((x.shape[0], w.shape[1]), jnp.bfloat16)
+    return jax.ffi.ffi_call(DENSE_TARGET, out, vmap_method="sequential")(x, w, bias, gelu=bool(gelu))

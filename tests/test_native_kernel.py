@@ -1,8 +1,9 @@
-"""Our compiled CPU kernels (native_kernel.py, csrc/decode.cc): built on first use, the same
-products and attention as XLA's, used exactly where kernels says, and a clear fallback without them.
+"""Our compiled CPU kernels (native_kernel.py, csrc/): built on first use, the same products,
+attention and losses as XLA's, used exactly where kernels says, and a clear fallback without them.
 
-The kernels need AVX-512 bfloat16; on a CPU without it the tests that run them are skipped and the
-fallback tests still run (decoding then never asks for them)."""
+Decoding's kernels need AVX-512 (bfloat16: AVX-512 BF16), scoring's AMX; on a CPU without them
+the tests that run them are skipped and the fallback tests still run (the model then never asks
+for them)."""
 
 import os
 import subprocess
@@ -24,6 +25,8 @@ HAS_BF16 = "avx512_bf16" in K.cpu_flags()
 HAS_AVX512 = {"avx512f", "avx512bw"} <= K.cpu_flags()
 needs_bf16 = pytest.mark.skipif(not HAS_BF16, reason="this CPU has no AVX-512 bfloat16: the kernel is never used here")
 needs_avx512 = pytest.mark.skipif(not HAS_AVX512, reason="this CPU has no AVX-512: the kernels are never used here")
+HAS_AMX = {"amx_bf16", "amx_tile"} <= K.cpu_flags()
+needs_amx = pytest.mark.skipif(not HAS_AMX, reason="this CPU has no AMX: scoring's kernels are never used here")
 
 
 def exact_product(x, w):
@@ -152,7 +155,7 @@ def test_off_switch_and_one_build_per_source_and_cpu(tmp_path):
         on = run_python(code, XDG_CACHE_HOME=str(tmp_path / "on"))
         assert on.stdout.strip() == "True", on.stderr
     built = list((tmp_path / "on" / "gpt2train" / "native").iterdir())
-    assert len(built) == 1 and built[0].name.startswith("decode-") and built[0].suffix == ".so"
+    assert len(built) == 1 and built[0].name.startswith("kernels-") and built[0].suffix == ".so"
 
 
 def reference_attention(q, k_bits, v_bits, mask):
@@ -204,3 +207,128 @@ def test_decode_step_never_converts_the_embedding_table():
     rows = M.embed(one, jnp.asarray([[7, 299]]), jnp.asarray([[0, 1]]), cfg, jnp.float32)
     expected = params["wte"][jnp.asarray([[7, 299]])].astype(jnp.float32) + params["wpe"][:2].astype(jnp.float32)
     np.testing.assert_allclose(np.asarray(rows), np.asarray(expected), rtol=2 ** -8)
+
+
+# ----------------------------------------------------------------------------- scoring (AMX)
+def exact_losses(x, w, targets, n_vocab):
+    """Cross-entropy of each row of x under the first n_vocab rows of w, in float64."""
+    logits = exact_product(x, w)[:, :n_vocab]
+    top = logits.max(-1)
+    logz = top + np.log(np.exp(logits - top[:, None]).sum(-1))
+    return logz - logits[np.arange(len(targets)), np.asarray(targets)]
+
+
+@needs_amx
+@pytest.mark.parametrize("N,D,n_vocab,V_pad", [(1, 32, 77, 128), (33, 96, 96, 128), (300, 64, 1000, 1024),
+                                               (40, 768, 50257, 50304)])
+def test_head_losses_are_the_cross_entropy_over_the_real_vocabulary(N, D, n_vocab, V_pad):
+    """Token counts that fill no whole block of 32 (1, 33, 300: tails within a pass and across
+    passes of 256), a vocabulary that ends inside a block of 32 (77, 1000, GPT-2's 50257) or on
+    one (96); padding rows of w that would win the softmax if they were read; targets at both
+    ends of the vocabulary."""
+    assert native_kernel.available()
+    keys = jax.random.split(jax.random.key(N + D), 3)
+    x = jax.random.normal(keys[0], (N, D)).astype(jnp.bfloat16)
+    w = (jax.random.normal(keys[1], (V_pad, D)) * 0.2).astype(jnp.bfloat16)
+    w = w.at[n_vocab:].set(5.0)  # rows past n_vocab must be skipped, not merely small
+    targets = jax.random.randint(keys[2], (N,), 0, n_vocab).at[0].set(n_vocab - 1)
+    if N > 1:
+        targets = targets.at[1].set(0)
+    out = jax.jit(native_kernel.head_losses, static_argnums=3)(x, w, targets, n_vocab)
+    assert out.shape == (N,) and out.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(out, np.float64), exact_losses(x, w, targets, n_vocab), rtol=1e-5, atol=1e-4)
+
+
+def bf16_model(n_vocab=300, n_embd=64, n_head=2):
+    cfg = Config(n_ctx=64, n_embd=n_embd, n_layer=2, n_head=n_head, n_vocab=n_vocab, precision="bfloat16",
+                 kernels="cpu").validate()
+    params = M.init_params(cfg, jax.random.key(0))
+    tokens = jax.random.randint(jax.random.key(1), (3, 51), 0, n_vocab)  # T = 50: a tail block of 18
+    return cfg, params, tokens
+
+
+SCORING_TARGETS = (native_kernel.HEAD_LOSSES_TARGET, native_kernel.CAUSAL_TARGET, native_kernel.DENSE_TARGET)
+
+
+@needs_amx
+def test_evaluation_takes_the_scoring_kernels_and_a_gradient_never_does(monkeypatch):
+    """Without a gradient, bfloat16 token losses run the layer products, the attention and the
+    head by our kernels and agree with XLA's; the training step's gradient is XLA's own, the
+    kernels nowhere in it."""
+    cfg, params, tokens = bf16_model()
+    loss = lambda p: M.token_losses(p, tokens, cfg).mean()  # noqa: E731
+    evaluation = jax.jit(lambda p: M.token_losses(p, tokens, cfg)).lower(params).as_text()
+    assert all(target in evaluation for target in SCORING_TARGETS)
+    gradient = jax.jit(jax.grad(loss)).lower(params).as_text()
+    assert not any(target in gradient for target in SCORING_TARGETS)
+    native = np.asarray(M.token_losses(params, tokens, cfg))
+    grads = jax.grad(loss)(params)
+    monkeypatch.setattr(K, "native_head_losses", lambda *a: False)
+    monkeypatch.setattr(K, "native_causal_attention", lambda *a: False)
+    monkeypatch.setattr(K, "native_dense", lambda *a: False)
+    xla = np.asarray(M.token_losses(params, tokens, cfg))
+    np.testing.assert_allclose(native, xla, rtol=0, atol=0.02)  # bfloat16 activations, rounded differently
+    assert abs(native.mean() - xla.mean()) < 2e-3
+    for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(jax.grad(loss)(params))):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+@needs_amx
+def test_scoring_kernels_stay_out_where_they_cannot_run():
+    """float32, a head size the tiles do not take (48), a model dimension the head cannot (80),
+    `standard` kernels: XLA's own."""
+    def lowered(cfg, params, tokens):
+        return jax.jit(lambda p: M.token_losses(p, tokens, cfg)).lower(params).as_text()
+    cfg, params, tokens = bf16_model()
+    assert native_kernel.CAUSAL_TARGET not in lowered(cfg.replace(precision="float32"), params, tokens)
+    assert native_kernel.HEAD_LOSSES_TARGET not in lowered(cfg.replace(kernels="standard"), params, tokens)
+    cfg, params, tokens = bf16_model(n_embd=96, n_head=2)  # head size 48
+    text = lowered(cfg, params, tokens)
+    assert native_kernel.CAUSAL_TARGET not in text and native_kernel.HEAD_LOSSES_TARGET in text
+    cfg, params, tokens = bf16_model(n_embd=80, n_head=2)  # head size 40, model dimension 80
+    assert native_kernel.HEAD_LOSSES_TARGET not in lowered(cfg, params, tokens)
+
+
+def exact_causal_attention(qkv):
+    q, k, v = (np.asarray(qkv[:, :, i], np.float64) for i in range(3))
+    T, Dh = q.shape[1], q.shape[-1]
+    scores = np.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(Dh)
+    scores = np.where(np.tril(np.ones((T, T), bool)), scores, -np.inf)
+    probs = np.exp(scores - scores.max(-1, keepdims=True))
+    return np.einsum("bhqk,bkhd->bqhd", probs / probs.sum(-1, keepdims=True), v)
+
+
+@needs_amx
+@pytest.mark.parametrize("B,T,H,Dh", [(1, 1, 1, 32), (2, 70, 3, 64), (1, 33, 2, 128), (3, 96, 2, 32)])
+def test_causal_attention_is_softmax_attention_over_earlier_positions(B, T, H, Dh):
+    """One position; lengths that end inside a block of 32 keys (70, 33) and on one (96); every
+    head size the tiles take; scores large enough that the running maximum moves between blocks."""
+    assert native_kernel.available()
+    qkv = (jax.random.normal(jax.random.key(T * H + Dh), (B, T, 3, H, Dh)) * 2).astype(jnp.bfloat16)
+    out = jax.jit(native_kernel.causal_attention)(qkv)
+    assert out.shape == (B, T, H, Dh) and out.dtype == jnp.bfloat16
+    exact = exact_causal_attention(qkv)
+    # bfloat16 probabilities and a bfloat16 result: a few roundings of 2^-8 of the largest value
+    np.testing.assert_allclose(np.asarray(out, np.float64), exact, rtol=0, atol=4 * 2.0 ** -8 * np.abs(exact).max())
+    xla = np.asarray(K._attend_causal(qkv), np.float64)
+    assert np.abs(np.asarray(out, np.float64) - exact).max() <= 1.5 * np.abs(xla - exact).max() + 1e-6
+
+
+@needs_amx
+@pytest.mark.parametrize("N,K_in,M_out", [(1, 32, 32), (70, 64, 96), (33, 768, 3072), (300, 3072, 64)])
+@pytest.mark.parametrize("gelu", [False, True])
+def test_dense_is_the_product_plus_bias_through_gelu(N, K_in, M_out, gelu):
+    """Token counts that fill no whole block of 32 (1, 33, 70, 300); panels of columns narrower
+    than the output (3072 columns at K 768, 64 at K 3072); GELU's tanh form on both signs."""
+    assert native_kernel.available()
+    keys = jax.random.split(jax.random.key(N + K_in + M_out), 3)
+    x = jax.random.normal(keys[0], (N, K_in)).astype(jnp.bfloat16)
+    w = jax.random.normal(keys[1], (K_in, M_out)) * (2 / np.sqrt(K_in))
+    bias = jax.random.normal(keys[2], (M_out,))
+    out = jax.jit(native_kernel.dense, static_argnums=3)(x, w, bias, gelu)
+    assert out.shape == (N, M_out) and out.dtype == jnp.bfloat16
+    y = np.asarray(x, np.float64) @ np.asarray(w.astype(jnp.bfloat16), np.float64) + np.asarray(bias, np.float64)
+    if gelu:
+        y = 0.5 * y * (1 + np.tanh(np.sqrt(2 / np.pi) * (y + 0.044715 * y ** 3)))
+    # one bfloat16 rounding of the result (2^-9 relative), float32 sums and exp well inside it
+    np.testing.assert_allclose(np.asarray(out, np.float64), y, rtol=2.0 ** -8, atol=1e-5 * np.abs(y).max())

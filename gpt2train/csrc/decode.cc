@@ -14,29 +14,17 @@
 // cached_attention: each head's query row against its bfloat16 key/value cache. XLA:CPU
 // multiplies a single bfloat16 row in float32, so it converted every cache to float32 at every
 // token; this reads the caches' bits as they lie, one (head, position) row per task.
-#include <immintrin.h>
-
-#include <sys/syscall.h>
-#include <unistd.h>
-
-#include <algorithm>
 #include <cmath>
-#include <atomic>
-#include <cstdint>
-#include <memory>
 #include <vector>
 
-#include "xla/ffi/api/ffi.h"
-
-namespace ffi = xla::ffi;
+#include "common.h"
 
 namespace {
 
+using namespace gpt2train;
+
 constexpr int64_t kGroup = 8;  // rows multiplied per pass over a pair of kernel rows
 
-#if !defined(__AVX512F__) || !defined(__AVX512BW__)
-#error "decode.cc needs AVX-512 (native_kernel.py builds it only where the CPU has avx512f and avx512bw)"
-#endif
 // The bfloat16 kernels need AVX-512 BF16 too; kernels.py asks for them only where the CPU has it.
 // The two group_pair kernels below are written out per type: one template over both, with masked
 // loads throughout, ran float32's 8-row products 27% slower (37.2 against 29.2 ms chained at 124M).
@@ -133,31 +121,6 @@ void columns(const T* x, const T* w, float* y, int64_t B, int64_t K, int64_t N, 
 #if defined(__AMX_BF16__) && defined(__AMX_TILE__)
 constexpr bool kHasAmx = true;
 
-// AMX tiles are the process's to ask for (Linux 5.16+); XLA's own kernels have usually asked already.
-bool amx_permitted() {
-  static const bool ok = [] {
-    constexpr long kReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
-    return syscall(SYS_arch_prctl, kReqXcompPerm, kXfeatureXtiledata) == 0;
-  }();
-  return ok;
-}
-
-struct TileConfig {
-  uint8_t palette = 0, start_row = 0, reserved[14] = {};
-  uint16_t colsb[16] = {};
-  uint8_t rows[16] = {};
-};
-
-// x [B <= 16, K] laid out as AMX's right operand: for each 32-wide block of K, 16 rows (pairs of
-// k) of 16 columns (b) of 2 bfloat16s; rows past B are zeros.
-void pack_x(const uint16_t* x, int64_t B, int64_t K, uint16_t* xp) {
-  for (int64_t kb = 0; kb < K / 32; ++kb)
-    for (int r = 0; r < 16; ++r)
-      for (int b = 0; b < 16; ++b)
-        for (int j = 0; j < 2; ++j)
-          xp[(kb * 16 + r) * 32 + b * 2 + j] = b < B ? x[b * K + kb * 32 + 2 * r + j] : 0;
-}
-
 // Output columns [n0, n1) -- whole blocks of 16 -- of y [B, N] by AMX: tile 0 accumulates
 // [16 kernel rows, 16 x rows] in float32, tile 1 holds 16 kernel rows as they lie, tile 2 the
 // packed x. One block of 16 kernel rows at a time: 16 streams from memory, which the hardware
@@ -165,14 +128,7 @@ void pack_x(const uint16_t* x, int64_t B, int64_t K, uint16_t* xp) {
 // The thread's own tile configuration (XLA's kernels may hold one) is put back afterwards.
 void columns_amx(const uint16_t* xp, const uint16_t* w, float* y, int64_t B, int64_t K, int64_t N, int64_t n0,
                  int64_t n1) {
-  alignas(64) TileConfig saved, mine;
-  _tile_storeconfig(&saved);
-  mine.palette = 1;
-  for (int t = 0; t < 3; ++t) {
-    mine.rows[t] = 16;
-    mine.colsb[t] = 64;
-  }
-  _tile_loadconfig(&mine);
+  ScopedTiles tiles(3);
   alignas(64) float c[16][16];
   for (int64_t n = n0; n + 16 <= n1; n += 16) {
     _tile_zero(0);
@@ -185,48 +141,15 @@ void columns_amx(const uint16_t* xp, const uint16_t* w, float* y, int64_t B, int
     for (int64_t b = 0; b < B; ++b)
       for (int m = 0; m < 16; ++m) y[b * N + n + m] = c[m][b];
   }
-  if (saved.palette)
-    _tile_loadconfig(&saved);
-  else
-    _tile_release();
 }
 #else
 constexpr bool kHasAmx = false;
-bool amx_permitted() { return false; }
-void pack_x(const uint16_t*, int64_t, int64_t, uint16_t*) {}
 void columns_amx(const uint16_t*, const uint16_t*, float*, int64_t, int64_t, int64_t, int64_t, int64_t) {}
 #endif
 
 // From this many rows on, AMX multiplies where the CPU has it (124M's products chained, Intel Xeon:
 // 2 rows 10.1 ms against 13.8 by vdpbf16ps, 8 rows 10.3 against 31.1, XLA's bfloat16 17.8).
 constexpr int64_t kAmxMinRows = 2;
-
-// Runs fn(i0, i1) over [0, n) in chunks, on the calling thread and on XLA's pool. A task that
-// starts after the work is done finds no chunk left and returns, so the caller only ever waits
-// for chunks already running, never for a task the pool has not started. Several chunks per
-// thread even out threads that start late; chunk sizes are multiples of `align`.
-template <typename Fn>
-void parallel_chunks(ffi::ThreadPool& pool, int64_t n, int64_t align, int64_t min_chunk, Fn fn) {
-  struct State {
-    State(Fn f, int64_t n, int64_t chunk) : fn(std::move(f)), n(n), chunk(chunk), chunks((n + chunk - 1) / chunk) {}
-    Fn fn;
-    int64_t n, chunk, chunks;
-    std::atomic<int64_t> next{0}, done{0};
-    void work() {
-      for (int64_t c; (c = next.fetch_add(1)) < chunks;) {
-        fn(c * chunk, std::min(n, (c + 1) * chunk));
-        done.fetch_add(1, std::memory_order_release);
-      }
-    }
-  };
-  const int64_t threads = std::max<int64_t>(1, pool.num_threads());
-  const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(threads * 4, n / std::max<int64_t>(1, min_chunk)));
-  const int64_t chunk = std::max<int64_t>(align, ((n + chunks - 1) / chunks + align - 1) / align * align);
-  auto state = std::make_shared<State>(std::move(fn), n, chunk);
-  for (int64_t t = 1; t < std::min(threads, state->chunks); ++t) pool.Schedule([state] { state->work(); });
-  state->work();
-  while (state->done.load(std::memory_order_acquire) < state->chunks) _mm_pause();
-}
 
 ffi::Error RowsMatmulImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::Result<ffi::AnyBuffer> y) {
   auto xd = x.dimensions(), wd = w.dimensions();
@@ -267,18 +190,6 @@ ffi::Error RowsMatmulImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer
 
 // ----------------------------------------------------------------------------- cached_attention
 #if defined(__AVX512BF16__)
-// exp(x) for x <= 0 in float32 to about 2 ulp (x = n ln2 + r, |r| <= ln2 / 2, Taylor to r^6,
-// times 2^n); 0 below -87, as float32's exp underflows there.
-inline __m512 exp_nonpositive(__m512 x) {
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145752f), x);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.42860677e-6f), r);
-  __m512 p = _mm512_set1_ps(1.f / 720);
-  for (float c : {1.f / 120, 1.f / 24, 1.f / 6, 0.5f, 1.f, 1.f}) p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
-  return _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.f), _CMP_GT_OQ), _mm512_scalef_ps(p, n));
-}
-
 // One query row (head bh, position t) against the first S slots of its caches: softmax of the
 // scaled scores of the slots the mask allows (others -1e30, as the model's XLA path floors them,
 // so a row that may read nothing averages every slot instead of turning into NaN), times v.

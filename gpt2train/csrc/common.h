@@ -1,0 +1,119 @@
+// What decode.cc and scoring.cc share: running work on XLA's threads, asking for AMX tiles, and
+// an AVX-512 exp. native_kernel.py compiles both files into one library.
+#pragma once
+
+#include <immintrin.h>
+
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <memory>
+
+#include "xla/ffi/api/ffi.h"
+
+#if !defined(__AVX512F__) || !defined(__AVX512BW__)
+#error "the native kernels need AVX-512 (native_kernel.py builds them only where the CPU has avx512f and avx512bw)"
+#endif
+
+namespace gpt2train {
+
+namespace ffi = xla::ffi;
+
+// Runs fn(i0, i1) over [0, n) in chunks, on the calling thread and on XLA's pool. A task that
+// starts after the work is done finds no chunk left and returns, so the caller only ever waits
+// for chunks already running, never for a task the pool has not started. Several chunks per
+// thread even out threads that start late; chunk sizes are multiples of `align`.
+template <typename Fn>
+void parallel_chunks(ffi::ThreadPool& pool, int64_t n, int64_t align, int64_t min_chunk, Fn fn) {
+  struct State {
+    State(Fn f, int64_t n, int64_t chunk) : fn(std::move(f)), n(n), chunk(chunk), chunks((n + chunk - 1) / chunk) {}
+    Fn fn;
+    int64_t n, chunk, chunks;
+    std::atomic<int64_t> next{0}, done{0};
+    void work() {
+      for (int64_t c; (c = next.fetch_add(1)) < chunks;) {
+        fn(c * chunk, std::min(n, (c + 1) * chunk));
+        done.fetch_add(1, std::memory_order_release);
+      }
+    }
+  };
+  const int64_t threads = std::max<int64_t>(1, pool.num_threads());
+  const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(threads * 4, n / std::max<int64_t>(1, min_chunk)));
+  const int64_t chunk = std::max<int64_t>(align, ((n + chunks - 1) / chunks + align - 1) / align * align);
+  auto state = std::make_shared<State>(std::move(fn), n, chunk);
+  for (int64_t t = 1; t < std::min(threads, state->chunks); ++t) pool.Schedule([state] { state->work(); });
+  state->work();
+  while (state->done.load(std::memory_order_acquire) < state->chunks) _mm_pause();
+}
+
+// exp(x) for x <= 0 in float32 to about 2 ulp (x = n ln2 + r, |r| <= ln2 / 2, Taylor to r^6,
+// times 2^n); 0 below -87, as float32's exp underflows there.
+inline __m512 exp_nonpositive(__m512 x) {
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145752f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.42860677e-6f), r);
+  __m512 p = _mm512_set1_ps(1.f / 720);
+  for (float c : {1.f / 120, 1.f / 24, 1.f / 6, 0.5f, 1.f, 1.f}) p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
+  return _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.f), _CMP_GT_OQ), _mm512_scalef_ps(p, n));
+}
+
+// x [B <= 16, K] (rows `stride` elements apart; K by default) laid out as AMX's right operand:
+// for each 32-wide block of K, 16 rows (pairs of k) of 16 columns (b) of 2 bfloat16s; rows past
+// B are zeros. Each (pair of k) row is one gather of a pair from every x row.
+inline void pack_x(const uint16_t* x, int64_t B, int64_t K, uint16_t* xp, int64_t stride = 0) {
+  if (stride == 0) stride = K;
+  const __mmask16 rows = B >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << B) - 1);
+  const __m512i offsets = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+                                             _mm512_set1_epi32(static_cast<int>(stride * 2)));
+  for (int64_t pair = 0; pair < K / 2; ++pair)
+    _mm512_storeu_si512(xp + pair * 32, _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), rows, offsets, x + 2 * pair, 1));
+}
+
+#if defined(__AMX_BF16__) && defined(__AMX_TILE__)
+// AMX tiles are the process's to ask for (Linux 5.16+); XLA's own kernels have usually asked already.
+inline bool amx_permitted() {
+  static const bool ok = [] {
+    constexpr long kReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
+    return syscall(SYS_arch_prctl, kReqXcompPerm, kXfeatureXtiledata) == 0;
+  }();
+  return ok;
+}
+
+struct TileConfig {
+  uint8_t palette = 0, start_row = 0, reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+// Loads a tile configuration of `tiles` tiles of 16 rows x 64 bytes for the scope, and puts back
+// the thread's own (XLA's kernels may hold one) when it ends.
+class ScopedTiles {
+ public:
+  explicit ScopedTiles(int tiles) {
+    _tile_storeconfig(&saved_);
+    mine_.palette = 1;
+    for (int t = 0; t < tiles; ++t) {
+      mine_.rows[t] = 16;
+      mine_.colsb[t] = 64;
+    }
+    _tile_loadconfig(&mine_);
+  }
+  ~ScopedTiles() {
+    if (saved_.palette)
+      _tile_loadconfig(&saved_);
+    else
+      _tile_release();
+  }
+
+ private:
+  alignas(64) TileConfig saved_, mine_;
+};
+#else
+inline bool amx_permitted() { return false; }
+#endif
+
+}  // namespace gpt2train

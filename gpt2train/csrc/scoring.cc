@@ -1,0 +1,290 @@
+// Scoring's kernels for CPUs with AMX (gpt2train/native_kernel.py builds and loads this;
+// kernels.native_head_losses says when it is used: evaluation, never a gradient).
+//
+// head_losses: each token's cross-entropy under the tied output head, -log softmax(x . wte^T)[target],
+// without the logits ever reaching memory. XLA:CPU writes the [tokens, vocabulary] float32 logits
+// out (412 MB per 2,048 tokens at GPT-2's vocabulary) and reads them back for the padding mask, the
+// maximum, the sum of exponentials and the target's logit; on an Intel Xeon with AMX those passes
+// and its head product (0.5 TFLOP/s) were half of a 124M evaluation step. Here AMX tiles multiply
+// 32 vocabulary rows by 32 tokens at a time, and each 32 x 32 block of logits is folded into the
+// tokens' running maximum and sum of exponentials while it is in L1.
+#include <cmath>
+#include <vector>
+
+#include "common.h"
+
+namespace {
+
+using namespace gpt2train;
+
+#if defined(__AMX_BF16__) && defined(__AMX_TILE__)
+constexpr int64_t kPassTokens = 256;  // tokens whose packed rows stay in L2 while the head streams past
+
+// Folds a block of logits c [rows <= 32 vocabulary rows][32 tokens] into the tokens' running
+// maximum m and sum of exp(logit - m), 16 tokens to a vector.
+inline void fold_block(const float (*c)[32], int rows, float* m, float* s) {
+  for (int h = 0; h < 32; h += 16) {
+    __m512 top = _mm512_load_ps(&c[0][h]);
+    for (int r = 1; r < rows; ++r) top = _mm512_max_ps(top, _mm512_load_ps(&c[r][h]));
+    const __m512 old = _mm512_loadu_ps(m + h);
+    top = _mm512_max_ps(top, old);
+    __m512 sum = _mm512_mul_ps(_mm512_loadu_ps(s + h), exp_nonpositive(_mm512_sub_ps(old, top)));
+    for (int r = 0; r < rows; ++r) sum = _mm512_add_ps(sum, exp_nonpositive(_mm512_sub_ps(_mm512_load_ps(&c[r][h]), top)));
+    _mm512_storeu_ps(m + h, top);
+    _mm512_storeu_ps(s + h, sum);
+  }
+}
+
+// Losses of tokens [t0, t1) (t1 - t0 <= kPassTokens): x [N, K] and w [>= V rounded up to 32, K]
+// as bfloat16 bits, K a multiple of 32. Tiles 0-3 accumulate the four 16 x 16 quarters of a
+// 32 x 32 block of logits; 4-5 hold 16 vocabulary rows each as they lie, 6-7 16 packed tokens each.
+void pass_losses(const uint16_t* x, const uint16_t* w, const int32_t* targets, float* losses, int64_t K, int64_t V,
+                 int64_t t0, int64_t t1) {
+  const int64_t groups = (t1 - t0 + 31) / 32 * 2, group_size = K * 16;  // packed elements per 16 tokens
+  std::vector<uint16_t> xp(groups * group_size);
+  for (int64_t g = 0; g < groups; ++g)
+    pack_x(x + (t0 + g * 16) * K, std::max<int64_t>(0, std::min<int64_t>(16, t1 - t0 - g * 16)), K,
+           xp.data() + g * group_size);
+  std::vector<float> m(groups * 16, -1e30f), s(groups * 16, 0.f), picked(groups * 16, 0.f);
+  alignas(64) float c[32][32];
+  ScopedTiles tiles(8);
+  for (int64_t v = 0; v < V; v += 32) {
+    const uint16_t *a0 = w + v * K, *a1 = a0 + 16 * K;
+    const int rows = static_cast<int>(std::min<int64_t>(32, V - v));
+    for (int64_t g = 0; g < groups; g += 2) {
+      const uint16_t *b0 = xp.data() + g * group_size, *b1 = b0 + group_size;
+      _tile_zero(0);
+      _tile_zero(1);
+      _tile_zero(2);
+      _tile_zero(3);
+      for (int64_t k = 0; k < K; k += 32) {
+        _tile_loadd(4, a0 + k, K * 2);
+        _tile_loadd(5, a1 + k, K * 2);
+        _tile_loadd(6, b0 + k * 16, 64);
+        _tile_loadd(7, b1 + k * 16, 64);
+        _tile_dpbf16ps(0, 4, 6);
+        _tile_dpbf16ps(1, 4, 7);
+        _tile_dpbf16ps(2, 5, 6);
+        _tile_dpbf16ps(3, 5, 7);
+      }
+      _tile_stored(0, &c[0][0], 128);
+      _tile_stored(1, &c[0][16], 128);
+      _tile_stored(2, &c[16][0], 128);
+      _tile_stored(3, &c[16][16], 128);
+      fold_block(c, rows, m.data() + g * 16, s.data() + g * 16);
+      for (int64_t i = 0; i < 32 && t0 + g * 16 + i < t1; ++i) {
+        const int64_t d = targets[t0 + g * 16 + i] - v;
+        if (d >= 0 && d < rows) picked[g * 16 + i] = c[d][i];
+      }
+    }
+  }
+  for (int64_t i = 0; i < t1 - t0; ++i) losses[t0 + i] = m[i] + std::log(s[i]) - picked[i];
+}
+
+// ----------------------------------------------------------------------------- causal_attention
+// One head's operands laid out for tiles: keys [Tp, Dh] as they are (left operand of
+// S^T = K Q^T), queries packed as right operands (pack_x, 16 queries a group), values transposed
+// [Dh, Tp] (left operand of O^T = V^T P^T); Tp is T rounded up to 32, the rows past T zeros.
+// Transposed products put the keys on rows and the queries on lanes, so the softmax over keys
+// is vertical: maxima and sums across rows, no horizontal reductions.
+struct HeadOperands {
+  std::vector<uint16_t> keys, queries, values_t;
+  HeadOperands(const uint16_t* qkv, int64_t T, int64_t H, int64_t Dh, int64_t Tp)
+      : keys(Tp * Dh, 0), queries(Tp * Dh, 0), values_t(Dh * Tp, 0) {
+    const int64_t row = 3 * H * Dh;  // elements between positions in qkv [T, 3, H, Dh]
+    const uint16_t *q = qkv, *k = qkv + H * Dh, *v = qkv + 2 * H * Dh;
+    for (int64_t t = 0; t < T; ++t) std::copy(k + t * row, k + t * row + Dh, keys.begin() + t * Dh);
+    for (int64_t g = 0; g < Tp / 16; ++g)
+      pack_x(q + g * 16 * row, std::max<int64_t>(0, std::min<int64_t>(16, T - g * 16)), Dh,
+             queries.data() + g * 16 * Dh, row);
+    // values_t by gathers: each lane one position's pair (d, d + 1), split into the two rows.
+    const __m512i offsets = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+                                               _mm512_set1_epi32(static_cast<int>(row * 2)));
+    for (int64_t t = 0; t < T; t += 16) {
+      const __mmask16 in = T - t >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (T - t)) - 1);
+      for (int64_t d = 0; d < Dh; d += 2) {
+        const __m512i pair = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), in, offsets, v + t * row + d, 1);
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(values_t.data() + d * Tp + t), _mm512_cvtepi32_epi16(pair));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(values_t.data() + (d + 1) * Tp + t),
+                            _mm512_cvtepi32_epi16(_mm512_srli_epi32(pair, 16)));
+      }
+    }
+  }
+};
+
+// p [32 keys][32 queries] (float32) as two right operands (16 queries each) of bfloat16 key pairs.
+inline void pack_probs(const float (*p)[32], uint16_t* packed) {
+  alignas(64) static const uint16_t order[32] = {0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23,
+                                                 8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
+  const __m512i interleave = _mm512_load_si512(order);
+  for (int h = 0; h < 2; ++h)
+    for (int r = 0; r < 16; ++r) {
+      const __m512bh pair = _mm512_cvtne2ps_pbh(_mm512_load_ps(&p[2 * r + 1][h * 16]), _mm512_load_ps(&p[2 * r][h * 16]));
+      _mm512_store_si512(packed + (h * 16 + r) * 32, _mm512_permutexvar_epi16(interleave, (__m512i)pair));
+    }
+}
+
+// Query block qb (32 queries) of one head against the keys it may see, by blocks of 32 keys with
+// a running maximum and sum per query (flash attention); writes out rows [q0, min(q0 + 32, T)).
+void attend_block(const HeadOperands& op, int64_t qb, int64_t T, int64_t Dh, int64_t Tp, uint16_t* out,
+                  int64_t out_row) {
+  const int64_t q0 = qb * 32, KB = Dh / 32;
+  const float scale = 1.f / std::sqrt(static_cast<float>(Dh));
+  alignas(64) float s[32][32], pv[128][32], o[128][32];  // Dh <= 128
+  alignas(64) uint16_t packed[2 * 16 * 32];
+  alignas(64) float m[32], l[32], alpha[32];
+  std::fill(&o[0][0], &o[0][0] + Dh * 32, 0.f);
+  std::fill(m, m + 32, -1e30f);
+  std::fill(l, l + 32, 0.f);
+  const uint16_t* qp = op.queries.data() + q0 * Dh;
+  for (int64_t j = 0; j <= qb; ++j) {
+    const uint16_t* kp = op.keys.data() + j * 32 * Dh;
+    _tile_zero(0);
+    _tile_zero(1);
+    _tile_zero(2);
+    _tile_zero(3);
+    for (int64_t kb = 0; kb < KB; ++kb) {
+      _tile_loadd(4, kp + kb * 32, Dh * 2);
+      _tile_loadd(5, kp + 16 * Dh + kb * 32, Dh * 2);
+      _tile_loadd(6, qp + kb * 512, 64);
+      _tile_loadd(7, qp + 16 * Dh + kb * 512, 64);
+      _tile_dpbf16ps(0, 4, 6);
+      _tile_dpbf16ps(1, 4, 7);
+      _tile_dpbf16ps(2, 5, 6);
+      _tile_dpbf16ps(3, 5, 7);
+    }
+    _tile_stored(0, &s[0][0], 128);
+    _tile_stored(1, &s[0][16], 128);
+    _tile_stored(2, &s[16][0], 128);
+    _tile_stored(3, &s[16][16], 128);
+    const int64_t keys = std::min<int64_t>(32, T - j * 32);  // keys past T are padding
+    for (int h = 0; h < 2; ++h) {
+      __mmask16 visible[32];
+      for (int r = 0; r < 32; ++r) {
+        // Query lane q sees key r of this block unless the block is the diagonal one and r > h*16 + q.
+        const int64_t first = j == qb ? std::max<int64_t>(0, r - h * 16) : 0;
+        visible[r] = r >= keys || first >= 16 ? 0 : (__mmask16)(0xFFFF << first);
+      }
+      const __m512 old = _mm512_load_ps(m + h * 16);
+      __m512 top = old;
+      for (int r = 0; r < 32; ++r) {
+        const __m512 x = _mm512_mask_mul_ps(_mm512_set1_ps(-1e30f), visible[r], _mm512_load_ps(&s[r][h * 16]),
+                                            _mm512_set1_ps(scale));
+        _mm512_store_ps(&s[r][h * 16], x);
+        top = _mm512_max_ps(top, x);
+      }
+      const __m512 a = exp_nonpositive(_mm512_sub_ps(old, top));
+      __m512 sum = _mm512_mul_ps(_mm512_load_ps(l + h * 16), a);
+      for (int r = 0; r < 32; ++r) {
+        const __m512 p = exp_nonpositive(_mm512_sub_ps(_mm512_load_ps(&s[r][h * 16]), top));
+        _mm512_store_ps(&s[r][h * 16], p);
+        sum = _mm512_add_ps(sum, p);
+      }
+      _mm512_store_ps(m + h * 16, top);
+      _mm512_store_ps(l + h * 16, sum);
+      _mm512_store_ps(alpha + h * 16, a);
+    }
+    pack_probs(s, packed);
+    _tile_loadd(6, packed, 64);
+    _tile_loadd(7, packed + 16 * 32, 64);
+    for (int64_t d = 0; d < Dh; d += 32) {
+      _tile_zero(0);
+      _tile_zero(1);
+      _tile_zero(2);
+      _tile_zero(3);
+      _tile_loadd(4, op.values_t.data() + d * Tp + j * 32, Tp * 2);
+      _tile_loadd(5, op.values_t.data() + (d + 16) * Tp + j * 32, Tp * 2);
+      _tile_dpbf16ps(0, 4, 6);
+      _tile_dpbf16ps(1, 4, 7);
+      _tile_dpbf16ps(2, 5, 6);
+      _tile_dpbf16ps(3, 5, 7);
+      _tile_stored(0, &pv[d][0], 128);
+      _tile_stored(1, &pv[d][16], 128);
+      _tile_stored(2, &pv[d + 16][0], 128);
+      _tile_stored(3, &pv[d + 16][16], 128);
+    }
+    const __m512 a0 = _mm512_load_ps(alpha), a1 = _mm512_load_ps(alpha + 16);
+    for (int64_t d = 0; d < Dh; ++d) {
+      _mm512_store_ps(&o[d][0], _mm512_fmadd_ps(_mm512_load_ps(&o[d][0]), a0, _mm512_load_ps(&pv[d][0])));
+      _mm512_store_ps(&o[d][16], _mm512_fmadd_ps(_mm512_load_ps(&o[d][16]), a1, _mm512_load_ps(&pv[d][16])));
+    }
+  }
+  alignas(64) uint16_t rounded[32];
+  const __m512 inv0 = _mm512_div_ps(_mm512_set1_ps(1.f), _mm512_load_ps(l));
+  const __m512 inv1 = _mm512_div_ps(_mm512_set1_ps(1.f), _mm512_load_ps(l + 16));
+  const int64_t queries = std::min<int64_t>(32, T - q0);
+  for (int64_t d = 0; d < Dh; ++d) {
+    const __m512bh r = _mm512_cvtne2ps_pbh(_mm512_mul_ps(_mm512_load_ps(&o[d][16]), inv1),
+                                           _mm512_mul_ps(_mm512_load_ps(&o[d][0]), inv0));
+    _mm512_store_si512(rounded, (__m512i)r);
+    for (int64_t q = 0; q < queries; ++q) out[(q0 + q) * out_row + d] = rounded[q];
+  }
+}
+#endif
+
+
+ffi::Error HeadLossesImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::AnyBuffer targets,
+                          ffi::Result<ffi::AnyBuffer> losses, int64_t n_vocab) {
+  auto xd = x.dimensions(), wd = w.dimensions(), td = targets.dimensions();
+  if (x.element_type() != ffi::DataType::BF16 ||
+      (w.element_type() != ffi::DataType::BF16 && w.element_type() != ffi::DataType::U16) ||
+      targets.element_type() != ffi::DataType::S32 || losses->element_type() != ffi::DataType::F32)
+    return ffi::Error::InvalidArgument("head_losses: x bfloat16, w bfloat16 (or its bits), targets int32");
+  if (xd.size() != 2 || wd.size() != 2 || td.size() != 1 || xd[1] != wd[1] || td[0] != xd[0] || xd[1] % 32 != 0 ||
+      n_vocab < 1 || (n_vocab + 31) / 32 * 32 > wd[0])
+    return ffi::Error::InvalidArgument(
+        "head_losses: x [N, K], w [V_pad, K], targets [N], K a multiple of 32, n_vocab rounded up to 32 <= V_pad");
+#if defined(__AMX_BF16__) && defined(__AMX_TILE__)
+  if (!amx_permitted()) return ffi::Error::Internal("head_losses: the kernel refused AMX tiles to this process");
+  const auto* xs = reinterpret_cast<const uint16_t*>(x.untyped_data());
+  const auto* ws = reinterpret_cast<const uint16_t*>(w.untyped_data());
+  const auto* ts = reinterpret_cast<const int32_t*>(targets.untyped_data());
+  auto* ls = reinterpret_cast<float*>(losses->untyped_data());
+  const int64_t N = xd[0], K = xd[1];
+  parallel_chunks(pool, N, 32, 32, [=](int64_t i0, int64_t i1) {
+    for (int64_t t = i0; t < i1; t += kPassTokens) pass_losses(xs, ws, ts, ls, K, n_vocab, t, std::min(i1, t + kPassTokens));
+  });
+  return ffi::Error::Success();
+#else
+  return ffi::Error::InvalidArgument("head_losses: this build has no AMX kernels (the CPU lacks AMX)");
+#endif
+}
+
+ffi::Error CausalAttentionImpl(ffi::ThreadPool pool, ffi::AnyBuffer qkv, ffi::Result<ffi::AnyBuffer> out) {
+  auto d = qkv.dimensions();
+  if (qkv.element_type() != ffi::DataType::BF16 || out->element_type() != ffi::DataType::BF16)
+    return ffi::Error::InvalidArgument("causal_attention: qkv and the output bfloat16");
+  if (d.size() != 5 || d[2] != 3 || d[4] % 32 != 0 || d[4] > 128)
+    return ffi::Error::InvalidArgument("causal_attention: qkv [B, T, 3, H, Dh], Dh a multiple of 32 up to 128");
+#if defined(__AMX_BF16__) && defined(__AMX_TILE__)
+  if (!amx_permitted()) return ffi::Error::Internal("causal_attention: the kernel refused AMX tiles to this process");
+  const int64_t B = d[0], T = d[1], H = d[3], Dh = d[4], Tp = (T + 31) / 32 * 32;
+  const auto* in = reinterpret_cast<const uint16_t*>(qkv.untyped_data());
+  auto* os = reinterpret_cast<uint16_t*>(out->untyped_data());
+  parallel_chunks(pool, B * H, 1, 1, [=](int64_t i0, int64_t i1) {
+    ScopedTiles tiles(8);
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t b = i / H, h = i % H;
+      const HeadOperands op(in + b * T * 3 * H * Dh + h * Dh, T, H, Dh, Tp);
+      for (int64_t qb = 0; qb < Tp / 32; ++qb) attend_block(op, qb, T, Dh, Tp, os + b * T * H * Dh + h * Dh, H * Dh);
+    }
+  });
+  return ffi::Error::Success();
+#else
+  return ffi::Error::InvalidArgument("causal_attention: this build has no AMX kernels (the CPU lacks AMX)");
+#endif
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(HeadLosses, HeadLossesImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Attr<int64_t>("n_vocab"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(CausalAttention, CausalAttentionImpl,
+                              ffi::Ffi::Bind().Ctx<ffi::ThreadPool>().Arg<ffi::AnyBuffer>().Ret<ffi::AnyBuffer>());
