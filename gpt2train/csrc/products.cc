@@ -50,7 +50,24 @@ void dense_rows(const uint16_t* x, const uint16_t* packed, const float* bias, bo
                 int64_t K, int64_t M, int64_t t0, int64_t t1) {
   const int64_t panel = std::max<int64_t>(32, std::min<int64_t>(M, kPanelBytes / (K * 2) / 32 * 32));
   std::vector<uint16_t> tail;  // the last rows, padded to 32 with zeros: tiles read whole rows
-  alignas(64) float c[32][32];
+  // Software-pipelined: a block's bias and GELU run while the tiles multiply the next block, so the
+  // vector units' work overlaps AMX's products (two buffers, c[0] and c[1]).
+  alignas(64) float c[2][32][32];
+  struct Block {
+    int64_t t, col, rows;
+  } pending{0, 0, 0};
+  int buffer = 0;
+  auto finish = [&](const Block& b, const float (*block)[32]) {
+    const __m512 bias0 = _mm512_loadu_ps(bias + b.col), bias1 = _mm512_loadu_ps(bias + b.col + 16);
+    for (int64_t i = 0; i < b.rows; ++i) {
+      __m512 v0 = _mm512_add_ps(_mm512_load_ps(&block[i][0]), bias0), v1 = _mm512_add_ps(_mm512_load_ps(&block[i][16]), bias1);
+      if (with_gelu) {
+        v0 = gelu(v0);
+        v1 = gelu(v1);
+      }
+      _mm512_storeu_si512(y + (b.t + i) * M + b.col, (__m512i)_mm512_cvtne2ps_pbh(v1, v0));
+    }
+  };
   ScopedTiles tiles(8);
   for (int64_t p0 = 0; p0 < M; p0 += panel) {
     const int64_t p1 = std::min(M, p0 + panel);
@@ -78,22 +95,17 @@ void dense_rows(const uint16_t* x, const uint16_t* packed, const float* bias, bo
           _tile_dpbf16ps(2, 5, 6);
           _tile_dpbf16ps(3, 5, 7);
         }
-        _tile_stored(0, &c[0][0], 128);
-        _tile_stored(1, &c[0][16], 128);
-        _tile_stored(2, &c[16][0], 128);
-        _tile_stored(3, &c[16][16], 128);
-        const __m512 bias0 = _mm512_loadu_ps(bias + col), bias1 = _mm512_loadu_ps(bias + col + 16);
-        for (int64_t i = 0; i < rows; ++i) {
-          __m512 v0 = _mm512_add_ps(_mm512_load_ps(&c[i][0]), bias0), v1 = _mm512_add_ps(_mm512_load_ps(&c[i][16]), bias1);
-          if (with_gelu) {
-            v0 = gelu(v0);
-            v1 = gelu(v1);
-          }
-          _mm512_storeu_si512(y + (t + i) * M + col, (__m512i)_mm512_cvtne2ps_pbh(v1, v0));
-        }
+        if (pending.rows) finish(pending, c[1 - buffer]);
+        _tile_stored(0, &c[buffer][0][0], 128);
+        _tile_stored(1, &c[buffer][0][16], 128);
+        _tile_stored(2, &c[buffer][16][0], 128);
+        _tile_stored(3, &c[buffer][16][16], 128);
+        pending = {t, col, rows};
+        buffer = 1 - buffer;
       }
     }
   }
+  if (pending.rows) finish(pending, c[1 - buffer]);
 }
 #endif
 

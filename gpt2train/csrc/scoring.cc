@@ -46,7 +46,21 @@ void pass_losses(const uint16_t* x, const uint16_t* w, const int32_t* targets, f
     pack_x(x + (t0 + g * 16) * K, std::max<int64_t>(0, std::min<int64_t>(16, t1 - t0 - g * 16)), K,
            xp.data() + g * group_size);
   std::vector<float> m(groups * 16, -1e30f), s(groups * 16, 0.f), picked(groups * 16, 0.f);
-  alignas(64) float c[32][32];
+  // Software-pipelined: a block's logits are folded while the tiles multiply the next block, so
+  // the vector units' exponentials overlap AMX's products (two buffers of logits, c[0] and c[1]).
+  alignas(64) float c[2][32][32];
+  struct Block {
+    int64_t v, g;
+    int rows;
+  } pending{0, 0, 0};
+  int buffer = 0;
+  auto fold = [&](const Block& b, const float (*block)[32]) {
+    fold_block(block, b.rows, m.data() + b.g * 16, s.data() + b.g * 16);
+    for (int64_t i = 0; i < 32 && t0 + b.g * 16 + i < t1; ++i) {
+      const int64_t d = targets[t0 + b.g * 16 + i] - b.v;
+      if (d >= 0 && d < b.rows) picked[b.g * 16 + i] = block[d][i];
+    }
+  };
   ScopedTiles tiles(8);
   for (int64_t v = 0; v < V; v += 32) {
     const uint16_t *a0 = w + v * K, *a1 = a0 + 16 * K;
@@ -67,17 +81,16 @@ void pass_losses(const uint16_t* x, const uint16_t* w, const int32_t* targets, f
         _tile_dpbf16ps(2, 5, 6);
         _tile_dpbf16ps(3, 5, 7);
       }
-      _tile_stored(0, &c[0][0], 128);
-      _tile_stored(1, &c[0][16], 128);
-      _tile_stored(2, &c[16][0], 128);
-      _tile_stored(3, &c[16][16], 128);
-      fold_block(c, rows, m.data() + g * 16, s.data() + g * 16);
-      for (int64_t i = 0; i < 32 && t0 + g * 16 + i < t1; ++i) {
-        const int64_t d = targets[t0 + g * 16 + i] - v;
-        if (d >= 0 && d < rows) picked[g * 16 + i] = c[d][i];
-      }
+      if (pending.rows) fold(pending, c[1 - buffer]);
+      _tile_stored(0, &c[buffer][0][0], 128);
+      _tile_stored(1, &c[buffer][0][16], 128);
+      _tile_stored(2, &c[buffer][16][0], 128);
+      _tile_stored(3, &c[buffer][16][16], 128);
+      pending = {v, g, rows};
+      buffer = 1 - buffer;
     }
   }
+  if (pending.rows) fold(pending, c[1 - buffer]);
   for (int64_t i = 0; i < t1 - t0; ++i) losses[t0 + i] = m[i] + std::log(s[i]) - picked[i];
 }
 
