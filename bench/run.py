@@ -288,6 +288,7 @@ def bench_eval(shape, repeats: int, ref, ref_bf16: bool = True) -> dict:
     import jax.numpy as jnp
 
     from gpt2train import model
+    from gpt2train.metrics import peak_flops_per_device, train_flops_per_token
     from gpt2train.train import initial_params
 
     L, D, H, V, B, T = shape
@@ -309,6 +310,12 @@ def bench_eval(shape, repeats: int, ref, ref_bf16: bool = True) -> dict:
     out = {"shape": {"n_layer": L, "n_embd": D, "batch": B, "n_ctx": T},
            "loss_float32": losses["ours"], "loss_bfloat16": losses["ours_bf16"]}
     out.update({f"{k}_tok_s": B * T / s for k, s in secs.items()})
+    # A forward pass is a third of a training step's FLOPs: 2N + 4 L T D a token (metrics.py).
+    out["flops_per_token"] = train_flops_per_token(cfg) / 3
+    for name, precision in (("ours", "float32"), ("ours_bf16", "bfloat16")):
+        peak, _ = peak_flops_per_device(cfg.replace(precision=precision))
+        out[f"peak_gflops_{precision}"] = peak / 1e9
+        out[f"mfu_{precision}"] = out[f"{name}_tok_s"] * out["flops_per_token"] / peak
     if ref is not None:
         out["ratio"] = out["ours_tok_s"] / out["reference_tok_s"]
         if ref_bf16:
@@ -508,9 +515,10 @@ def markdown(report: dict) -> str:
     if "eval" in r:
         e = r["eval"]
         lines += [f"## Evaluation, forward only ({e['shape']})", "",
-                  f"ours {e['ours_tok_s']:,.0f} tokens/s; HF {e.get('reference_tok_s', float('nan')):,.0f}; "
-                  f"ratio {e.get('ratio', float('nan')):.2f}x", "",
-                  f"ours with `precision: bfloat16` {e['ours_bf16_tok_s']:,.0f} tokens/s; HF under "
+                  f"ours {e['ours_tok_s']:,.0f} tokens/s (MFU {e['mfu_float32']:.0%}); HF "
+                  f"{e.get('reference_tok_s', float('nan')):,.0f}; ratio {e.get('ratio', float('nan')):.2f}x", "",
+                  f"ours with `precision: bfloat16` {e['ours_bf16_tok_s']:,.0f} tokens/s (MFU {e['mfu_bfloat16']:.0%} "
+                  "of the bf16 peak); HF under "
                   f"torch.autocast(bfloat16) {e.get('reference_bf16_tok_s', float('nan')):,.0f}; ratio "
                   f"{e.get('ratio_bf16', float('nan')):.2f}x (loss {e['loss_bfloat16']:.4f} against "
                   f"{e['loss_float32']:.4f} in float32, on near-uniform random weights: not an accuracy "
@@ -575,14 +583,24 @@ TARGETS = [
      lambda r: "memory bandwidth: " + _bandwidth_bound(r, "batch_8_bf16") + "; a step with no context takes "
                f"{r['generate']['batch_8_bf16']['context_free_step_ms']:.1f} ms, a ceiling of "
                f"{r['generate']['batch_8_bf16'].get('ceiling_ratio', float('nan')):.2f}x the reference"),
-    ("eval", "ratio", "evaluation 8 x 1024 vs reference, float32", 1.5, "float32 matmul peak (compute-bound)"),
+    ("eval", "ratio", "evaluation 8 x 1024 vs reference, float32", 1.5, lambda r: _compute_bound(r, "float32")),
     ("eval", "ratio_bf16", "evaluation 8 x 1024, bfloat16 vs torch.autocast(bfloat16)", 1.5,
-     "XLA:CPU's bfloat16 products on this CPU; profiled on Intel AMX: the layer products alone run at"
-     " 1.2-1.6 TFLOP/s and the tied head's at 0.74 (its float32 logits are written out), and causal"
-     " attention, whose float32 scores XLA writes to memory between product and softmax, is a third of the step"),
+     lambda r: _compute_bound(r, "bfloat16") + "; on CPUs with AMX the layer products, attention and the head's "
+               "losses run on our compiled kernels, elsewhere on XLA:CPU's bfloat16 products"),
     ("tasks", "ratio", "task items/s vs lm-evaluation-harness, each in its default precision", 2.0,
      "HellaSwag scored both ways (twice the harness's requests), and float32 products slower in XLA:CPU than in MKL"),
 ]
+
+
+def _compute_bound(results: dict, precision: str) -> str:
+    """How far the evaluation target is from this machine's measured matmul peak in precision."""
+    e = results["eval"]
+    reference = e["reference_tok_s" if precision == "float32" else "reference_bf16_tok_s"]
+    needed = 1.5 * reference * e["flops_per_token"] / 1e9
+    peak = e[f"peak_gflops_{precision}"]
+    return (f"{precision} compute: 1.5x the reference needs {needed:,.0f} GFLOP/s ({e['flops_per_token'] / 1e6:.0f} "
+            f"MFLOP a token, 2N + 4 L T D), {needed / peak:.0%} of this machine's {precision} matmul peak "
+            f"({peak:,.0f} GFLOP/s); ours runs at {e[f'mfu_{precision}']:.0%} of it")
 
 
 def _bandwidth_bound(results: dict, row: str) -> str:

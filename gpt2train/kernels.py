@@ -87,6 +87,12 @@ def native_cached_attention(impl: str) -> bool:
     return (resolve(impl) == "cpu" and "avx512_bf16" in cpu_flags() and native_kernel.available())
 
 
+def _scoring_kernels_usable() -> bool:
+    """AMX, the library, and one device: the kernels have no sharding rule, so on a mesh XLA would
+    gather a sharded batch onto every device and run the whole call on each."""
+    return {"amx_bf16", "amx_tile"} <= cpu_flags() and jax.device_count() == 1 and native_kernel.available()
+
+
 def native_dense(x, w, impl: str) -> bool:
     """Whether a layer's product x [N, K] (bfloat16) . w [K, M] (float32) + bias goes to
     native_kernel.dense when no gradient is taken (CPUs with AMX, `kernels` cpu, K and M multiples
@@ -94,8 +100,7 @@ def native_dense(x, w, impl: str) -> bool:
     (124M evaluation at 8 x 1024 on an Intel Xeon with AMX: c_fc and GELU 65 ms a layer, the
     kernel 30; c_attn 35 against 21). Under a gradient the reference runs (dense)."""
     return (resolve(impl) == "cpu" and x.dtype == jnp.bfloat16 and w.dtype == jnp.float32 and x.ndim == 2
-            and w.ndim == 2 and x.shape[1] % 32 == 0 and w.shape[1] % 32 == 0
-            and {"amx_bf16", "amx_tile"} <= cpu_flags() and native_kernel.available())
+            and w.ndim == 2 and x.shape[1] % 32 == 0 and w.shape[1] % 32 == 0 and _scoring_kernels_usable())
 
 
 def dense(x, w, bias, gelu: bool, reference):
@@ -127,8 +132,7 @@ def native_head_losses(x, w, n_vocab: int, impl: str) -> bool:
     1024 on an Intel Xeon with AMX: 2.2 of a 4.4 s step; the kernel's head takes 0.5). A gradient
     never goes there (head_losses)."""
     return (resolve(impl) == "cpu" and x.dtype == jnp.bfloat16 and x.ndim == 2 and x.shape[1] % 32 == 0
-            and -(-n_vocab // 32) * 32 <= w.shape[0] and {"amx_bf16", "amx_tile"} <= cpu_flags()
-            and native_kernel.available())
+            and -(-n_vocab // 32) * 32 <= w.shape[0] and _scoring_kernels_usable())
 
 
 def head_losses(x, w, targets, n_vocab: int, reference):
@@ -162,8 +166,7 @@ def native_causal_attention(qkv) -> bool:
     with AMX: 95 ms a layer; the kernel's flash attention, blocks of 32 keys with a running
     maximum, 34). Under a gradient _attend_causal's own forward and backward run (_native_causal)."""
     Dh = qkv.shape[-1]
-    return (qkv.dtype == jnp.bfloat16 and Dh % 32 == 0 and Dh <= 128 and {"amx_bf16", "amx_tile"} <= cpu_flags()
-            and native_kernel.available())
+    return qkv.dtype == jnp.bfloat16 and Dh % 32 == 0 and Dh <= 128 and _scoring_kernels_usable()
 
 
 def cached_attention(q, k_cache, v_cache, key_mask):

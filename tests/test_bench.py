@@ -8,6 +8,9 @@ import sys
 
 from conftest import REPO
 
+sys.path.insert(0, str(REPO))
+from bench import run as bench_run  # noqa: E402
+
 
 def test_smoke_suite_writes_a_complete_report(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "bench.run", "--smoke", "--out", str(tmp_path)],
@@ -38,6 +41,13 @@ def test_smoke_suite_writes_a_complete_report(tmp_path):
         expected = int(b[6]) * row["copy_bandwidth_gb_s"] * 1e9 / row["weight_bytes_per_token"]
         assert 0 < row["bandwidth_ceiling_tok_s"] < expected and row["bandwidth_ceiling_ratio"] > 0
     assert r["eval"]["ratio"] > 0 and r["eval"]["ours_bf16_tok_s"] > 0 and r["eval"]["ratio_bf16"] > 0
+    e, (L, D, T) = r["eval"], (r["eval"]["shape"]["n_layer"], r["eval"]["shape"]["n_embd"], r["eval"]["shape"]["n_ctx"])
+    assert e["flops_per_token"] > 4 * L * T * D and e["peak_gflops_float32"] > 0 and e["peak_gflops_bfloat16"] > 0
+    assert e["mfu_float32"] == e["ours_tok_s"] * e["flops_per_token"] / (e["peak_gflops_float32"] * 1e9)
+    checks = {name: bound for name, _, _, _, bound in bench_run.target_checks(r)}
+    bound = checks["evaluation 8 x 1024 vs reference, float32"]  # computed from the report, never "(see README)"
+    needed = 1.5 * e["reference_tok_s"] * e["flops_per_token"] / 1e9
+    assert f"needs {needed:,.0f} GFLOP/s" in bound and f"({e['peak_gflops_float32']:,.0f} GFLOP/s)" in bound
     # bfloat16 weights are half the bytes a step reads
     g = r["generate"]
     assert g["batch_1_bf16"]["weight_bytes_per_token"] < 0.52 * g["batch_1"]["weight_bytes_per_token"]

@@ -332,3 +332,22 @@ def test_dense_is_the_product_plus_bias_through_gelu(N, K_in, M_out, gelu):
         y = 0.5 * y * (1 + np.tanh(np.sqrt(2 / np.pi) * (y + 0.044715 * y ** 3)))
     # one bfloat16 rounding of the result (2^-9 relative), float32 sums and exp well inside it
     np.testing.assert_allclose(np.asarray(out, np.float64), y, rtol=2.0 ** -8, atol=1e-5 * np.abs(y).max())
+
+
+@needs_amx
+def test_scoring_kernels_stay_out_on_a_mesh_of_several_devices():
+    """The kernels have no sharding rule (XLA would gather a sharded batch onto every device), so
+    with more than one device the model evaluates on XLA alone."""
+    done = run_python("""
+        import jax
+        from gpt2train import model as M, native_kernel
+        from gpt2train.config import Config
+        assert jax.device_count() == 2
+        cfg = Config(n_ctx=64, n_embd=64, n_layer=2, n_head=2, n_vocab=300, precision="bfloat16", kernels="cpu").validate()
+        params = M.init_params(cfg, jax.random.key(0))
+        tokens = jax.random.randint(jax.random.key(1), (2, 33), 0, 300)
+        text = jax.jit(lambda p: M.token_losses(p, tokens, cfg)).lower(params).as_text()
+        print(any(t in text for t in (native_kernel.HEAD_LOSSES_TARGET, native_kernel.CAUSAL_TARGET, native_kernel.DENSE_TARGET)))
+        """, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1] == "False"
