@@ -112,6 +112,35 @@ class ScopedTiles {
  private:
   alignas(64) TileConfig saved_, mine_;
 };
+
+// A 32 x 32 block of products in tiles 0-3 (its four 16 x 16 quarters): rows a0 and a1 (16 each,
+// a_stride bytes apart, as they lie) times packed columns b0 and b1 (16 each, pack_x's layout),
+// over K (a multiple of 32), with tiles 4-5 and 6-7 holding the operands (ScopedTiles(8)).
+inline void block_product(const uint16_t* a0, const uint16_t* a1, int64_t a_stride, const uint16_t* b0,
+                          const uint16_t* b1, int64_t K) {
+  _tile_zero(0);
+  _tile_zero(1);
+  _tile_zero(2);
+  _tile_zero(3);
+  for (int64_t k = 0; k < K; k += 32) {
+    _tile_loadd(4, a0 + k, a_stride);
+    _tile_loadd(5, a1 + k, a_stride);
+    _tile_loadd(6, b0 + k * 16, 64);
+    _tile_loadd(7, b1 + k * 16, 64);
+    _tile_dpbf16ps(0, 4, 6);
+    _tile_dpbf16ps(1, 4, 7);
+    _tile_dpbf16ps(2, 5, 6);
+    _tile_dpbf16ps(3, 5, 7);
+  }
+}
+
+// Tiles 0-3 (a block_product) into c[32][32], rows 128 bytes apart.
+inline void store_block(float (*c)[32]) {
+  _tile_stored(0, &c[0][0], 128);
+  _tile_stored(1, &c[0][16], 128);
+  _tile_stored(2, &c[16][0], 128);
+  _tile_stored(3, &c[16][16], 128);
+}
 #else
 inline bool amx_permitted() { return false; }
 #endif

@@ -80,26 +80,10 @@ void dense_rows(const uint16_t* x, const uint16_t* packed, const float* bias, bo
         a = tail.data();
       }
       for (int64_t col = p0; col < p1; col += 32) {
-        const uint16_t *b0 = packed + (col / 16) * K * 16, *b1 = b0 + K * 16;
-        _tile_zero(0);
-        _tile_zero(1);
-        _tile_zero(2);
-        _tile_zero(3);
-        for (int64_t k = 0; k < K; k += 32) {
-          _tile_loadd(4, a + k, K * 2);
-          _tile_loadd(5, a + 16 * K + k, K * 2);
-          _tile_loadd(6, b0 + k * 16, 64);
-          _tile_loadd(7, b1 + k * 16, 64);
-          _tile_dpbf16ps(0, 4, 6);
-          _tile_dpbf16ps(1, 4, 7);
-          _tile_dpbf16ps(2, 5, 6);
-          _tile_dpbf16ps(3, 5, 7);
-        }
+        const uint16_t* b = packed + (col / 16) * K * 16;
+        block_product(a, a + 16 * K, K * 2, b, b + K * 16, K);
         if (pending.rows) finish(pending, c[1 - buffer]);
-        _tile_stored(0, &c[buffer][0][0], 128);
-        _tile_stored(1, &c[buffer][0][16], 128);
-        _tile_stored(2, &c[buffer][16][0], 128);
-        _tile_stored(3, &c[buffer][16][16], 128);
+        store_block(c[buffer]);
         pending = {t, col, rows};
         buffer = 1 - buffer;
       }

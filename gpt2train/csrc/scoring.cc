@@ -66,26 +66,10 @@ void pass_losses(const uint16_t* x, const uint16_t* w, const int32_t* targets, f
     const uint16_t *a0 = w + v * K, *a1 = a0 + 16 * K;
     const int rows = static_cast<int>(std::min<int64_t>(32, V - v));
     for (int64_t g = 0; g < groups; g += 2) {
-      const uint16_t *b0 = xp.data() + g * group_size, *b1 = b0 + group_size;
-      _tile_zero(0);
-      _tile_zero(1);
-      _tile_zero(2);
-      _tile_zero(3);
-      for (int64_t k = 0; k < K; k += 32) {
-        _tile_loadd(4, a0 + k, K * 2);
-        _tile_loadd(5, a1 + k, K * 2);
-        _tile_loadd(6, b0 + k * 16, 64);
-        _tile_loadd(7, b1 + k * 16, 64);
-        _tile_dpbf16ps(0, 4, 6);
-        _tile_dpbf16ps(1, 4, 7);
-        _tile_dpbf16ps(2, 5, 6);
-        _tile_dpbf16ps(3, 5, 7);
-      }
+      const uint16_t* b = xp.data() + g * group_size;
+      block_product(a0, a1, K * 2, b, b + group_size, K);
       if (pending.rows) fold(pending, c[1 - buffer]);
-      _tile_stored(0, &c[buffer][0][0], 128);
-      _tile_stored(1, &c[buffer][0][16], 128);
-      _tile_stored(2, &c[buffer][16][0], 128);
-      _tile_stored(3, &c[buffer][16][16], 128);
+      store_block(c[buffer]);
       pending = {v, g, rows};
       buffer = 1 - buffer;
     }
@@ -141,7 +125,7 @@ inline void pack_probs(const float (*p)[32], uint16_t* packed) {
 // a running maximum and sum per query (flash attention); writes out rows [q0, min(q0 + 32, T)).
 void attend_block(const HeadOperands& op, int64_t qb, int64_t T, int64_t Dh, int64_t Tp, uint16_t* out,
                   int64_t out_row) {
-  const int64_t q0 = qb * 32, KB = Dh / 32;
+  const int64_t q0 = qb * 32;
   const float scale = 1.f / std::sqrt(static_cast<float>(Dh));
   alignas(64) float s[32][32], pv[128][32], o[128][32];  // Dh <= 128
   alignas(64) uint16_t packed[2 * 16 * 32];
@@ -152,24 +136,8 @@ void attend_block(const HeadOperands& op, int64_t qb, int64_t T, int64_t Dh, int
   const uint16_t* qp = op.queries.data() + q0 * Dh;
   for (int64_t j = 0; j <= qb; ++j) {
     const uint16_t* kp = op.keys.data() + j * 32 * Dh;
-    _tile_zero(0);
-    _tile_zero(1);
-    _tile_zero(2);
-    _tile_zero(3);
-    for (int64_t kb = 0; kb < KB; ++kb) {
-      _tile_loadd(4, kp + kb * 32, Dh * 2);
-      _tile_loadd(5, kp + 16 * Dh + kb * 32, Dh * 2);
-      _tile_loadd(6, qp + kb * 512, 64);
-      _tile_loadd(7, qp + 16 * Dh + kb * 512, 64);
-      _tile_dpbf16ps(0, 4, 6);
-      _tile_dpbf16ps(1, 4, 7);
-      _tile_dpbf16ps(2, 5, 6);
-      _tile_dpbf16ps(3, 5, 7);
-    }
-    _tile_stored(0, &s[0][0], 128);
-    _tile_stored(1, &s[0][16], 128);
-    _tile_stored(2, &s[16][0], 128);
-    _tile_stored(3, &s[16][16], 128);
+    block_product(kp, kp + 16 * Dh, Dh * 2, qp, qp + 16 * Dh, Dh);
+    store_block(s);
     const int64_t keys = std::min<int64_t>(32, T - j * 32);  // keys past T are padding
     for (int h = 0; h < 2; ++h) {
       __mmask16 visible[32];
@@ -211,10 +179,7 @@ void attend_block(const HeadOperands& op, int64_t qb, int64_t T, int64_t Dh, int
       _tile_dpbf16ps(1, 4, 7);
       _tile_dpbf16ps(2, 5, 6);
       _tile_dpbf16ps(3, 5, 7);
-      _tile_stored(0, &pv[d][0], 128);
-      _tile_stored(1, &pv[d][16], 128);
-      _tile_stored(2, &pv[d + 16][0], 128);
-      _tile_stored(3, &pv[d + 16][16], 128);
+      store_block(pv + d);
     }
     const __m512 a0 = _mm512_load_ps(alpha), a1 = _mm512_load_ps(alpha + 16);
     for (int64_t d = 0; d < Dh; ++d) {
