@@ -164,7 +164,7 @@ def native_causal_attention(qkv) -> bool:
     up to 128): XLA:CPU wrote every block's float32 scores out between the product and the softmax
     and converted q, k and v to float32 on the way (124M evaluation at 8 x 1024 on an Intel Xeon
     with AMX: 95 ms a layer; the kernel's flash attention, blocks of 32 keys with a running
-    maximum, 34). Under a gradient _attend_causal's own forward and backward run (_native_causal)."""
+    maximum, 27). Under a gradient _attend_causal's own forward and backward run (_native_causal)."""
     Dh = qkv.shape[-1]
     return qkv.dtype == jnp.bfloat16 and Dh % 32 == 0 and Dh <= 128 and _scoring_kernels_usable()
 
