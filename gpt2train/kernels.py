@@ -106,23 +106,7 @@ def native_dense(x, w, impl: str) -> bool:
 def dense(x, w, bias, gelu: bool, reference):
     """native_kernel.dense where native_dense says so; under a gradient reference(x, w, bias) --
     the same product by XLA -- computes it and its gradient, so training's step is unchanged."""
-    return _native_dense(x, w, bias, gelu, reference)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def _native_dense(x, w, bias, gelu, reference):
-    return native_kernel.dense(x, w, bias, gelu)
-
-
-def _native_dense_fwd(x, w, bias, gelu, reference):
-    return jax.vjp(reference, x, w, bias)
-
-
-def _native_dense_bwd(gelu, reference, pullback, g):
-    return pullback(g)
-
-
-_native_dense.defvjp(_native_dense_fwd, _native_dense_bwd)
+    return _native_unless_differentiated(functools.partial(native_kernel.dense, gelu=gelu), reference, x, w, bias)
 
 
 def native_head_losses(x, w, n_vocab: int, impl: str) -> bool:
@@ -139,23 +123,19 @@ def head_losses(x, w, targets, n_vocab: int, reference):
     """Token losses [N] by native_kernel.head_losses, where native_head_losses says so; under a
     gradient, reference(x, w, targets) -- the same losses by XLA -- computes them and their
     gradient, so training's step is unchanged."""
-    return _native_head_losses(x, w, targets, n_vocab, reference)
+    native = lambda x, w, targets: native_kernel.head_losses(x, w.astype(jnp.bfloat16), targets, n_vocab)  # noqa: E731
+    return _native_unless_differentiated(native, reference, x, w, targets)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def _native_head_losses(x, w, targets, n_vocab, reference):
-    return native_kernel.head_losses(x, w.astype(jnp.bfloat16), targets, n_vocab)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _native_unless_differentiated(native, reference, *args):
+    """native(*args), a compiled kernel's value; under a gradient reference(*args) -- the same
+    function by XLA -- computes both the value and the gradient (the kernels have no backward)."""
+    return native(*args)
 
 
-def _native_head_losses_fwd(x, w, targets, n_vocab, reference):
-    return jax.vjp(lambda x, w: reference(x, w, targets), x, w)
-
-
-def _native_head_losses_bwd(n_vocab, reference, pullback, g):
-    return (*pullback(g), None)
-
-
-_native_head_losses.defvjp(_native_head_losses_fwd, _native_head_losses_bwd)
+_native_unless_differentiated.defvjp(lambda native, reference, *args: jax.vjp(reference, *args),
+                                     lambda native, reference, pullback, g: pullback(g))
 
 
 def native_causal_attention(qkv) -> bool:
@@ -164,7 +144,7 @@ def native_causal_attention(qkv) -> bool:
     up to 128): XLA:CPU wrote every block's float32 scores out between the product and the softmax
     and converted q, k and v to float32 on the way (124M evaluation at 8 x 1024 on an Intel Xeon
     with AMX: 95 ms a layer; the kernel's flash attention, blocks of 32 keys with a running
-    maximum, 27). Under a gradient _attend_causal's own forward and backward run (_native_causal)."""
+    maximum, 27). Under a gradient _attend_causal's own forward and backward run."""
     Dh = qkv.shape[-1]
     return qkv.dtype == jnp.bfloat16 and Dh % 32 == 0 and Dh <= 128 and _scoring_kernels_usable()
 
@@ -205,7 +185,7 @@ def causal_attention(qkv, impl: str):
     in qkv's dtype (scores and softmax in float32)."""
     if resolve(impl) == "cpu":
         if native_causal_attention(qkv):
-            return _native_causal(qkv)
+            return _native_unless_differentiated(native_kernel.causal_attention, _attend_causal, qkv)
         return _attend_causal(qkv)
     return jax.nn.dot_product_attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], is_causal=True)
 
@@ -358,13 +338,3 @@ def _attend_causal_bwd(block, residuals, g):
 
 _attend_causal.defvjp(_attend_causal_fwd, _attend_causal_bwd)
 
-
-@jax.custom_vjp
-def _native_causal(qkv):
-    """native_kernel.causal_attention without a gradient; with one, _attend_causal's forward and
-    backward (the kernel keeps no probabilities for a backward pass)."""
-    return native_kernel.causal_attention(qkv)
-
-
-_native_causal.defvjp(lambda qkv: _attend_causal_fwd(qkv, ATTN_BLOCK),
-                      lambda residuals, g: _attend_causal_bwd(ATTN_BLOCK, residuals, g))
