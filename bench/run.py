@@ -585,8 +585,8 @@ TARGETS = [
                f"{r['generate']['batch_8_bf16'].get('ceiling_ratio', float('nan')):.2f}x the reference"),
     ("eval", "ratio", "evaluation 8 x 1024 vs reference, float32", 1.5, lambda r: _compute_bound(r, "float32")),
     ("eval", "ratio_bf16", "evaluation 8 x 1024, bfloat16 vs torch.autocast(bfloat16)", 1.5,
-     lambda r: _compute_bound(r, "bfloat16") + "; on CPUs with AMX the layer products, attention and the head's "
-               "losses run on our compiled kernels, elsewhere on XLA:CPU's bfloat16 products"),
+     lambda r: _compute_bound(r, "bfloat16") + "; on CPUs with AVX-512 BF16 or AMX the layer products, attention "
+               "and the head's losses run on our compiled kernels, elsewhere on XLA:CPU's bfloat16 products"),
     ("tasks", "ratio", "task items/s vs lm-evaluation-harness, each in its default precision", 2.0,
      "HellaSwag scored both ways (twice the harness's requests), and float32 products slower in XLA:CPU than in MKL"),
 ]

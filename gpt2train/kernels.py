@@ -8,8 +8,8 @@ cpu       kernels written for XLA:CPU, each for the measured reason given where 
           products with their own backward that keeps every product in bfloat16, and
           decoding's products of a few rows (bfloat16 and float32) and its attention over
           bfloat16 caches by our compiled kernels (native_kernel.py) on CPUs with AVX-512, and,
-          on CPUs with AMX, bfloat16 work without a gradient (evaluation, task scoring):
-          layer products, causal attention and the head's losses, by our kernels too.
+          on CPUs with AVX-512 BF16 or AMX, bfloat16 work without a gradient (evaluation, task
+          scoring): layer products, causal attention and the head's losses, by our kernels too.
 auto      `cpu` when JAX's default backend is the CPU, else `standard`.
 
 Both compute the same function; tests/test_kernels.py holds them to the same values and gradients.
@@ -88,17 +88,26 @@ def native_cached_attention(impl: str) -> bool:
 
 
 def _scoring_kernels_usable() -> bool:
-    """AMX, the library, and one device: the kernels have no sharding rule, so on a mesh XLA would
-    gather a sharded batch onto every device and run the whole call on each."""
-    return {"amx_bf16", "amx_tile"} <= cpu_flags() and jax.device_count() == 1 and native_kernel.available()
+    """AVX-512 BF16 (every CPU with AMX has it), the library, and one device: the kernels have no
+    sharding rule, so on a mesh XLA would gather a sharded batch onto every device and run the
+    whole call on each."""
+    return "avx512_bf16" in cpu_flags() and jax.device_count() == 1 and native_kernel.available()
+
+
+def scoring_tiles() -> bool:
+    """Whether the scoring kernels multiply by AMX tiles (CPUs that have them: Intel Xeon) or by
+    vdpbf16ps (AVX-512 BF16 alone: AMD EPYC). Each kernel's loops are ordered for its way."""
+    return {"amx_bf16", "amx_tile"} <= cpu_flags()
 
 
 def native_dense(x, w, impl: str) -> bool:
     """Whether a layer's product x [N, K] (bfloat16) . w [K, M] (float32) + bias goes to
-    native_kernel.dense when no gradient is taken (CPUs with AMX, `kernels` cpu, K and M multiples
-    of 32): XLA:CPU ran these products at about 1.0 TFLOP/s and c_fc's GELU as a pass of its own
-    (124M evaluation at 8 x 1024 on an Intel Xeon with AMX: c_fc and GELU 65 ms a layer, the
-    kernel 30; c_attn 35 against 21). Under a gradient the reference runs (dense)."""
+    native_kernel.dense when no gradient is taken (CPUs with AVX-512 BF16 or AMX, `kernels` cpu,
+    K and M multiples of 32): XLA:CPU ran these products at about 1.0 TFLOP/s and c_fc's GELU as a
+    pass of its own (124M evaluation at 8 x 1024 on an Intel Xeon with AMX: c_fc and GELU 65 ms a
+    layer, the kernel 30; c_attn 35 against 21; on an AMD EPYC (Zen 5) by vdpbf16ps: c_fc and
+    GELU 49 against 67, c_attn 43 against 47, c_proj of the MLP 47 against 64). Under a gradient
+    the reference runs (dense)."""
     return (resolve(impl) == "cpu" and x.dtype == jnp.bfloat16 and w.dtype == jnp.float32 and x.ndim == 2
             and w.ndim == 2 and x.shape[1] % 32 == 0 and w.shape[1] % 32 == 0 and _scoring_kernels_usable())
 
@@ -106,15 +115,17 @@ def native_dense(x, w, impl: str) -> bool:
 def dense(x, w, bias, gelu: bool, reference):
     """native_kernel.dense where native_dense says so; under a gradient reference(x, w, bias) --
     the same product by XLA -- computes it and its gradient, so training's step is unchanged."""
-    return _native_unless_differentiated(functools.partial(native_kernel.dense, gelu=gelu), reference, x, w, bias)
+    native = functools.partial(native_kernel.dense, gelu=gelu, tiles=scoring_tiles())
+    return _native_unless_differentiated(native, reference, x, w, bias)
 
 
 def native_head_losses(x, w, n_vocab: int, impl: str) -> bool:
     """Whether the tied head's token losses of a bfloat16 x [N, K] under w [V_pad, K] go to
-    native_kernel.head_losses (CPUs with AMX, `kernels` cpu): XLA:CPU wrote the float32 logits out
-    and read them back for the mask, the maximum, the sum and the target (124M evaluation at 8 x
-    1024 on an Intel Xeon with AMX: 2.2 of a 4.4 s step; the kernel's head takes 0.5). A gradient
-    never goes there (head_losses)."""
+    native_kernel.head_losses (CPUs with AVX-512 BF16 or AMX, `kernels` cpu): XLA:CPU wrote the
+    float32 logits out and read them back for the mask, the maximum, the sum and the target (124M
+    evaluation at 8 x 1024 on an Intel Xeon with AMX: 2.2 of a 4.4 s step; the kernel's head takes
+    0.5; on an AMD EPYC, Zen 5, 2,048 tokens' head 189 ms against XLA's 277). A gradient never
+    goes there (head_losses)."""
     return (resolve(impl) == "cpu" and x.dtype == jnp.bfloat16 and x.ndim == 2 and x.shape[1] % 32 == 0
             and -(-n_vocab // 32) * 32 <= w.shape[0] and _scoring_kernels_usable())
 
@@ -123,7 +134,8 @@ def head_losses(x, w, targets, n_vocab: int, reference):
     """Token losses [N] by native_kernel.head_losses, where native_head_losses says so; under a
     gradient, reference(x, w, targets) -- the same losses by XLA -- computes them and their
     gradient, so training's step is unchanged."""
-    native = lambda x, w, targets: native_kernel.head_losses(x, w.astype(jnp.bfloat16), targets, n_vocab)  # noqa: E731
+    native = lambda x, w, targets: native_kernel.head_losses(  # noqa: E731
+        x, w.astype(jnp.bfloat16), targets, n_vocab, tiles=scoring_tiles())
     return _native_unless_differentiated(native, reference, x, w, targets)
 
 
@@ -140,11 +152,12 @@ _native_unless_differentiated.defvjp(lambda native, reference, *args: jax.vjp(re
 
 def native_causal_attention(qkv) -> bool:
     """Whether causal attention over a bfloat16 qkv [B, T, 3, H, Dh] (`kernels` cpu) goes to
-    native_kernel.causal_attention when no gradient is taken (CPUs with AMX, Dh a multiple of 32
-    up to 128): XLA:CPU wrote every block's float32 scores out between the product and the softmax
-    and converted q, k and v to float32 on the way (124M evaluation at 8 x 1024 on an Intel Xeon
-    with AMX: 95 ms a layer; the kernel's flash attention, blocks of 32 keys with a running
-    maximum, 27). Under a gradient _attend_causal's own forward and backward run."""
+    native_kernel.causal_attention when no gradient is taken (CPUs with AVX-512 BF16 or AMX, Dh a
+    multiple of 32 up to 128): XLA:CPU wrote every block's float32 scores out between the product
+    and the softmax and converted q, k and v to float32 on the way (124M evaluation at 8 x 1024 on
+    an Intel Xeon with AMX: 95 ms a layer; the kernel's flash attention, blocks of 32 keys with a
+    running maximum, 27; on an AMD EPYC, Zen 5, by vdpbf16ps: 27 against 82-90). Under a gradient
+    _attend_causal's own forward and backward run."""
     Dh = qkv.shape[-1]
     return qkv.dtype == jnp.bfloat16 and Dh % 32 == 0 and Dh <= 128 and _scoring_kernels_usable()
 
@@ -185,7 +198,8 @@ def causal_attention(qkv, impl: str):
     in qkv's dtype (scores and softmax in float32)."""
     if resolve(impl) == "cpu":
         if native_causal_attention(qkv):
-            return _native_unless_differentiated(native_kernel.causal_attention, _attend_causal, qkv)
+            native = functools.partial(native_kernel.causal_attention, tiles=scoring_tiles())
+            return _native_unless_differentiated(native, _attend_causal, qkv)
         return _attend_causal(qkv)
     return jax.nn.dot_product_attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], is_causal=True)
 

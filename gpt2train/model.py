@@ -304,7 +304,7 @@ LOSS_ROWS = 2048  # tokens per slice of the output head in _head_losses
 def token_losses(params: Params, batch: jax.Array, cfg: Config, *, key=None) -> jax.Array:
     """Per-token next-token cross-entropy [B, T] for windows batch [B, T + 1].
 
-    Without a gradient, in bfloat16 on CPUs with AMX, the head and its losses are one compiled
+    Without a gradient, in bfloat16 on CPUs with AVX-512 BF16 or AMX, the head and its losses are one compiled
     kernel that never writes the logits out (kernels.native_head_losses); otherwise _head_losses."""
     x = hidden_states(params, batch[:, :-1], cfg, key=key)
     B, T, D = x.shape

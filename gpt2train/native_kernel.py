@@ -8,7 +8,8 @@ rows_matmul       a few rows (1-16) of activations times a kernel laid out [out,
 cached_attention  one or a few query positions against bfloat16 key/value caches, which XLA:CPU
                   converted to float32 whole at every token.
 
-Scoring (csrc/scoring.cc and csrc/products.cc, CPUs with AMX; bfloat16, never under a gradient):
+Scoring (csrc/scoring.cc and csrc/products.cc, bfloat16, never under a gradient; by AMX tiles, or
+by vdpbf16ps on CPUs with AVX-512 BF16 alone, as `tiles` says):
 dense             a layer's product of many rows, with its bias and GELU, rounded once;
 causal_attention  flash attention over blocks of 32 keys, the scores never in memory;
 head_losses       the tied head's token losses, the logits never in memory.
@@ -145,26 +146,29 @@ def cached_attention(q, k_cache, v_cache, key_mask):
     return jax.ffi.ffi_call(ATTENTION_TARGET, out, vmap_method="sequential")(q, k_cache, v_cache, key_mask)
 
 
-def head_losses(x, w, targets, n_vocab: int):
+def head_losses(x, w, targets, n_vocab: int, tiles: bool):
     """Each token's cross-entropy under the tied head: x [N, K] bfloat16, w [V_pad, K] bfloat16 (or
     its bits), targets [N] int32 -> [N] float32, logsumexp over the first n_vocab rows of x . w^T
-    minus the target's logit; the logits are never written out. Needs available() and AMX."""
+    minus the target's logit; the logits are never written out. Needs available() and AVX-512 BF16;
+    tiles: by AMX (needs AMX; where the process may not use it, vdpbf16ps runs instead)."""
     out = jax.ShapeDtypeStruct((x.shape[0],), jnp.float32)
     return jax.ffi.ffi_call(HEAD_LOSSES_TARGET, out, vmap_method="sequential")(
-        x, w, targets.astype(jnp.int32), n_vocab=np.int64(n_vocab))
+        x, w, targets.astype(jnp.int32), n_vocab=np.int64(n_vocab), tiles=bool(tiles))
 
 
-def causal_attention(qkv):
+def causal_attention(qkv, tiles: bool):
     """Causal self-attention of qkv [B, T, 3, H, Dh] bfloat16 (Dh a multiple of 32 up to 128):
     [B, T, H, Dh] bfloat16, softmax in float32 over blocks of keys, the scores never written out.
-    Needs available() and AMX."""
+    Needs available() and AVX-512 BF16; tiles as for head_losses."""
     B, T, _, H, Dh = qkv.shape
     out = jax.ShapeDtypeStruct((B, T, H, Dh), jnp.bfloat16)
-    return jax.ffi.ffi_call(CAUSAL_TARGET, out, vmap_method="sequential")(qkv)
+    return jax.ffi.ffi_call(CAUSAL_TARGET, out, vmap_method="sequential")(qkv, tiles=bool(tiles))
 
 
-def dense(x, w, bias, gelu: bool):
+def dense(x, w, bias, gelu: bool, tiles: bool):
     """x [N, K] bfloat16 times w [K, M] float32 plus bias [M] float32, GELU (tanh form) if asked,
-    rounded once: [N, M] bfloat16. K and M multiples of 32. Needs available() and AMX."""
+    rounded once: [N, M] bfloat16. K and M multiples of 32. Needs available() and AVX-512 BF16;
+    tiles as for head_losses."""
     out = jax.ShapeDtypeStruct((x.shape[0], w.shape[1]), jnp.bfloat16)
-    return jax.ffi.ffi_call(DENSE_TARGET, out, vmap_method="sequential")(x, w, bias, gelu=bool(gelu))
+    return jax.ffi.ffi_call(DENSE_TARGET, out, vmap_method="sequential")(x, w, bias, gelu=bool(gelu),
+                                                                         tiles=bool(tiles))

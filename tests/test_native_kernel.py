@@ -1,9 +1,9 @@
 """Our compiled CPU kernels (native_kernel.py, csrc/): built on first use, the same products,
 attention and losses as XLA's, used exactly where kernels says, and a clear fallback without them.
 
-Decoding's kernels need AVX-512 (bfloat16: AVX-512 BF16), scoring's AMX; on a CPU without them
-the tests that run them are skipped and the fallback tests still run (the model then never asks
-for them)."""
+Decoding's kernels need AVX-512 (bfloat16: AVX-512 BF16), scoring's AVX-512 BF16 (by vdpbf16ps,
+and on CPUs with AMX by tiles too: both are tested there); on a CPU without them the tests that
+run them are skipped and the fallback tests still run (the model then never asks for them)."""
 
 import os
 import subprocess
@@ -26,7 +26,7 @@ HAS_AVX512 = {"avx512f", "avx512bw"} <= K.cpu_flags()
 needs_bf16 = pytest.mark.skipif(not HAS_BF16, reason="this CPU has no AVX-512 bfloat16: the kernel is never used here")
 needs_avx512 = pytest.mark.skipif(not HAS_AVX512, reason="this CPU has no AVX-512: the kernels are never used here")
 HAS_AMX = {"amx_bf16", "amx_tile"} <= K.cpu_flags()
-needs_amx = pytest.mark.skipif(not HAS_AMX, reason="this CPU has no AMX: scoring's kernels are never used here")
+TILES = [False, True] if HAS_AMX else [False]  # how the scoring kernels multiply: vdpbf16ps, AMX tiles
 
 
 def exact_product(x, w):
@@ -209,7 +209,7 @@ def test_decode_step_never_converts_the_embedding_table():
     np.testing.assert_allclose(np.asarray(rows), np.asarray(expected), rtol=2 ** -8)
 
 
-# ----------------------------------------------------------------------------- scoring (AMX)
+# ----------------------------------------------------------------------------- scoring (AVX-512 BF16, AMX)
 def exact_losses(x, w, targets, n_vocab):
     """Cross-entropy of each row of x under the first n_vocab rows of w, in float64."""
     logits = exact_product(x, w)[:, :n_vocab]
@@ -218,10 +218,11 @@ def exact_losses(x, w, targets, n_vocab):
     return logz - logits[np.arange(len(targets)), np.asarray(targets)]
 
 
-@needs_amx
+@needs_bf16
+@pytest.mark.parametrize("tiles", TILES)
 @pytest.mark.parametrize("N,D,n_vocab,V_pad", [(1, 32, 77, 128), (33, 96, 96, 128), (300, 64, 1000, 1024),
                                                (40, 768, 50257, 50304)])
-def test_head_losses_are_the_cross_entropy_over_the_real_vocabulary(N, D, n_vocab, V_pad):
+def test_head_losses_are_the_cross_entropy_over_the_real_vocabulary(N, D, n_vocab, V_pad, tiles):
     """Token counts that fill no whole block of 32 (1, 33, 300: tails within a pass and across
     passes of 256), a vocabulary that ends inside a block of 32 (77, 1000, GPT-2's 50257) or on
     one (96); padding rows of w that would win the softmax if they were read; targets at both
@@ -234,7 +235,7 @@ def test_head_losses_are_the_cross_entropy_over_the_real_vocabulary(N, D, n_voca
     targets = jax.random.randint(keys[2], (N,), 0, n_vocab).at[0].set(n_vocab - 1)
     if N > 1:
         targets = targets.at[1].set(0)
-    out = jax.jit(native_kernel.head_losses, static_argnums=3)(x, w, targets, n_vocab)
+    out = jax.jit(native_kernel.head_losses, static_argnums=(3, 4))(x, w, targets, n_vocab, tiles)
     assert out.shape == (N,) and out.dtype == jnp.float32
     np.testing.assert_allclose(np.asarray(out, np.float64), exact_losses(x, w, targets, n_vocab), rtol=1e-5, atol=1e-4)
 
@@ -250,7 +251,7 @@ def bf16_model(n_vocab=300, n_embd=64, n_head=2):
 SCORING_TARGETS = (native_kernel.HEAD_LOSSES_TARGET, native_kernel.CAUSAL_TARGET, native_kernel.DENSE_TARGET)
 
 
-@needs_amx
+@needs_bf16
 def test_evaluation_takes_the_scoring_kernels_and_a_gradient_never_does(monkeypatch):
     """Without a gradient, bfloat16 token losses run the layer products, the attention and the
     head by our kernels and agree with XLA's; the training step's gradient is XLA's own, the
@@ -273,7 +274,7 @@ def test_evaluation_takes_the_scoring_kernels_and_a_gradient_never_does(monkeypa
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
-@needs_amx
+@needs_bf16
 def test_scoring_kernels_stay_out_where_they_cannot_run():
     """float32, a head size the tiles do not take (48), a model dimension the head cannot (80),
     `standard` kernels: XLA's own."""
@@ -298,14 +299,15 @@ def exact_causal_attention(qkv):
     return np.einsum("bhqk,bkhd->bqhd", probs / probs.sum(-1, keepdims=True), v)
 
 
-@needs_amx
+@needs_bf16
+@pytest.mark.parametrize("tiles", TILES)
 @pytest.mark.parametrize("B,T,H,Dh", [(1, 1, 1, 32), (2, 70, 3, 64), (1, 33, 2, 128), (3, 96, 2, 32)])
-def test_causal_attention_is_softmax_attention_over_earlier_positions(B, T, H, Dh):
+def test_causal_attention_is_softmax_attention_over_earlier_positions(B, T, H, Dh, tiles):
     """One position; lengths that end inside a block of 32 keys (70, 33) and on one (96); every
     head size the tiles take; scores large enough that the running maximum moves between blocks."""
     assert native_kernel.available()
     qkv = (jax.random.normal(jax.random.key(T * H + Dh), (B, T, 3, H, Dh)) * 2).astype(jnp.bfloat16)
-    out = jax.jit(native_kernel.causal_attention)(qkv)
+    out = jax.jit(native_kernel.causal_attention, static_argnums=1)(qkv, tiles)
     assert out.shape == (B, T, H, Dh) and out.dtype == jnp.bfloat16
     exact = exact_causal_attention(qkv)
     # bfloat16 probabilities and a bfloat16 result: a few roundings of 2^-8 of the largest value
@@ -314,18 +316,20 @@ def test_causal_attention_is_softmax_attention_over_earlier_positions(B, T, H, D
     assert np.abs(np.asarray(out, np.float64) - exact).max() <= 1.5 * np.abs(xla - exact).max() + 1e-6
 
 
-@needs_amx
-@pytest.mark.parametrize("N,K_in,M_out", [(1, 32, 32), (70, 64, 96), (33, 768, 3072), (300, 3072, 64)])
-@pytest.mark.parametrize("gelu", [False, True])
-def test_dense_is_the_product_plus_bias_through_gelu(N, K_in, M_out, gelu):
+@needs_bf16
+@pytest.mark.parametrize("tiles", TILES)
+@pytest.mark.parametrize("N,K_in,M_out,gelu", [(1, 32, 32, False), (70, 64, 96, True), (33, 768, 3072, True),
+                                               (300, 3072, 64, False)])
+def test_dense_is_the_product_plus_bias_through_gelu(N, K_in, M_out, gelu, tiles):
     """Token counts that fill no whole block of 32 (1, 33, 70, 300); panels of columns narrower
-    than the output (3072 columns at K 768, 64 at K 3072); GELU's tanh form on both signs."""
+    than the output (3072 columns at K 768, 64 at K 3072); GELU's tanh form on both signs; K
+    past one chunk of vdpbf16ps's (256) and within one."""
     assert native_kernel.available()
     keys = jax.random.split(jax.random.key(N + K_in + M_out), 3)
     x = jax.random.normal(keys[0], (N, K_in)).astype(jnp.bfloat16)
     w = jax.random.normal(keys[1], (K_in, M_out)) * (2 / np.sqrt(K_in))
     bias = jax.random.normal(keys[2], (M_out,))
-    out = jax.jit(native_kernel.dense, static_argnums=3)(x, w, bias, gelu)
+    out = jax.jit(native_kernel.dense, static_argnums=(3, 4))(x, w, bias, gelu, tiles)
     assert out.shape == (N, M_out) and out.dtype == jnp.bfloat16
     y = np.asarray(x, np.float64) @ np.asarray(w.astype(jnp.bfloat16), np.float64) + np.asarray(bias, np.float64)
     if gelu:
@@ -334,7 +338,7 @@ def test_dense_is_the_product_plus_bias_through_gelu(N, K_in, M_out, gelu):
     np.testing.assert_allclose(np.asarray(out, np.float64), y, rtol=2.0 ** -8, atol=1e-5 * np.abs(y).max())
 
 
-@needs_amx
+@needs_bf16
 def test_scoring_kernels_stay_out_on_a_mesh_of_several_devices():
     """The kernels have no sharding rule (XLA would gather a sharded batch onto every device), so
     with more than one device the model evaluates on XLA alone."""

@@ -1,13 +1,14 @@
-// Scoring's kernels for CPUs with AMX (gpt2train/native_kernel.py builds and loads this;
-// kernels.native_head_losses and kernels.native_causal_attention say when each is used: bfloat16
-// without a gradient).
+// Scoring's kernels for CPUs with AMX or AVX-512 BF16 (gpt2train/native_kernel.py builds and loads
+// this; kernels.native_head_losses and kernels.native_causal_attention say when each is used:
+// bfloat16 without a gradient). Their 32 x 32 blocks of products go to AMX tiles or to vdpbf16ps
+// (common.h's TileBlocks and VectorBlocks), as the caller's `tiles` says.
 //
 // head_losses: each token's cross-entropy under the tied output head, -log softmax(x . wte^T)[target],
 // without the logits ever reaching memory. XLA:CPU writes the [tokens, vocabulary] float32 logits
 // out (412 MB per 2,048 tokens at GPT-2's vocabulary) and reads them back for the padding mask, the
 // maximum, the sum of exponentials and the target's logit; on an Intel Xeon with AMX those passes
-// and its head product (0.5 TFLOP/s) were half of a 124M evaluation step. Here AMX tiles multiply
-// 32 vocabulary rows by 32 tokens at a time, and each 32 x 32 block of logits is folded into the
+// and its head product (0.5 TFLOP/s) were half of a 124M evaluation step. Here 32 vocabulary rows
+// are multiplied by 32 tokens at a time, and each 32 x 32 block of logits is folded into the
 // tokens' running maximum and sum of exponentials while it is in L1.
 //
 // causal_attention: flash attention over blocks of 32 keys with a running maximum per query; XLA:CPU
@@ -22,7 +23,7 @@ namespace {
 
 using namespace gpt2train;
 
-#if defined(__AMX_BF16__) && defined(__AMX_TILE__)
+#if defined(__AVX512BF16__)
 constexpr int64_t kPassTokens = 256;  // tokens whose packed rows stay in L2 while the head streams past
 
 // Folds a block of logits c [rows <= 32 vocabulary rows][32 tokens] into the tokens' running
@@ -41,9 +42,9 @@ inline void fold_block(const float (*c)[32], int rows, float* m, float* s) {
 }
 
 // Losses of tokens [t0, t1) (t1 - t0 <= kPassTokens): x [N, K] and w [>= V rounded up to 32, K]
-// as bfloat16 bits, K a multiple of 32. Tiles 0-3 accumulate the four 16 x 16 quarters of a
-// 32 x 32 block of logits; 4-5 hold 16 vocabulary rows each as they lie, 6-7 16 packed tokens each.
-void pass_losses(const uint16_t* x, const uint16_t* w, const int32_t* targets, float* losses, int64_t K, int64_t V,
+// as bfloat16 bits, K a multiple of 32; blocks of 32 vocabulary rows (as they lie) by 32 packed tokens.
+template <typename Blocks>
+void pass_losses(Blocks& blocks, const uint16_t* x, const uint16_t* w, const int32_t* targets, float* losses, int64_t K, int64_t V,
                  int64_t t0, int64_t t1) {
   const int64_t groups = (t1 - t0 + 31) / 32 * 2, group_size = K * 16;  // packed elements per 16 tokens
   std::vector<uint16_t> xp(groups * group_size);
@@ -52,7 +53,8 @@ void pass_losses(const uint16_t* x, const uint16_t* w, const int32_t* targets, f
            xp.data() + g * group_size);
   std::vector<float> m(groups * 16, -1e30f), s(groups * 16, 0.f), picked(groups * 16, 0.f);
   // Software-pipelined: a block's logits are folded while the tiles multiply the next block, so
-  // the vector units' exponentials overlap AMX's products (two buffers of logits, c[0] and c[1]).
+  // the vector units' exponentials overlap AMX's products (two buffers of logits, c[0] and c[1]);
+  // by vectors, the same order costs nothing.
   alignas(64) float c[2][32][32];
   struct Block {
     int64_t v, g;
@@ -66,15 +68,14 @@ void pass_losses(const uint16_t* x, const uint16_t* w, const int32_t* targets, f
       if (d >= 0 && d < b.rows) picked[b.g * 16 + i] = block[d][i];
     }
   };
-  ScopedTiles tiles(8);
   for (int64_t v = 0; v < V; v += 32) {
     const uint16_t *a0 = w + v * K, *a1 = a0 + 16 * K;
     const int rows = static_cast<int>(std::min<int64_t>(32, V - v));
     for (int64_t g = 0; g < groups; g += 2) {
       const uint16_t* b = xp.data() + g * group_size;
-      block_product(a0, a1, K * 2, b, b + group_size, K);
+      blocks.start(a0, a1, K * 2, b, b + group_size, K);
       if (pending.rows) fold(pending, c[1 - buffer]);
-      store_block(c[buffer]);
+      blocks.finish(c[buffer]);
       pending = {v, g, rows};
       buffer = 1 - buffer;
     }
@@ -128,7 +129,8 @@ inline void pack_probs(const float (*p)[32], uint16_t* packed) {
 
 // Query block qb (32 queries) of one head against the keys it may see, by blocks of 32 keys with
 // a running maximum and sum per query (flash attention); writes out rows [q0, min(q0 + 32, T)).
-void attend_block(const HeadOperands& op, int64_t qb, int64_t T, int64_t Dh, int64_t Tp, uint16_t* out,
+template <typename Blocks>
+void attend_block(Blocks& blocks, const HeadOperands& op, int64_t qb, int64_t T, int64_t Dh, int64_t Tp, uint16_t* out,
                   int64_t out_row) {
   const int64_t q0 = qb * 32;
   const float scale = 1.f / std::sqrt(static_cast<float>(Dh));
@@ -141,8 +143,8 @@ void attend_block(const HeadOperands& op, int64_t qb, int64_t T, int64_t Dh, int
   const uint16_t* qp = op.queries.data() + q0 * Dh;
   for (int64_t j = 0; j <= qb; ++j) {
     const uint16_t* kp = op.keys.data() + j * 32 * Dh;
-    block_product(kp, kp + 16 * Dh, Dh * 2, qp, qp + 16 * Dh, Dh);
-    store_block(s);
+    blocks.start(kp, kp + 16 * Dh, Dh * 2, qp, qp + 16 * Dh, Dh);
+    blocks.finish(s);
     const int64_t keys = std::min<int64_t>(32, T - j * 32);  // keys past T are padding
     for (int h = 0; h < 2; ++h) {
       __mmask16 visible[32];
@@ -171,20 +173,10 @@ void attend_block(const HeadOperands& op, int64_t qb, int64_t T, int64_t Dh, int
       _mm512_store_ps(alpha + h * 16, a);
     }
     pack_probs(s, packed);
-    _tile_loadd(6, packed, 64);
-    _tile_loadd(7, packed + 16 * 32, 64);
-    for (int64_t d = 0; d < Dh; d += 32) {
-      _tile_zero(0);
-      _tile_zero(1);
-      _tile_zero(2);
-      _tile_zero(3);
-      _tile_loadd(4, op.values_t.data() + d * Tp + j * 32, Tp * 2);
-      _tile_loadd(5, op.values_t.data() + (d + 16) * Tp + j * 32, Tp * 2);
-      _tile_dpbf16ps(0, 4, 6);
-      _tile_dpbf16ps(1, 4, 7);
-      _tile_dpbf16ps(2, 5, 6);
-      _tile_dpbf16ps(3, 5, 7);
-      store_block(pv + d);
+    for (int64_t d = 0; d < Dh; d += 32) {  // pv^T rows d..d+31: values_t's rows by the packed P^T
+      const uint16_t* vt = op.values_t.data() + d * Tp + j * 32;
+      blocks.start(vt, vt + 16 * Tp, Tp * 2, packed, packed + 16 * 32, 32);
+      blocks.finish(pv + d);
     }
     const __m512 a0 = _mm512_load_ps(alpha), a1 = _mm512_load_ps(alpha + 16);
     for (int64_t d = 0; d < Dh; ++d) {
@@ -207,7 +199,7 @@ void attend_block(const HeadOperands& op, int64_t qb, int64_t T, int64_t Dh, int
 
 
 ffi::Error HeadLossesImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::AnyBuffer targets,
-                          ffi::Result<ffi::AnyBuffer> losses, int64_t n_vocab) {
+                          ffi::Result<ffi::AnyBuffer> losses, int64_t n_vocab, bool tiles) {
   auto xd = x.dimensions(), wd = w.dimensions(), td = targets.dimensions();
   if (x.element_type() != ffi::DataType::BF16 ||
       (w.element_type() != ffi::DataType::BF16 && w.element_type() != ffi::DataType::U16) ||
@@ -217,44 +209,47 @@ ffi::Error HeadLossesImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer
       n_vocab < 1 || (n_vocab + 31) / 32 * 32 > wd[0])
     return ffi::Error::InvalidArgument(
         "head_losses: x [N, K], w [V_pad, K], targets [N], K a multiple of 32, n_vocab rounded up to 32 <= V_pad");
-#if defined(__AMX_BF16__) && defined(__AMX_TILE__)
-  if (!amx_permitted()) return ffi::Error::Internal("head_losses: the kernel refused AMX tiles to this process");
+#if defined(__AVX512BF16__)
   const auto* xs = reinterpret_cast<const uint16_t*>(x.untyped_data());
   const auto* ws = reinterpret_cast<const uint16_t*>(w.untyped_data());
   const auto* ts = reinterpret_cast<const int32_t*>(targets.untyped_data());
   auto* ls = reinterpret_cast<float*>(losses->untyped_data());
   const int64_t N = xd[0], K = xd[1];
   parallel_chunks(pool, N, 32, 32, [=](int64_t i0, int64_t i1) {
-    for (int64_t t = i0; t < i1; t += kPassTokens) pass_losses(xs, ws, ts, ls, K, n_vocab, t, std::min(i1, t + kPassTokens));
+    with_blocks(tiles, [&](auto& blocks) {
+      for (int64_t t = i0; t < i1; t += kPassTokens)
+        pass_losses(blocks, xs, ws, ts, ls, K, n_vocab, t, std::min(i1, t + kPassTokens));
+    });
   });
   return ffi::Error::Success();
 #else
-  return ffi::Error::InvalidArgument("head_losses: this build has no AMX kernels (the CPU lacks AMX)");
+  return ffi::Error::InvalidArgument("head_losses: this build has no bfloat16 kernels (the CPU lacks AVX-512 BF16)");
 #endif
 }
 
-ffi::Error CausalAttentionImpl(ffi::ThreadPool pool, ffi::AnyBuffer qkv, ffi::Result<ffi::AnyBuffer> out) {
+ffi::Error CausalAttentionImpl(ffi::ThreadPool pool, ffi::AnyBuffer qkv, ffi::Result<ffi::AnyBuffer> out, bool tiles) {
   auto d = qkv.dimensions();
   if (qkv.element_type() != ffi::DataType::BF16 || out->element_type() != ffi::DataType::BF16)
     return ffi::Error::InvalidArgument("causal_attention: qkv and the output bfloat16");
   if (d.size() != 5 || d[2] != 3 || d[4] % 32 != 0 || d[4] > 128)
     return ffi::Error::InvalidArgument("causal_attention: qkv [B, T, 3, H, Dh], Dh a multiple of 32 up to 128");
-#if defined(__AMX_BF16__) && defined(__AMX_TILE__)
-  if (!amx_permitted()) return ffi::Error::Internal("causal_attention: the kernel refused AMX tiles to this process");
+#if defined(__AVX512BF16__)
   const int64_t B = d[0], T = d[1], H = d[3], Dh = d[4], Tp = (T + 31) / 32 * 32;
   const auto* in = reinterpret_cast<const uint16_t*>(qkv.untyped_data());
   auto* os = reinterpret_cast<uint16_t*>(out->untyped_data());
   parallel_chunks(pool, B * H, 1, 1, [=](int64_t i0, int64_t i1) {
-    ScopedTiles tiles(8);
-    for (int64_t i = i0; i < i1; ++i) {
-      const int64_t b = i / H, h = i % H;
-      const HeadOperands op(in + b * T * 3 * H * Dh + h * Dh, T, H, Dh, Tp);
-      for (int64_t qb = 0; qb < Tp / 32; ++qb) attend_block(op, qb, T, Dh, Tp, os + b * T * H * Dh + h * Dh, H * Dh);
-    }
+    with_blocks(tiles, [&](auto& blocks) {
+      for (int64_t i = i0; i < i1; ++i) {
+        const int64_t b = i / H, h = i % H;
+        const HeadOperands op(in + b * T * 3 * H * Dh + h * Dh, T, H, Dh, Tp);
+        for (int64_t qb = 0; qb < Tp / 32; ++qb)
+          attend_block(blocks, op, qb, T, Dh, Tp, os + b * T * H * Dh + h * Dh, H * Dh);
+      }
+    });
   });
   return ffi::Error::Success();
 #else
-  return ffi::Error::InvalidArgument("causal_attention: this build has no AMX kernels (the CPU lacks AMX)");
+  return ffi::Error::InvalidArgument("causal_attention: this build has no bfloat16 kernels (the CPU lacks AVX-512 BF16)");
 #endif
 }
 
@@ -267,7 +262,12 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(HeadLosses, HeadLossesImpl,
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::AnyBuffer>()
                                   .Ret<ffi::AnyBuffer>()
-                                  .Attr<int64_t>("n_vocab"));
+                                  .Attr<int64_t>("n_vocab")
+                                  .Attr<bool>("tiles"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(CausalAttention, CausalAttentionImpl,
-                              ffi::Ffi::Bind().Ctx<ffi::ThreadPool>().Arg<ffi::AnyBuffer>().Ret<ffi::AnyBuffer>());
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Attr<bool>("tiles"));
