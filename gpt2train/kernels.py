@@ -62,18 +62,19 @@ def native_rows(rows: int, dtype) -> bool:
     native_kernel.rows_matmul, which reads the weights near the memory's pace where XLA:CPU does
     not (124M's 12 layers and head chained, Intel Xeon with AMX):
 
-    bfloat16  on CPUs with AVX-512 bfloat16, up to NATIVE_ROWS rows with AMX and up to 2
-              without. XLA:CPU streams bfloat16 weights as float32 for one row and packs them for
-              several: 1 row 10.1 ms against 20 for XLA's float32 and 49 for its bfloat16; 8 rows
-              10.3 against 17.8; 16 rows 11.7 against 19.0. Without AMX the kernel's vdpbf16ps
-              is compute-bound from 4 rows on (19.5 ms), where XLA is faster.
+    bfloat16  on CPUs with AVX-512 bfloat16, up to NATIVE_ROWS rows. XLA:CPU streams bfloat16
+              weights as float32 for one row and packs them for several: 1 row 10.1 ms against
+              20 for XLA's float32 and 49 for its bfloat16; 8 rows 10.3 against 17.8; 16 rows 11.7
+              against 19.0 (by AMX). Without AMX, several rows share each vdpbf16ps's lanes
+              (decode.cc, columns_lanes): the head's [50304, 768] at 8 rows 2.6 ms against XLA's
+              13.2, at 16 rows 4.0 against 14.5 (AMD EPYC, Zen 5).
     float32   on CPUs with AVX-512, up to NATIVE_ROWS rows: 1 row 15.8 ms against 18.2, 2 rows
               17.6 against 31.2, 8 rows 28.1 against 36.6, 16 rows 35.5 against 40.8."""
     if jax.default_backend() != "cpu" or rows > NATIVE_ROWS:
         return False
     flags = cpu_flags()
     if jnp.dtype(dtype) == jnp.bfloat16:
-        usable = "avx512_bf16" in flags and (rows <= 2 or "amx_bf16" in flags)
+        usable = "avx512_bf16" in flags
     else:
         usable = jnp.dtype(dtype) == jnp.float32 and {"avx512f", "avx512bw"} <= flags
     return usable and native_kernel.available()
