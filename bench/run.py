@@ -54,28 +54,16 @@ def timed(fn) -> float:
 
 
 def peak_probes(precisions) -> dict:
-    """One 2048-cube product per precision (metrics.peak_flops_per_device's probe), named
-    `peak_<precision>`, to run in the same turns as a benchmark: the machine is shared, and a
-    peak measured once at a slow moment put a float32 step at 140% "MFU"."""
-    import jax
-    import jax.numpy as jnp
-
-    probes = {}
-    for precision in precisions:
-        dtype = jnp.bfloat16 if precision == "bfloat16" else jnp.float32
-        ka, kb = jax.random.split(jax.random.PRNGKey(0))
-        a, b = (jax.random.normal(k, (PEAK_N, PEAK_N)).astype(dtype) for k in (ka, kb))
-        f = jax.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.float32))
-        probes[f"peak_{precision}"] = lambda f=f, a=a, b=b: jax.block_until_ready(f(a, b))
-    return probes
-
-
-PEAK_N = 2048
+    """metrics.peak_probe per precision, named `peak_<precision>`, to run in the same turns as a
+    benchmark: the machine is shared, and a peak measured once at a slow moment put a float32
+    step at 140% "MFU"."""
+    from gpt2train.metrics import peak_probe
+    return {f"peak_{precision}": peak_probe(precision) for precision in precisions}
 
 
 def best_peak(cfg, secs: dict) -> float:
     """The higher of the process's peak (measured once) and the fastest probe in secs."""
-    from gpt2train.metrics import peak_flops_per_device
+    from gpt2train.metrics import PEAK_N, peak_flops_per_device
     measured, _ = peak_flops_per_device(cfg)
     probe = secs.get(f"peak_{cfg.precision}")
     return max(measured, 2 * PEAK_N ** 3 / probe) if probe else measured

@@ -42,6 +42,18 @@ def train_flops_per_token(cfg: Config, seq_len: int | None = None) -> float:
 
 
 _measured_peak: dict[str, float] = {}
+PEAK_N = 2048  # the probe's product is PEAK_N cubed
+
+
+def peak_probe(precision: str):
+    """One PEAK_N-cube product in precision (bfloat16 inputs accumulate in float32, as the model
+    does), on random operands XLA cannot specialise on: a function that runs it and waits."""
+    dtype = jnp.bfloat16 if precision == "bfloat16" else jnp.float32
+    ka, kb = jax.random.split(jax.random.PRNGKey(0))
+    a = jax.random.normal(ka, (PEAK_N, PEAK_N)).astype(dtype)
+    b = jax.random.normal(kb, (PEAK_N, PEAK_N)).astype(dtype)
+    f = jax.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.float32))
+    return lambda: f(a, b).block_until_ready()
 
 
 def peak_flops_per_device(cfg: Config) -> tuple[float, str]:
@@ -57,22 +69,16 @@ def peak_flops_per_device(cfg: Config) -> tuple[float, str]:
             return flops, f"{kind} data sheet"
     key = cfg.precision
     if key not in _measured_peak:
-        n = 2048
-        dtype = jnp.bfloat16 if cfg.precision == "bfloat16" else jnp.float32
-        # Random operands (not constants XLA could specialise on) and the fastest of ten runs:
-        # a peak is what the machine can do, and a busy moment only ever slows a run (a median
-        # taken beside another process once put a bf16 step at 113% "MFU").
-        ka, kb = jax.random.split(jax.random.PRNGKey(0))
-        a = jax.random.normal(ka, (n, n)).astype(dtype)
-        b = jax.random.normal(kb, (n, n)).astype(dtype)
-        f = jax.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.float32))
-        f(a, b).block_until_ready()
+        # The fastest of ten runs: a peak is what the machine can do, and a busy moment only ever
+        # slows a run (a median taken beside another process once put a bf16 step at 113% "MFU").
+        probe = peak_probe(cfg.precision)
+        probe()
         times = []
         for _ in range(10):
             t0 = time.perf_counter()
-            f(a, b).block_until_ready()
+            probe()
             times.append(time.perf_counter() - t0)
-        _measured_peak[key] = 2 * n ** 3 / min(times)
+        _measured_peak[key] = 2 * PEAK_N ** 3 / min(times)
     return _measured_peak[key], f"measured {cfg.precision} matmul on {kind or dev.platform}"
 
 

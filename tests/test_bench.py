@@ -71,10 +71,10 @@ def test_the_peak_is_the_fastest_probe_in_the_benchmarks_turns_when_that_beats_t
     run in the benchmark's own turns: a slow moment at the first measurement (a shared machine
     once gave 218 GFLOP/s float32 against 383 minutes before) no longer puts a step above 100%."""
     from gpt2train.config import Config
-    from gpt2train.metrics import peak_flops_per_device
+    from gpt2train.metrics import PEAK_N, peak_flops_per_device
     cfg = Config(precision="float32").validate()
     first, _ = peak_flops_per_device(cfg)
-    flops = 2 * bench_run.PEAK_N ** 3
+    flops = 2 * PEAK_N ** 3
     assert bench_run.best_peak(cfg, {}) == first
     assert bench_run.best_peak(cfg, {"peak_float32": flops / (first * 2)}) == 2 * first
     assert bench_run.best_peak(cfg, {"peak_float32": flops / (first / 2)}) == first
