@@ -14,6 +14,11 @@ dense             a layer's product of many rows, with its bias and GELU, rounde
 causal_attention  flash attention over blocks of 32 keys, the scores never in memory;
 head_losses       the tied head's token losses, the logits never in memory.
 
+Training (csrc/optimizer.cc and csrc/layout.cc, CPUs with AVX-512):
+adam_update       Adam's step for one float32 parameter (clip, moments, decay, learning rate)
+                  in one pass over memory, in place; fused_adam.py uses it;
+transpose         a transposed copy of 16-bit matrices, for the bfloat16 weight gradients.
+
 The .cc files say why each is faster; kernels.native_rows, native_cached_attention, native_dense,
 native_causal_attention and native_head_losses decide when they are used; everything else runs
 on XLA.
@@ -48,13 +53,15 @@ from .errors import UserError
 
 ENV = "GPT2TRAIN_NATIVE_KERNEL"
 CSRC = os.path.join(os.path.dirname(__file__), "csrc")
-SOURCES = [os.path.join(CSRC, name) for name in ("decode.cc", "scoring.cc", "products.cc")]  # compiled into one library
+SOURCES = [os.path.join(CSRC, name) for name in ("decode.cc", "scoring.cc", "products.cc", "optimizer.cc", "layout.cc")]  # compiled into one library
 HEADERS = [os.path.join(CSRC, "common.h")]
 TARGET = "gpt2train_rows_matmul"
 ATTENTION_TARGET = "gpt2train_cached_attention"
 HEAD_LOSSES_TARGET = "gpt2train_head_losses"
 CAUSAL_TARGET = "gpt2train_causal_attention"
 DENSE_TARGET = "gpt2train_dense"
+ADAM_TARGET = "gpt2train_adam_update"
+TRANSPOSE_TARGET = "gpt2train_transpose"
 FLAGS = ["-O3", "-march=native", "-std=c++17", "-fPIC", "-w"]  # each source to an object; "-shared" links them
 
 
@@ -124,6 +131,8 @@ def available() -> bool:
         jax.ffi.register_ffi_target(HEAD_LOSSES_TARGET, jax.ffi.pycapsule(library.HeadLosses), platform="cpu")
         jax.ffi.register_ffi_target(CAUSAL_TARGET, jax.ffi.pycapsule(library.CausalAttention), platform="cpu")
         jax.ffi.register_ffi_target(DENSE_TARGET, jax.ffi.pycapsule(library.Dense), platform="cpu")
+        jax.ffi.register_ffi_target(ADAM_TARGET, jax.ffi.pycapsule(library.AdamUpdate), platform="cpu")
+        jax.ffi.register_ffi_target(TRANSPOSE_TARGET, jax.ffi.pycapsule(library.Transpose), platform="cpu")
     except (OSError, RuntimeError, subprocess.SubprocessError, AttributeError, UserError) as e:
         warnings.warn(f"could not build the native kernels ({e}): decoding and evaluation run at XLA's speed; "
                       f"set {ENV}=off to skip the attempt")
@@ -172,3 +181,21 @@ def dense(x, w, bias, gelu: bool, tiles: bool):
     out = jax.ShapeDtypeStruct((x.shape[0], w.shape[1]), jnp.bfloat16)
     return jax.ffi.ffi_call(DENSE_TARGET, out, vmap_method="sequential")(x, w, bias, gelu=bool(gelu),
                                                                          tiles=bool(tiles))
+
+
+def adam_update(g, m, v, p, scalars, *, b1: float, b2: float, eps: float, decay: float):
+    """Adam's step for one float32 parameter, in place: g, m, v, p of one shape, scalars [4] float32
+    (divisor of g, -lr, bias corrections 1 - b1^t and 1 - b2^t) -> new (m, v, p), which take m's,
+    v's and p's buffers (donate them). Needs available()."""
+    out = jax.ShapeDtypeStruct(p.shape, jnp.float32)
+    return jax.ffi.ffi_call(ADAM_TARGET, (out, out, out), vmap_method="sequential",
+                            input_output_aliases={1: 0, 2: 1, 3: 2})(
+        g, m, v, p, scalars, b1=np.float32(b1), one_minus_b1=np.float32(1 - b1), b2=np.float32(b2),
+        one_minus_b2=np.float32(1 - b2), eps=np.float32(eps), decay=np.float32(decay))
+
+
+def transpose(a):
+    """a [..., R, C] of a 16-bit dtype (bfloat16) -> [..., C, R], a new array XLA cannot fold
+    back into the product that reads it. Needs available()."""
+    out = jax.ShapeDtypeStruct((*a.shape[:-2], a.shape[-1], a.shape[-2]), a.dtype)
+    return jax.ffi.ffi_call(TRANSPOSE_TARGET, out, vmap_method="sequential")(a)

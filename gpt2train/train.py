@@ -24,7 +24,7 @@ import numpy as np
 import optax
 from tqdm.auto import tqdm
 
-from . import model
+from . import fused_adam, model
 from .checkpoint import Checkpointer, UnreadableCheckpoint, check_encoder
 from .config import Config
 from .distributed import any_host, preemption_service, reached_stop_point
@@ -81,10 +81,12 @@ def init_state(cfg: Config, tx: optax.GradientTransformation) -> dict:
 
 
 def make_train_step(cfg: Config, tx: optax.GradientTransformation):
-    """state, batch [B, n_ctx+1] -> new state, metrics. Accumulates grad_accum_steps micro-batches."""
+    """state, batch [B, n_ctx+1] -> new state, metrics. Accumulates grad_accum_steps micro-batches.
+    tx is make_optimizer(cfg): on CPU its adam and adamw steps run as fused_adam's, from cfg."""
     schedule = learning_rate_schedule(cfg)
     use_dropout = max(cfg.embed_dropout, cfg.attn_dropout, cfg.res_dropout) > 0
     accum = cfg.grad_accum_steps
+    fused = fused_adam.usable(cfg)  # the same update as tx's, in one pass over memory (fused_adam.py)
 
     def loss_fn(params, batch, key):
         return model.token_losses(params, batch, cfg, key=key if use_dropout else None).mean()
@@ -107,10 +109,14 @@ def make_train_step(cfg: Config, tx: optax.GradientTransformation):
             zero = (jnp.zeros(()), jax.tree.map(jnp.zeros_like, params))
             (loss, grads), _ = jax.lax.scan(add, zero, (micro, jnp.arange(accum)))
             loss, grads = jax.tree.map(lambda x: x / accum, (loss, grads))
-        updates, opt_state = tx.update(grads, state["opt_state"], params)
-        new_state = {"step": state["step"] + 1, "params": optax.apply_updates(params, updates),
-                     "opt_state": opt_state, "rng": state["rng"]}
-        metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "lr": schedule(state["step"])}
+        grad_norm = optax.tree.norm(grads)
+        if fused and fused_adam.matches(state["opt_state"]):
+            new_params, opt_state = fused_adam.apply(cfg, grads, state["opt_state"], params, grad_norm)
+        else:
+            updates, opt_state = tx.update(grads, state["opt_state"], params)
+            new_params = optax.apply_updates(params, updates)
+        new_state = {"step": state["step"] + 1, "params": new_params, "opt_state": opt_state, "rng": state["rng"]}
+        metrics = {"loss": loss, "grad_norm": grad_norm, "lr": schedule(state["step"])}
         return new_state, metrics
 
     return step

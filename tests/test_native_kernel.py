@@ -356,3 +356,36 @@ def test_scoring_kernels_stay_out_on_a_mesh_of_several_devices():
         """, XLA_FLAGS="--xla_force_host_platform_device_count=2")
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip().splitlines()[-1] == "False"
+
+
+@needs_avx512
+@pytest.mark.parametrize("shape", [(1, 1), (37, 5), (2, 3, 70, 300), (1024, 96)])
+def test_transpose_is_numpys_on_the_last_two_axes(shape):
+    a = jnp.asarray(np.random.default_rng(0).standard_normal(shape), jnp.bfloat16)
+    native_kernel.available()
+    t = jax.jit(native_kernel.transpose)(a)
+    assert t.shape == (*shape[:-2], shape[-1], shape[-2]) and t.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(np.asarray(t), np.swapaxes(np.asarray(a), -1, -2))
+
+
+@needs_avx512
+def test_training_takes_its_kernels_on_one_device_and_not_on_a_mesh():
+    """The bfloat16 train step transposes its weight gradients' operands by our kernel and steps
+    Adam by it on one CPU device; on a mesh (no sharding rule) XLA does both."""
+    program = """
+        import jax, jax.numpy as jnp
+        from gpt2train import native_kernel
+        from gpt2train.config import Config
+        from gpt2train.optimizers import make_optimizer
+        from gpt2train.train import init_state, make_train_step
+        cfg = Config(n_ctx=32, n_embd=64, n_layer=1, n_head=2, n_vocab=300, precision="bfloat16",
+                     train_batch_size=2).validate()
+        tx = make_optimizer(cfg)
+        state = jax.eval_shape(lambda: init_state(cfg, tx))
+        text = jax.jit(make_train_step(cfg, tx)).lower(state, jax.ShapeDtypeStruct((2, 33), jnp.int32)).as_text()
+        print(native_kernel.TRANSPOSE_TARGET in text, native_kernel.ADAM_TARGET in text)
+        """
+    for devices, want in ((1, "True True"), (2, "False False")):
+        done = run_python(program, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.strip().splitlines()[-1] == want, devices
