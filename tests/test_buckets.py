@@ -1,6 +1,6 @@
 """gs:// and s3:// for real: encode records into a bucket, train from it, stop the run with SIGTERM
 (a preemption), resume it, sample from it; a missing or refused bucket is one line. gs:// runs
-against gcp-storage-emulator, s3:// against moto's server, each started here on a free loopback
+against gcp-storage-emulator (with GCS's moveTo added: tests/gcs_emulator.py), s3:// against moto's server, each started here on a free loopback
 port and stopped after the module. gcsfs finds the GCS emulator through STORAGE_EMULATOR_HOST;
 s3fs reads AWS_ENDPOINT_URL.
 
@@ -12,12 +12,12 @@ far it gets. Orbax 0.12 cannot write to s3:// at all, so model_path refuses it i
 """
 
 import os
-import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -65,9 +65,8 @@ def stop(process):
 
 
 def gcs_store():
-    emulator = shutil.which("gcp-storage-emulator") or os.path.join(os.path.dirname(sys.executable),
-                                                                    "gcp-storage-emulator")
-    process, url = start(lambda port: [emulator, "start", "--host", "127.0.0.1", "--port", str(port), "--in-memory",
+    emulator = [sys.executable, str(Path(__file__).with_name("gcs_emulator.py"))]  # with GCS's moveTo (see there)
+    process, url = start(lambda port: [*emulator, "start", "--host", "127.0.0.1", "--port", str(port), "--in-memory",
                                        "-q"])
     env = {"STORAGE_EMULATOR_HOST": url, "TENSORSTORE_GCS_HTTP_URL": url,
            "GOOGLE_AUTH_TOKEN_FOR_TESTING": "emulator",  # TensorStore: no credential lookup (metadata server)
