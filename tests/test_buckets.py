@@ -1,7 +1,7 @@
 """gs:// and s3:// for real: encode records into a bucket, train from it, stop the run with SIGTERM
 (a preemption), resume it, sample from it; a missing or refused bucket is one line. gs:// runs
-against gcp-storage-emulator (with GCS's moveTo added: tests/gcs_emulator.py), s3:// against moto's server, each started here on a free loopback
-port and stopped after the module. gcsfs finds the GCS emulator through STORAGE_EMULATOR_HOST;
+against gcp-storage-emulator (with GCS's moveTo added: tests/gcs_emulator.py), s3:// against
+moto's server, each started here on a free loopback port and stopped after the module. gcsfs finds the GCS emulator through STORAGE_EMULATOR_HOST;
 s3fs reads AWS_ENDPOINT_URL.
 
 Checkpoints stay local here. TensorStore (Orbax's writer) can be pointed at a GCS emulator
