@@ -10,6 +10,8 @@ cpu       kernels written for XLA:CPU, each for the measured reason given where 
           bfloat16 caches by our compiled kernels (native_kernel.py) on CPUs with AVX-512, and,
           on CPUs with AVX-512 BF16 or AMX, bfloat16 work without a gradient (evaluation, task
           scoring): layer products, causal attention and the head's losses, by our kernels too.
+          In training on one AVX-512 CPU device, the weight gradients' transposed bfloat16
+          operands are copied by our kernel (native_transpose), and Adam steps by fused_adam.
 auto      `cpu` when JAX's default backend is the CPU, else `standard`.
 
 Both compute the same function; tests/test_kernels.py holds them to the same values and gradients.
