@@ -121,8 +121,9 @@ def available() -> bool:
         return False
     compiler = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
     if not compiler:
-        warnings.warn("no C++ compiler (c++, g++ or clang++; or $CXX): decoding and bfloat16 evaluation run "
-                      f"at XLA's speed, about half of what they could; install one (e.g. g++), or set {ENV}=off")
+        warnings.warn("no C++ compiler (c++, g++ or clang++; or $CXX): decoding, bfloat16 evaluation and "
+                      f"training's Adam step run at XLA's speed, decoding at about half of what it could; install "
+                      f"one (e.g. g++), or set {ENV}=off")
         return False
     try:
         library = ctypes.cdll.LoadLibrary(_build(compiler))
@@ -134,7 +135,7 @@ def available() -> bool:
         jax.ffi.register_ffi_target(ADAM_TARGET, jax.ffi.pycapsule(library.AdamUpdate), platform="cpu")
         jax.ffi.register_ffi_target(TRANSPOSE_TARGET, jax.ffi.pycapsule(library.Transpose), platform="cpu")
     except (OSError, RuntimeError, subprocess.SubprocessError, AttributeError, UserError) as e:
-        warnings.warn(f"could not build the native kernels ({e}): decoding and evaluation run at XLA's speed; "
+        warnings.warn(f"could not build the native kernels ({e}): decoding, evaluation and training run at XLA's speed; "
                       f"set {ENV}=off to skip the attempt")
         return False
     return True
