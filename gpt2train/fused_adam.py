@@ -25,9 +25,8 @@ def usable(cfg) -> bool:
     """Whether the train step takes its Adam step here: adam or adamw, `kernels` cpu, one CPU
     device with AVX-512 (the kernel has no sharding rule: on a mesh XLA would gather every
     sharded parameter onto each device), and the native library built."""
-    return (cfg.opt_name in ("adam", "adamw") and jax.default_backend() == "cpu"
-            and kernels.resolve(cfg.kernels) == "cpu" and jax.device_count() == 1
-            and {"avx512f", "avx512bw"} <= kernels.cpu_flags() and native_kernel.available())
+    return (cfg.opt_name in ("adam", "adamw") and kernels.resolve(cfg.kernels) == "cpu"
+            and kernels.native_on_one_device())
 
 
 def _states(opt_state):

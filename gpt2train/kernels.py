@@ -82,12 +82,21 @@ def native_rows(rows: int, dtype) -> bool:
     return usable and native_kernel.available()
 
 
+AVX512 = frozenset({"avx512f", "avx512bw"})
+
+
+def native_on_one_device(flags: frozenset = AVX512) -> bool:
+    """Whether kernels that see whole arrays can run: the CPU backend with one device (they have
+    no sharding rule, so on a mesh XLA would gather sharded operands onto every device and run
+    the whole call on each), a CPU with `flags`, and the library built."""
+    return (jax.default_backend() == "cpu" and jax.device_count() == 1 and flags <= cpu_flags()
+            and native_kernel.available())
+
+
 def native_transpose() -> bool:
     """Whether bfloat16 weight gradients transpose their left operand by native_kernel.transpose
-    (_outer_product_sum): one CPU device with AVX-512 (the kernel has no sharding rule: on a mesh
-    XLA would gather the sharded operand onto every device) and the library built."""
-    return (jax.default_backend() == "cpu" and jax.device_count() == 1 and {"avx512f", "avx512bw"} <= cpu_flags()
-            and native_kernel.available())
+    (_outer_product_sum)."""
+    return native_on_one_device()
 
 
 def native_cached_attention(impl: str) -> bool:
@@ -99,10 +108,8 @@ def native_cached_attention(impl: str) -> bool:
 
 
 def _scoring_kernels_usable() -> bool:
-    """AVX-512 BF16 (every CPU with AMX has it), the library, and one device: the kernels have no
-    sharding rule, so on a mesh XLA would gather a sharded batch onto every device and run the
-    whole call on each."""
-    return "avx512_bf16" in cpu_flags() and jax.device_count() == 1 and native_kernel.available()
+    """AVX-512 BF16 (every CPU with AMX has it) on one device (native_on_one_device)."""
+    return native_on_one_device(frozenset({"avx512_bf16"}))
 
 
 def scoring_tiles() -> bool:
@@ -232,8 +239,9 @@ def _outer_product_sum(a, b):
 
     For the layers' weight gradients (2-D operands), where native_transpose says so, `a` is
     transposed by our kernel instead, whose result XLA cannot fold back, and b is read as it lies:
-    XLA:CPU's reordering copies of bfloat16 ran at 1-3 GB/s (124M, 4 x 256 tokens, AMD EPYC
-    Zen 5: c_proj's weight gradient 9.5 ms, 6.0 so; the head's 128 ms, 114). Attention's batched
+    XLA:CPU's reordering copies of bfloat16 were slow (124M, 4 x 256 tokens, AMD EPYC Zen 5:
+    c_proj's [1024, 3072] 3.4 ms, ours 0.9; its weight gradient 9.5 ms, 6.0 so; the head's 128
+    ms, 114). Attention's batched
     products keep the reordering: with one block of queries XLA fused the transposed copy into a
     float32 product."""
     *lead, M, P = a.shape
