@@ -30,10 +30,10 @@ def test_meshes_give_one_devices_losses_with_sharded_state(tmp_path):
     assert out["devices"] == 8
     one = out["1x1"]["losses"]
     assert len(one) == 20 and one[-1] < one[0]
-    for mesh in ("8x1", "4x2", "2x4", "1x8"):
+    for mesh in ("8x1", "4x2", "1x8"):
         np.testing.assert_allclose(out[mesh]["losses"], one, rtol=0, atol=2e-5)
     assert out["8x1"]["wte"] == "P()"  # data parallel: replicated parameters
-    for mesh, fsdp in (("4x2", 2), ("2x4", 4), ("1x8", 8)):
+    for mesh, fsdp in (("4x2", 2), ("1x8", 8)):
         assert out[mesh]["wte"] == "P('fsdp', None)" and out[mesh]["c_fc"] == "P(None, None, 'fsdp')"
         assert out[mesh]["mu_wte"] == "P('fsdp', None)"  # optimizer state sharded like its parameter
         assert out[mesh]["wte_shard_shape"] == [50304 // fsdp, 64]
