@@ -56,6 +56,21 @@ def test_rows_matmul_is_the_product_at_any_shape(rows, k, n, dtype):
     assert np.all(np.abs(np.asarray(out, np.float64) - exact) <= bound + 1e-6)
 
 
+@needs_avx512
+@pytest.mark.parametrize("k,n", [(768, 2304), (100, 7), (37, 33), (3072, 203)])
+def test_one_float32_row_gets_the_bits_it_gets_in_a_batch(k, n):
+    """One row takes four kernel rows a pass, several rows take pairs: each output is still summed
+    in one order, so a text decodes to the same bits alone and in a batch (N not a multiple of
+    four, K with a masked tail)."""
+    assert native_kernel.available()
+    keys = jax.random.split(jax.random.key(k + n), 2)
+    x = jax.random.normal(keys[0], (3, k))
+    w = jax.random.normal(keys[1], (n, k))
+    batch = jax.jit(native_kernel.rows_matmul)(x, w)
+    for i in range(3):
+        np.testing.assert_array_equal(jax.jit(native_kernel.rows_matmul)(x[i:i + 1], w)[0], batch[i])
+
+
 @needs_bf16
 def test_matmul_takes_the_kernel_only_where_native_rows_says_and_its_gradient_is_xlas():
     x1 = jax.random.normal(jax.random.key(0), (1, 96)).astype(jnp.bfloat16)

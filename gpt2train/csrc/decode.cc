@@ -109,6 +109,45 @@ void group_pair(const float* x, const float* w0, const float* w1, int64_t K, flo
   }
 }
 
+// One row of x against four kernel rows (decoding one text): four streams from memory in flight
+// instead of a pair's two; each output's products are summed in group_pair's order, so a text
+// decodes to the same bits alone and in a batch. `ahead`: the next four rows, asked for meanwhile.
+#if defined(__AVX512BF16__)
+inline void one_row_quad(const uint16_t* x, const uint16_t* w, int64_t K, float* y, const uint16_t* ahead) {
+  __m512 a[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+  int64_t k = 0;
+  for (; k + 32 <= K; k += 32) {
+    if (ahead)
+      for (int r = 0; r < 4; ++r) _mm_prefetch(reinterpret_cast<const char*>(ahead + r * K + k), _MM_HINT_T0);
+    const __m512bh xv = (__m512bh)_mm512_loadu_si512(x + k);
+    for (int r = 0; r < 4; ++r) a[r] = _mm512_dpbf16_ps(a[r], xv, (__m512bh)_mm512_loadu_si512(w + r * K + k));
+  }
+  if (k < K) {
+    const __mmask32 m = (__mmask32)((1ull << (K - k)) - 1);
+    const __m512bh xv = (__m512bh)_mm512_maskz_loadu_epi16(m, x + k);
+    for (int r = 0; r < 4; ++r) a[r] = _mm512_dpbf16_ps(a[r], xv, (__m512bh)_mm512_maskz_loadu_epi16(m, w + r * K + k));
+  }
+  for (int r = 0; r < 4; ++r) y[r] = _mm512_reduce_add_ps(a[r]);
+}
+#endif
+
+inline void one_row_quad(const float* x, const float* w, int64_t K, float* y, const float* ahead) {
+  __m512 a[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+  int64_t k = 0;
+  for (; k + 16 <= K; k += 16) {
+    if (ahead)
+      for (int r = 0; r < 4; ++r) _mm_prefetch(reinterpret_cast<const char*>(ahead + r * K + k), _MM_HINT_T0);
+    const __m512 xv = _mm512_loadu_ps(x + k);
+    for (int r = 0; r < 4; ++r) a[r] = _mm512_fmadd_ps(xv, _mm512_loadu_ps(w + r * K + k), a[r]);
+  }
+  if (k < K) {
+    const __mmask16 m = (__mmask16)((1u << (K - k)) - 1);
+    const __m512 xv = _mm512_maskz_loadu_ps(m, x + k);
+    for (int r = 0; r < 4; ++r) a[r] = _mm512_fmadd_ps(xv, _mm512_maskz_loadu_ps(m, w + r * K + k), a[r]);
+  }
+  for (int r = 0; r < 4; ++r) y[r] = _mm512_reduce_add_ps(a[r]);
+}
+
 template <typename T>
 using GroupFn = void (*)(const T*, const T*, const T*, int64_t, float*, float*, int64_t, const T*);
 template <typename T>
@@ -121,6 +160,8 @@ constexpr GroupFn<T> kGroupFns[kGroup + 1] = {nullptr,          group_pair<1>, g
 // to the same bits alone and in a batch.
 template <typename T>
 void columns(const T* x, const T* w, float* y, int64_t B, int64_t K, int64_t N, int64_t n0, int64_t n1) {
+  if (B == 1)  // four kernel rows at a time (124M, bfloat16, in-process A/B: 150 -> 164 tokens/s median)
+    for (; n0 + 4 <= n1; n0 += 4) one_row_quad(x, w + n0 * K, K, y + n0, n0 + 8 <= N ? w + (n0 + 4) * K : nullptr);
   for (int64_t n = n0; n < n1; n += 2) {
     const bool pair = n + 1 < n1;
     const T* w0 = w + n * K;
