@@ -587,8 +587,8 @@ TARGETS = [
      0.8, lambda r: "the streaming rate of XLA:CPU's matrix-vector products: a decode step with no context takes "
                     f"{r['generate']['batch_1']['context_free_step_ms']:.1f} ms per token"),
     ("generate", "batch_8.ratio", "generation batch 8 vs reference, float32", 4.0,
-     lambda r: "memory bandwidth: " + _bandwidth_bound(r, "batch_8") + "; and the [8, K] x [K, N] float32 "
-               "products (on AVX-512 CPUs our kernel's, by FMA, compute-bound at 8 rows): a decode step with no "
+     lambda r: "memory bandwidth: " + _bandwidth_bound(r, "batch_8") + "; and the model's own step (the [8, K] x "
+               "[K, N] float32 products, LayerNorms, head): a decode step with no "
                f"context takes {r['generate']['batch_8']['context_free_step_ms']:.1f} ms, a ceiling of "
                f"{r['generate']['batch_8'].get('ceiling_ratio', float('nan')):.2f}x the reference"),
     ("generate", "batch_1_bf16.ratio", "generation batch 1, bfloat16 vs HF's bfloat16 generate", 1.5,

@@ -4,7 +4,8 @@ through JAX's foreign function interface.
 Decoding (csrc/decode.cc, CPUs with AVX-512):
 rows_matmul       a few rows (1-16) of activations times a kernel laid out [out, in], in
                   bfloat16 (whose weights XLA:CPU streams at about half the memory's pace) or
-                  float32 (whose few-row products XLA:CPU runs compute-bound);
+                  float32 (whose few-row products XLA:CPU runs below the memory's pace); each pass
+                  asks for the next kernel rows while it reads its own;
 cached_attention  one or a few query positions against bfloat16 key/value caches, which XLA:CPU
                   converted to float32 whole at every token.
 
