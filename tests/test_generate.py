@@ -160,9 +160,10 @@ def test_generation_slides_past_the_end_of_the_context(gen):
     window = text[len(ids) + room - 32:len(ids) + room]  # the last half-context when the cache filled
     want, params = [], stacked_params(gen.cfg)
     forward = jax.jit(lambda params, tokens: M.forward(params, tokens, gen.cfg))
-    for _ in range(20):  # one padded shape (causal: the padding after a position changes nothing), one compile
+    width = len(window) + 20  # one padded shape (causal: the padding after a position changes nothing), one compile
+    for _ in range(20):
         known = window + want
-        logits = forward(params, jnp.asarray([known + [0] * (52 - len(known))]))[0, len(known) - 1]
+        logits = forward(params, jnp.asarray([known + [0] * (width - len(known))]))[0, len(known) - 1]
         want.append(int(jnp.argmax(logits)))
     assert out[0][room:room + 20] == want
     # Sampling past the context is reproducible too.
