@@ -50,6 +50,9 @@ def test_a_second_run_loads_the_programs_and_computes_the_same(tmp_path):
         assert r.returncode == 0, r.stderr
         return json.loads(r.stdout.strip().splitlines()[-1])
     first = evaluate()
-    after_first = {p.name for p in cache.iterdir()}
+    stored = {p.name: p.stat().st_mtime_ns for p in cache.iterdir() if p.name.endswith("-cache")}
     assert evaluate() == first
-    assert {p.name for p in cache.iterdir()} == after_first  # nothing new: every program came from the cache
+    # Every program stored by the first run was loaded, not compiled and written again. (A program
+    # that compiled just under the 0.5 s threshold the first time may cross it on a loaded machine
+    # and be stored the second time: new entries are allowed, changed ones are not.)
+    assert {p.name: p.stat().st_mtime_ns for p in cache.iterdir() if p.name in stored} == stored
