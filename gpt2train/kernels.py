@@ -9,7 +9,8 @@ cpu       kernels written for XLA:CPU, each for the measured reason given where 
           decoding's products of a few rows (bfloat16 and float32) and its attention over
           bfloat16 caches by our compiled kernels (native_kernel.py) on CPUs with AVX-512, and,
           on CPUs with AVX-512 BF16 or AMX, bfloat16 work without a gradient (evaluation, task
-          scoring): layer products, causal attention and the head's losses, by our kernels too.
+          scoring): layer products, causal attention and the head's losses, by our kernels too;
+          on CPUs with AMX the layer products under a gradient as well (native_dense_training).
           In training on one AVX-512 CPU device, the weight gradients' transposed bfloat16
           operands are copied by our kernel (native_transpose), and Adam steps by fused_adam.
 auto      `cpu` when JAX's default backend is the CPU, else `standard`.
@@ -130,11 +131,55 @@ def native_dense(x, w, impl: str) -> bool:
             and w.ndim == 2 and x.shape[1] % 32 == 0 and w.shape[1] % 32 == 0 and _scoring_kernels_usable())
 
 
-def dense(x, w, bias, gelu: bool, reference):
-    """native_kernel.dense where native_dense says so; under a gradient reference(x, w, bias) --
-    the same product by XLA -- computes it and its gradient, so training's step is unchanged."""
-    native = functools.partial(native_kernel.dense, gelu=gelu, tiles=scoring_tiles())
+def native_dense_training(x) -> bool:
+    """Whether, under a gradient too, a product native_dense takes runs on our kernels: forward by
+    native_kernel.dense and both gradient products by native_kernel.dense_backward (CPUs with AMX,
+    tokens a multiple of 32). XLA:CPU's bfloat16 products ran well below AMX's pace at the training
+    step's shapes; on AVX-512 BF16 alone (AMD EPYC) XLA's are as fast as ours, so XLA keeps them."""
+    return scoring_tiles() and x.shape[0] % 32 == 0
+
+
+def gelu(y):
+    """GELU (tanh form) in float32, rounded to y's dtype once: in bfloat16 XLA:CPU rounded after
+    each of its eight operations (124M evaluation at 8 x 1024, Intel Xeon with AMX: 33 ms a layer,
+    now 20)."""
+    return jax.nn.gelu(y.astype(jnp.float32), approximate=True).astype(y.dtype)
+
+
+def dense(x, w, bias, with_gelu: bool, reference):
+    """native_kernel.dense where native_dense says so. Under a gradient, where
+    native_dense_training says so, our kernels compute the product and its gradients (GELU by XLA,
+    as the reference has it); elsewhere reference(x, w, bias) -- the same product by XLA --
+    computes both, so training's step is as it was."""
+    if native_dense_training(x):
+        return _trained_dense(x, w, bias, with_gelu)
+    native = functools.partial(native_kernel.dense, gelu=with_gelu, tiles=scoring_tiles())
     return _native_unless_differentiated(native, reference, x, w, bias)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _trained_dense(x, w, bias, with_gelu: bool):
+    """(x . w + bias) rounded to bfloat16, through gelu if asked: without a gradient in one pass
+    (GELU applied in float32 before rounding), under one as the reference computes it."""
+    return native_kernel.dense(x, w, bias, gelu=with_gelu, tiles=True)
+
+
+def _trained_dense_fwd(x, w, bias, with_gelu):
+    h = native_kernel.dense(x, w, bias, gelu=False, tiles=True)
+    if not with_gelu:
+        return h, (x, w, None)
+    y, activation_pullback = jax.vjp(gelu, h)
+    return y, (x, w, activation_pullback)
+
+
+def _trained_dense_bwd(with_gelu, residuals, g):
+    x, w, activation_pullback = residuals
+    gh = activation_pullback(g)[0] if with_gelu else g
+    dx, dw = native_kernel.dense_backward(x, w, gh.astype(jnp.bfloat16), tiles=True)
+    return dx, dw, jnp.sum(gh.astype(jnp.float32), axis=0)
+
+
+_trained_dense.defvjp(_trained_dense_fwd, _trained_dense_bwd)
 
 
 def native_head_losses(x, w, n_vocab: int, impl: str) -> bool:

@@ -9,9 +9,11 @@ rows_matmul       a few rows (1-16) of activations times a kernel laid out [out,
 cached_attention  one or a few query positions against bfloat16 key/value caches, which XLA:CPU
                   converted to float32 whole at every token.
 
-Scoring (csrc/scoring.cc and csrc/products.cc, bfloat16, never under a gradient; by AMX tiles, or
-by vdpbf16ps on CPUs with AVX-512 BF16 alone, as `tiles` says):
+Scoring (csrc/scoring.cc and csrc/products.cc, bfloat16, without a gradient but for dense_backward;
+by AMX tiles, or by vdpbf16ps on CPUs with AVX-512 BF16 alone, as `tiles` says):
 dense             a layer's product of many rows, with its bias and GELU, rounded once;
+dense_backward    its gradients (dx and dw) for training, where kernels.native_dense_training
+                  says so (CPUs with AMX);
 causal_attention  flash attention over blocks of 32 keys, the scores never in memory;
 head_losses       the tied head's token losses, the logits never in memory.
 
@@ -61,6 +63,7 @@ ATTENTION_TARGET = "gpt2train_cached_attention"
 HEAD_LOSSES_TARGET = "gpt2train_head_losses"
 CAUSAL_TARGET = "gpt2train_causal_attention"
 DENSE_TARGET = "gpt2train_dense"
+DENSE_BACKWARD_TARGET = "gpt2train_dense_backward"
 ADAM_TARGET = "gpt2train_adam_update"
 TRANSPOSE_TARGET = "gpt2train_transpose"
 FLAGS = ["-O3", "-march=native", "-std=c++17", "-fPIC", "-w"]  # each source to an object; "-shared" links them
@@ -133,6 +136,7 @@ def available() -> bool:
         jax.ffi.register_ffi_target(HEAD_LOSSES_TARGET, jax.ffi.pycapsule(library.HeadLosses), platform="cpu")
         jax.ffi.register_ffi_target(CAUSAL_TARGET, jax.ffi.pycapsule(library.CausalAttention), platform="cpu")
         jax.ffi.register_ffi_target(DENSE_TARGET, jax.ffi.pycapsule(library.Dense), platform="cpu")
+        jax.ffi.register_ffi_target(DENSE_BACKWARD_TARGET, jax.ffi.pycapsule(library.DenseBackward), platform="cpu")
         jax.ffi.register_ffi_target(ADAM_TARGET, jax.ffi.pycapsule(library.AdamUpdate), platform="cpu")
         jax.ffi.register_ffi_target(TRANSPOSE_TARGET, jax.ffi.pycapsule(library.Transpose), platform="cpu")
     except (OSError, RuntimeError, subprocess.SubprocessError, AttributeError, UserError) as e:
@@ -183,6 +187,15 @@ def dense(x, w, bias, gelu: bool, tiles: bool):
     out = jax.ShapeDtypeStruct((x.shape[0], w.shape[1]), jnp.bfloat16)
     return jax.ffi.ffi_call(DENSE_TARGET, out, vmap_method="sequential")(x, w, bias, gelu=bool(gelu),
                                                                          tiles=bool(tiles))
+
+
+def dense_backward(x, w, dy, tiles: bool):
+    """The gradients of dense without GELU: x [N, K] bfloat16, w [K, M] float32, dy [N, M] bfloat16
+    -> (dx = dy . w^T [N, K] bfloat16, dw = x^T . dy [K, M] float32), products in float32. N, K and
+    M multiples of 32. Needs available() and AVX-512 BF16; tiles as for head_losses."""
+    dx = jax.ShapeDtypeStruct(x.shape, jnp.bfloat16)
+    dw = jax.ShapeDtypeStruct(w.shape, jnp.float32)
+    return jax.ffi.ffi_call(DENSE_BACKWARD_TARGET, (dx, dw), vmap_method="sequential")(x, w, dy, tiles=bool(tiles))
 
 
 def adam_update(g, m, v, p, scalars, *, b1: float, b2: float, eps: float, decay: float):

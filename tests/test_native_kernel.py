@@ -355,6 +355,47 @@ def test_dense_is_the_product_plus_bias_through_gelu(N, K_in, M_out, gelu, tiles
 
 
 @needs_bf16
+@pytest.mark.parametrize("tiles", TILES)
+@pytest.mark.parametrize("N,K_in,M_out", [(32, 32, 32), (64, 768, 96), (96, 64, 3072), (1024, 96, 64)])
+def test_dense_backward_is_the_products_gradient(N, K_in, M_out, tiles):
+    """dx = dy . w^T and dw = x^T . dy from bfloat16 operands (w rounded to bfloat16 as the forward
+    has it), summed in float32: a sum over many tokens (1024) and over a wide output (3072)."""
+    assert native_kernel.available()
+    keys = jax.random.split(jax.random.key(N + K_in + M_out), 3)
+    x = jax.random.normal(keys[0], (N, K_in)).astype(jnp.bfloat16)
+    w = jax.random.normal(keys[1], (K_in, M_out)) * (2 / np.sqrt(K_in))
+    dy = jax.random.normal(keys[2], (N, M_out)).astype(jnp.bfloat16)
+    dx, dw = jax.jit(native_kernel.dense_backward, static_argnums=3)(x, w, dy, tiles)
+    assert dx.shape == (N, K_in) and dx.dtype == jnp.bfloat16 and dw.shape == (K_in, M_out) and dw.dtype == jnp.float32
+    x64, dy64 = np.asarray(x, np.float64), np.asarray(dy, np.float64)
+    want_dx = dy64 @ np.asarray(w.astype(jnp.bfloat16), np.float64).T
+    want_dw = x64.T @ dy64
+    np.testing.assert_allclose(np.asarray(dx, np.float64), want_dx, rtol=2.0 ** -8, atol=1e-5 * np.abs(want_dx).max())
+    np.testing.assert_allclose(np.asarray(dw), want_dw, rtol=1e-5, atol=1e-5 * np.abs(want_dw).max())
+
+
+@needs_bf16
+def test_training_multiplies_by_tiles_where_the_cpu_has_them_and_agrees_with_xla(monkeypatch):
+    """A bfloat16 gradient over a whole number of 32-token blocks runs the layer products and
+    their gradients by our kernels on CPUs with AMX (by XLA elsewhere), and matches XLA's gradient
+    to bfloat16's rounding of the activations."""
+    cfg, params, _ = bf16_model()
+    tokens = jax.random.randint(jax.random.key(1), (2, 33), 0, cfg.n_vocab)  # 64 tokens: two blocks
+    loss = lambda p: M.token_losses(p, tokens, cfg).mean()  # noqa: E731
+    text = jax.jit(jax.grad(loss)).lower(params).as_text()
+    assert (native_kernel.DENSE_BACKWARD_TARGET in text) == HAS_AMX
+    assert (native_kernel.DENSE_TARGET in text) == HAS_AMX
+    ours = jax.grad(loss)(params)
+    monkeypatch.setattr(K, "native_dense", lambda *a: False)
+    xla = jax.grad(loss)(params)
+    assert native_kernel.DENSE_BACKWARD_TARGET not in jax.jit(jax.grad(loss)).lower(params).as_text()
+    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(ours), jax.tree.leaves(xla)):
+        a, b = np.asarray(a), np.asarray(b)
+        scale = np.abs(b).max() + 1e-12
+        assert np.abs(a - b).max() <= 0.05 * scale, (jax.tree_util.keystr(path), np.abs(a - b).max(), scale)
+
+
+@needs_bf16
 def test_scoring_kernels_stay_out_on_a_mesh_of_several_devices():
     """The kernels have no sharding rule (XLA would gather a sharded batch onto every device), so
     with more than one device the model evaluates on XLA alone."""

@@ -51,6 +51,18 @@ void parallel_chunks(ffi::ThreadPool& pool, int64_t n, int64_t align, int64_t mi
   while (state->done.load(std::memory_order_acquire) < state->chunks) _mm_pause();
 }
 
+constexpr int64_t kTransposeBlock = 32;
+
+// Columns [c0, c1) of a [R, C] (16-bit elements) into rows [c0, c1) of t [C, R], by blocks of
+// kTransposeBlock rows: each task writes a band of t's rows, so the rows it writes stay in cache.
+inline void transpose_columns(const uint16_t* a, uint16_t* t, int64_t R, int64_t C, int64_t c0, int64_t c1) {
+  for (int64_t r0 = 0; r0 < R; r0 += kTransposeBlock) {
+    const int64_t r1 = std::min(R, r0 + kTransposeBlock);
+    for (int64_t c = c0; c < c1; ++c)
+      for (int64_t r = r0; r < r1; ++r) t[c * R + r] = a[r * C + c];
+  }
+}
+
 // exp(x) for x <= 0 in float32 to about 2 ulp (x = n ln2 + r, |r| <= ln2 / 2, Taylor to r^6,
 // times 2^n); 0 below -87, as float32's exp underflows there.
 inline __m512 exp_nonpositive(__m512 x) {

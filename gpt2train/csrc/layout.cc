@@ -8,18 +8,6 @@ namespace {
 
 using namespace gpt2train;
 
-constexpr int64_t kBlock = 32;
-
-// Columns [c0, c1) of a [R, C] (one matrix of the batch) into rows [c0, c1) of t [C, R], by blocks of
-// kBlock x kBlock: each task writes a band of t's rows, so the rows it writes stay in cache.
-void transpose_columns(const uint16_t* a, uint16_t* t, int64_t R, int64_t C, int64_t c0, int64_t c1) {
-  for (int64_t r0 = 0; r0 < R; r0 += kBlock) {
-    const int64_t r1 = std::min(R, r0 + kBlock);
-    for (int64_t c = c0; c < c1; ++c)
-      for (int64_t r = r0; r < r1; ++r) t[c * R + r] = a[r * C + c];
-  }
-}
-
 ffi::Error TransposeImpl(ffi::ThreadPool pool, ffi::AnyBuffer a, ffi::Result<ffi::AnyBuffer> t) {
   auto d = a.dimensions();
   if (d.size() < 2 || ffi::ByteWidth(a.element_type()) != 2 || ffi::ByteWidth(t->element_type()) != 2)
@@ -27,11 +15,11 @@ ffi::Error TransposeImpl(ffi::ThreadPool pool, ffi::AnyBuffer a, ffi::Result<ffi
   const int64_t R = d[d.size() - 2], C = d[d.size() - 1], batch = a.element_count() / std::max<int64_t>(1, R * C);
   const auto* as = reinterpret_cast<const uint16_t*>(a.untyped_data());
   auto* ts = reinterpret_cast<uint16_t*>(t->untyped_data());
-  const int64_t blocks = (C + kBlock - 1) / kBlock;  // per matrix: bands of kBlock columns
+  const int64_t blocks = (C + kTransposeBlock - 1) / kTransposeBlock;  // per matrix: bands of kTransposeBlock columns
   parallel_chunks(pool, batch * blocks, 1, 1, [=](int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1; ++i) {
-      const int64_t b = i / blocks, c0 = i % blocks * kBlock;
-      transpose_columns(as + b * R * C, ts + b * R * C, R, C, c0, std::min(C, c0 + kBlock));
+      const int64_t b = i / blocks, c0 = i % blocks * kTransposeBlock;
+      transpose_columns(as + b * R * C, ts + b * R * C, R, C, c0, std::min(C, c0 + kTransposeBlock));
     }
   });
   return ffi::Error::Success();

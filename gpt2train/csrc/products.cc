@@ -79,37 +79,69 @@ void for_each_block(const uint16_t* x, const uint16_t* packed, int64_t K, int64_
   }
 }
 
-// Rows [t0, t1) of y [N, M] bfloat16, by blocks of 32 rows of x (as they lie) by 32 packed columns.
-template <typename Blocks>
-void dense_rows(Blocks& blocks, const uint16_t* x, const uint16_t* packed, const float* bias, bool with_gelu, uint16_t* y,
-                int64_t K, int64_t M, int64_t t0, int64_t t1) {
-  // Software-pipelined: a block's bias and GELU run while the tiles multiply the next block, so the
-  // vector units' work overlaps AMX's products (two buffers, c[0] and c[1]).
+// Rows [t0, t1) of a . b, a [N, K] bfloat16 (rows as they lie), b packed (pack_weights' layout) into
+// [K, M], by blocks of 32 x 32: finish(block, t, col, rows) takes each block's float32 products.
+// Software-pipelined: a block's finish runs while the tiles multiply the next block, so the vector
+// units' work overlaps AMX's products (two buffers, c[0] and c[1]).
+template <typename Blocks, typename Finish>
+void product_rows(Blocks& blocks, const uint16_t* a, const uint16_t* packed, int64_t K, int64_t M, int64_t t0, int64_t t1,
+                  Finish finish) {
   alignas(64) float c[2][32][32];
   struct Block {
     int64_t t, col, rows;
   } pending{0, 0, 0};
   int buffer = 0;
-  auto finish = [&](const Block& b, const float (*block)[32]) {
-    const __m512 bias0 = _mm512_loadu_ps(bias + b.col), bias1 = _mm512_loadu_ps(bias + b.col + 16);
-    for (int64_t i = 0; i < b.rows; ++i) {
+  for_each_block<Blocks::kTiles>(a, packed, K, M, t0, t1,
+                                 [&](const uint16_t* rows_a, const uint16_t* b, int64_t t, int64_t col, int64_t rows) {
+                                   blocks.start(rows_a, rows_a + 16 * K, K * 2, b, b + K * 16, K);
+                                   if (pending.rows) finish(c[1 - buffer], pending.t, pending.col, pending.rows);
+                                   blocks.finish(c[buffer]);
+                                   pending = {t, col, rows};
+                                   buffer = 1 - buffer;
+                                 });
+  if (pending.rows) finish(c[1 - buffer], pending.t, pending.col, pending.rows);
+}
+
+// Rows [t0, t1) of y [N, M] bfloat16 = x . w + bias, through GELU if asked, rounded once.
+template <typename Blocks>
+void dense_rows(Blocks& blocks, const uint16_t* x, const uint16_t* packed, const float* bias, bool with_gelu, uint16_t* y,
+                int64_t K, int64_t M, int64_t t0, int64_t t1) {
+  product_rows(blocks, x, packed, K, M, t0, t1, [&](const float (*block)[32], int64_t t, int64_t col, int64_t rows) {
+    const __m512 bias0 = _mm512_loadu_ps(bias + col), bias1 = _mm512_loadu_ps(bias + col + 16);
+    for (int64_t i = 0; i < rows; ++i) {
       __m512 v0 = _mm512_add_ps(_mm512_load_ps(&block[i][0]), bias0), v1 = _mm512_add_ps(_mm512_load_ps(&block[i][16]), bias1);
       if (with_gelu) {
         v0 = gelu(v0);
         v1 = gelu(v1);
       }
-      _mm512_storeu_si512(y + (b.t + i) * M + b.col, (__m512i)_mm512_cvtne2ps_pbh(v1, v0));
+      _mm512_storeu_si512(y + (t + i) * M + col, (__m512i)_mm512_cvtne2ps_pbh(v1, v0));
     }
-  };
-  for_each_block<Blocks::kTiles>(x, packed, K, M, t0, t1,
-                                 [&](const uint16_t* a, const uint16_t* b, int64_t t, int64_t col, int64_t rows) {
-                                   blocks.start(a, a + 16 * K, K * 2, b, b + K * 16, K);
-                                   if (pending.rows) finish(pending, c[1 - buffer]);
-                                   blocks.finish(c[buffer]);
-                                   pending = {t, col, rows};
-                                   buffer = 1 - buffer;
-                                 });
-  if (pending.rows) finish(pending, c[1 - buffer]);
+  });
+}
+
+// w^T packed as the right operand of dy . w^T: w [K, M] float32, groups [g0, g1) of 16 of its rows
+// (dx's columns), each pair of w's columns (the sum's k-pairs) as pack_x lays out 16 rows.
+void pack_weights_transposed(const float* w, int64_t K, int64_t M, int64_t g0, int64_t g1, uint16_t* packed) {
+  std::vector<uint16_t> rows(16 * M);
+  for (int64_t g = g0; g < g1; ++g) {
+    for (int64_t r = 0; r < 16; ++r)
+      for (int64_t m = 0; m < M; m += 32)
+        _mm512_storeu_si512(rows.data() + r * M + m,
+                            (__m512i)_mm512_cvtne2ps_pbh(_mm512_loadu_ps(w + (g * 16 + r) * M + m + 16),
+                                                         _mm512_loadu_ps(w + (g * 16 + r) * M + m)));
+    pack_x(rows.data(), 16, M, packed + g * M * 16);
+  }
+}
+
+// b [N, M] bfloat16 packed as the right operand of a product that sums over N: groups [g0, g1) of
+// 16 columns, each pair of rows (n, n + 1) interleaved: [b[n][c], b[n + 1][c]] for the 16 columns.
+void pack_rows(const uint16_t* b, int64_t N, int64_t M, int64_t g0, int64_t g1, uint16_t* packed) {
+  for (int64_t r = 0; r < N / 2; ++r)
+    for (int64_t g = g0; g < g1; ++g) {
+      const __m512i even = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 2 * r * M + g * 16)));
+      const __m512i odd = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + (2 * r + 1) * M + g * 16)));
+      _mm512_storeu_si512(packed + (g * N / 2 + r) * 32, _mm512_or_si512(even, _mm512_slli_epi32(odd, 16)));
+    }
 }
 #endif
 
@@ -140,6 +172,64 @@ ffi::Error DenseImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w, f
 #endif
 }
 
+
+// The gradients of y = x . w + bias (dense without GELU) for training: dx = dy . w^T rounded to
+// bfloat16 and dw = x^T . dy in float32 (the bias's is dy's column sums, left to XLA). Every product
+// runs as dense's does, by 32 x 32 blocks: dy's rows as they lie times w^T packed from w; x
+// transposed (its rows become the sum over tokens) times dy packed by pairs of rows.
+ffi::Error DenseBackwardImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::AnyBuffer dy,
+                             ffi::Result<ffi::AnyBuffer> dx, ffi::Result<ffi::AnyBuffer> dw, bool tiles) {
+  auto xd = x.dimensions(), wd = w.dimensions(), dyd = dy.dimensions();
+  if (x.element_type() != ffi::DataType::BF16 || w.element_type() != ffi::DataType::F32 ||
+      dy.element_type() != ffi::DataType::BF16 || dx->element_type() != ffi::DataType::BF16 ||
+      dw->element_type() != ffi::DataType::F32)
+    return ffi::Error::InvalidArgument("dense_backward: x and dy bfloat16, w float32; dx bfloat16, dw float32");
+  if (xd.size() != 2 || wd.size() != 2 || dyd.size() != 2 || xd[1] != wd[0] || dyd[0] != xd[0] || dyd[1] != wd[1] ||
+      xd[0] % 32 != 0 || wd[0] % 32 != 0 || wd[1] % 32 != 0)
+    return ffi::Error::InvalidArgument("dense_backward: x [N, K], w [K, M], dy [N, M], N, K and M multiples of 32");
+#if defined(__AVX512BF16__)
+  const int64_t N = xd[0], K = xd[1], M = wd[1];
+  const auto* xs = reinterpret_cast<const uint16_t*>(x.untyped_data());
+  const auto* ws = reinterpret_cast<const float*>(w.untyped_data());
+  const auto* dys = reinterpret_cast<const uint16_t*>(dy.untyped_data());
+  auto* dxs = reinterpret_cast<uint16_t*>(dx->untyped_data());
+  auto* dws = reinterpret_cast<float*>(dw->untyped_data());
+  // dx [N, K] = dy [N, M] . w^T, summing over M.
+  std::vector<uint16_t> packed(std::max(K * M, N * M));
+  uint16_t* p = packed.data();
+  parallel_chunks(pool, K / 16, 1, 2, [=](int64_t g0, int64_t g1) { pack_weights_transposed(ws, K, M, g0, g1, p); });
+  parallel_chunks(pool, N, 32, 32, [=](int64_t t0, int64_t t1) {
+    with_blocks(tiles, [&](auto& blocks) {
+      product_rows(blocks, dys, p, M, K, t0, t1, [&](const float (*block)[32], int64_t t, int64_t col, int64_t rows) {
+        for (int64_t i = 0; i < rows; ++i)
+          _mm512_storeu_si512(dxs + (t + i) * K + col,
+                              (__m512i)_mm512_cvtne2ps_pbh(_mm512_load_ps(&block[i][16]), _mm512_load_ps(&block[i][0])));
+      });
+    });
+  });
+  // dw [K, M] = x^T [K, N] . dy [N, M], summing over N.
+  std::vector<uint16_t> xt(K * N);
+  uint16_t* xts = xt.data();
+  parallel_chunks(pool, K / kTransposeBlock, 1, 1, [=](int64_t b0, int64_t b1) {
+    transpose_columns(xs, xts, N, K, b0 * kTransposeBlock, b1 * kTransposeBlock);
+  });
+  parallel_chunks(pool, M / 16, 1, 2, [=](int64_t g0, int64_t g1) { pack_rows(dys, N, M, g0, g1, p); });
+  parallel_chunks(pool, K, 32, 32, [=](int64_t t0, int64_t t1) {
+    with_blocks(tiles, [&](auto& blocks) {
+      product_rows(blocks, xts, p, N, M, t0, t1, [&](const float (*block)[32], int64_t t, int64_t col, int64_t rows) {
+        for (int64_t i = 0; i < rows; ++i) {
+          _mm512_storeu_ps(dws + (t + i) * M + col, _mm512_load_ps(&block[i][0]));
+          _mm512_storeu_ps(dws + (t + i) * M + col + 16, _mm512_load_ps(&block[i][16]));
+        }
+      });
+    });
+  });
+  return ffi::Error::Success();
+#else
+  return ffi::Error::InvalidArgument("dense_backward: this build has no bfloat16 kernels (the CPU lacks AVX-512 BF16)");
+#endif
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(Dense, DenseImpl,
@@ -150,4 +240,14 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(Dense, DenseImpl,
                                   .Arg<ffi::AnyBuffer>()
                                   .Ret<ffi::AnyBuffer>()
                                   .Attr<bool>("gelu")
+                                  .Attr<bool>("tiles"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(DenseBackward, DenseBackwardImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
                                   .Attr<bool>("tiles"));
