@@ -10,7 +10,8 @@ cpu       kernels written for XLA:CPU, each for the measured reason given where 
           bfloat16 caches by our compiled kernels (native_kernel.py) on CPUs with AVX-512, and,
           on CPUs with AVX-512 BF16 or AMX, bfloat16 work without a gradient (evaluation, task
           scoring): layer products, causal attention and the head's losses, by our kernels too;
-          on CPUs with AMX the layer products under a gradient as well (native_dense_training).
+          on CPUs with AMX the layer products and the head's losses under a gradient as well
+          (native_dense_training).
           In training on one AVX-512 CPU device, the weight gradients' transposed bfloat16
           operands are copied by our kernel (native_transpose), and Adam steps by fused_adam.
 auto      `cpu` when JAX's default backend is the CPU, else `standard`.
@@ -187,8 +188,8 @@ def native_head_losses(x, w, n_vocab: int, impl: str) -> bool:
     native_kernel.head_losses (CPUs with AVX-512 BF16 or AMX, `kernels` cpu): XLA:CPU wrote the
     float32 logits out and read them back for the mask, the maximum, the sum and the target (124M
     evaluation at 8 x 1024 on an Intel Xeon with AMX: 2.2 of a 4.4 s step; the kernel's head takes
-    0.5; on an AMD EPYC, Zen 5, 2,048 tokens' head 189 ms against XLA's 277). A gradient never
-    goes there (head_losses)."""
+    0.5; on an AMD EPYC, Zen 5, 2,048 tokens' head 189 ms against XLA's 277). Under a gradient
+    only where native_dense_training says so (head_losses)."""
     return (resolve(impl) == "cpu" and x.dtype == jnp.bfloat16 and x.ndim == 2 and x.shape[1] % 32 == 0
             and -(-n_vocab // 32) * 32 <= w.shape[0] and _scoring_kernels_usable())
 
@@ -197,9 +198,34 @@ def head_losses(x, w, targets, n_vocab: int, reference):
     """Token losses [N] by native_kernel.head_losses, where native_head_losses says so; under a
     gradient, reference(x, w, targets) -- the same losses by XLA -- computes them and their
     gradient, so training's step is unchanged."""
+    if native_dense_training(x) and w.shape[0] % 32 == 0:
+        return _trained_head_losses(x, w, targets, n_vocab)
     native = lambda x, w, targets: native_kernel.head_losses(  # noqa: E731
         x, w.astype(jnp.bfloat16), targets, n_vocab, tiles=scoring_tiles())
     return _native_unless_differentiated(native, reference, x, w, targets)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _trained_head_losses(x, w, targets, n_vocab: int):
+    """head_losses by our kernels, with their gradient by native_kernel.head_grads (CPUs with AMX)."""
+    return native_kernel.head_losses(x, w.astype(jnp.bfloat16), targets, n_vocab, tiles=True)
+
+
+def _trained_head_losses_fwd(x, w, targets, n_vocab):
+    wc = w.astype(jnp.bfloat16)
+    losses = native_kernel.head_losses(x, wc, targets, n_vocab, tiles=True)
+    # Each token's logsumexp is its loss plus its target's logit (one row's product, by XLA).
+    picked = jnp.sum(x.astype(jnp.float32) * wc[targets].astype(jnp.float32), axis=-1)
+    return losses, (x, wc, targets, losses + picked)
+
+
+def _trained_head_losses_bwd(n_vocab, residuals, g):
+    x, wc, targets, lse = residuals
+    dx, dw = native_kernel.head_grads(x, wc, targets, lse, g, n_vocab, tiles=True)
+    return dx, dw, None
+
+
+_trained_head_losses.defvjp(_trained_head_losses_fwd, _trained_head_losses_bwd)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))

@@ -14,6 +14,8 @@ by AMX tiles, or by vdpbf16ps on CPUs with AVX-512 BF16 alone, as `tiles` says):
 dense             a layer's product of many rows, with its bias and GELU, rounded once;
 dense_backward    its gradients (dx and dw) for training, where kernels.native_dense_training
                   says so (CPUs with AMX);
+head_grads        the head losses' gradients for training (dx and the tied table's), the logits
+                  computed again by blocks, where kernels.native_dense_training says so.
 causal_attention  flash attention over blocks of 32 keys, the scores never in memory;
 head_losses       the tied head's token losses, the logits never in memory.
 
@@ -64,6 +66,7 @@ HEAD_LOSSES_TARGET = "gpt2train_head_losses"
 CAUSAL_TARGET = "gpt2train_causal_attention"
 DENSE_TARGET = "gpt2train_dense"
 DENSE_BACKWARD_TARGET = "gpt2train_dense_backward"
+HEAD_GRADS_TARGET = "gpt2train_head_grads"
 ADAM_TARGET = "gpt2train_adam_update"
 TRANSPOSE_TARGET = "gpt2train_transpose"
 FLAGS = ["-O3", "-march=native", "-std=c++17", "-fPIC", "-w"]  # each source to an object; "-shared" links them
@@ -137,6 +140,7 @@ def available() -> bool:
         jax.ffi.register_ffi_target(CAUSAL_TARGET, jax.ffi.pycapsule(library.CausalAttention), platform="cpu")
         jax.ffi.register_ffi_target(DENSE_TARGET, jax.ffi.pycapsule(library.Dense), platform="cpu")
         jax.ffi.register_ffi_target(DENSE_BACKWARD_TARGET, jax.ffi.pycapsule(library.DenseBackward), platform="cpu")
+        jax.ffi.register_ffi_target(HEAD_GRADS_TARGET, jax.ffi.pycapsule(library.HeadGrads), platform="cpu")
         jax.ffi.register_ffi_target(ADAM_TARGET, jax.ffi.pycapsule(library.AdamUpdate), platform="cpu")
         jax.ffi.register_ffi_target(TRANSPOSE_TARGET, jax.ffi.pycapsule(library.Transpose), platform="cpu")
     except (OSError, RuntimeError, subprocess.SubprocessError, AttributeError, UserError) as e:
@@ -196,6 +200,18 @@ def dense_backward(x, w, dy, tiles: bool):
     dx = jax.ShapeDtypeStruct(x.shape, jnp.bfloat16)
     dw = jax.ShapeDtypeStruct(w.shape, jnp.float32)
     return jax.ffi.ffi_call(DENSE_BACKWARD_TARGET, (dx, dw), vmap_method="sequential")(x, w, dy, tiles=bool(tiles))
+
+
+def head_grads(x, w, targets, lse, dl, n_vocab: int, tiles: bool):
+    """The gradients of head_losses: x [N, K] bfloat16, w [V_pad, K] bfloat16, targets [N], each
+    token's logsumexp lse [N] and its loss's cotangent dl [N] (float32) -> (dx [N, K] bfloat16,
+    dw [V_pad, K] float32). N, K and V_pad multiples of 32. Needs available() and AVX-512 BF16;
+    tiles as for head_losses."""
+    dx = jax.ShapeDtypeStruct(x.shape, jnp.bfloat16)
+    dw = jax.ShapeDtypeStruct(w.shape, jnp.float32)
+    return jax.ffi.ffi_call(HEAD_GRADS_TARGET, (dx, dw), vmap_method="sequential")(
+        x, w, targets.astype(jnp.int32), lse.astype(jnp.float32), dl.astype(jnp.float32), n_vocab=np.int64(n_vocab),
+        tiles=bool(tiles))
 
 
 def adam_update(g, m, v, p, scalars, *, b1: float, b2: float, eps: float, decay: float):

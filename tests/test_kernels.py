@@ -188,10 +188,12 @@ def is_single_block_dp(op_name: str) -> bool:
 def test_every_product_of_the_compiled_bf16_train_step_is_bf16(n_ctx):
     hlo = bf16_train_step_hlo(n_ctx)
     products = compiled_products(hlo)
-    # Where the layers' products run on our kernels (native_dense_training: CPUs with AMX), each
-    # forward call is one product and each backward call two, all in bfloat16.
-    ours = hlo.count('custom_call_target="gpt2train_dense"') + 2 * hlo.count('custom_call_target="gpt2train_dense_backward"')
-    assert ours == (12 if K.scoring_tiles() and K._scoring_kernels_usable() else 0)
+    # Where the layers' and the head's products run on our kernels (native_dense_training: CPUs
+    # with AMX), each forward call is one product and each backward call two, all in bfloat16.
+    calls = lambda target: hlo.count(f'custom_call_target="{target}"')  # noqa: E731
+    ours = (calls("gpt2train_dense") + calls("gpt2train_head_losses")
+            + 2 * (calls("gpt2train_dense_backward") + calls("gpt2train_head_grads")))
+    assert ours == (15 if K.scoring_tiles() and K._scoring_kernels_usable() else 0)
     # 1 layer: 4 products forward, 8 backward; the head's 3; attention 2 + 4 per block
     assert len(products) + ours >= 15 + 6 * (n_ctx // K.ATTN_BLOCK or 1)
     float32 = [(types, name) for types, name in products if set(types) != {"bf16"}]

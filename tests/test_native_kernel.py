@@ -375,18 +375,48 @@ def test_dense_backward_is_the_products_gradient(N, K_in, M_out, tiles):
 
 
 @needs_bf16
+@pytest.mark.parametrize("tiles", TILES)
+@pytest.mark.parametrize("N,D,n_vocab,V_pad", [(32, 64, 300, 320), (64, 96, 1000, 1024), (96, 768, 70, 96)])
+def test_head_grads_are_the_cross_entropys_gradient(N, D, n_vocab, V_pad, tiles):
+    """dx = g . w and dw = g^T . x for g = (softmax over the real vocabulary - one-hot) * dl:
+    padding rows get no gradient, a target in the last block of 32, logits spread widely."""
+    assert native_kernel.available()
+    keys = jax.random.split(jax.random.key(N + D + n_vocab), 4)
+    x = (jax.random.normal(keys[0], (N, D)) * 2).astype(jnp.bfloat16)
+    w = (jax.random.normal(keys[1], (V_pad, D)) / np.sqrt(D) * 3).astype(jnp.bfloat16)
+    targets = jax.random.randint(keys[2], (N,), 0, n_vocab).at[0].set(n_vocab - 1)
+    dl = jax.random.uniform(keys[3], (N,), minval=0.5, maxval=2.0)
+    x64, w64 = np.asarray(x, np.float64), np.asarray(w, np.float64)
+    logits = x64 @ w64[:n_vocab].T
+    lse = np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)) + logits.max(-1)
+    g = np.exp(logits - lse[:, None])
+    g[np.arange(N), np.asarray(targets)] -= 1
+    g *= np.asarray(dl, np.float64)[:, None]
+    dx, dw = jax.jit(native_kernel.head_grads, static_argnums=(5, 6))(x, w, targets, jnp.asarray(lse, jnp.float32), dl,
+                                                                       n_vocab, tiles)
+    assert dx.shape == (N, D) and dx.dtype == jnp.bfloat16 and dw.shape == (V_pad, D) and dw.dtype == jnp.float32
+    want_dx, want_dw = g @ w64[:n_vocab], g.T @ x64
+    # g is rounded to bfloat16 once before both products (2^-9 relative each)
+    np.testing.assert_allclose(np.asarray(dx, np.float64), want_dx, rtol=0, atol=2.0 ** -7 * np.abs(want_dx).max())
+    np.testing.assert_allclose(np.asarray(dw[:n_vocab]), want_dw, rtol=0, atol=2.0 ** -7 * np.abs(want_dw).max())
+    assert not np.asarray(dw[n_vocab:]).any()
+
+
+@needs_bf16
 def test_training_multiplies_by_tiles_where_the_cpu_has_them_and_agrees_with_xla(monkeypatch):
-    """A bfloat16 gradient over a whole number of 32-token blocks runs the layer products and
-    their gradients by our kernels on CPUs with AMX (by XLA elsewhere), and matches XLA's gradient
-    to bfloat16's rounding of the activations."""
+    """A bfloat16 gradient over a whole number of 32-token blocks runs the layer products, the
+    head's losses and their gradients by our kernels on CPUs with AMX (by XLA elsewhere), and
+    matches XLA's gradient to bfloat16's rounding of the activations."""
     cfg, params, _ = bf16_model()
     tokens = jax.random.randint(jax.random.key(1), (2, 33), 0, cfg.n_vocab)  # 64 tokens: two blocks
     loss = lambda p: M.token_losses(p, tokens, cfg).mean()  # noqa: E731
     text = jax.jit(jax.grad(loss)).lower(params).as_text()
     assert (native_kernel.DENSE_BACKWARD_TARGET in text) == HAS_AMX
     assert (native_kernel.DENSE_TARGET in text) == HAS_AMX
+    assert (native_kernel.HEAD_GRADS_TARGET in text) == HAS_AMX
     ours = jax.grad(loss)(params)
     monkeypatch.setattr(K, "native_dense", lambda *a: False)
+    monkeypatch.setattr(K, "native_head_losses", lambda *a: False)
     xla = jax.grad(loss)(params)
     assert native_kernel.DENSE_BACKWARD_TARGET not in jax.jit(jax.grad(loss)).lower(params).as_text()
     for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(ours), jax.tree.leaves(xla)):
@@ -426,8 +456,9 @@ def test_transpose_is_numpys_on_the_last_two_axes(shape):
 
 @needs_avx512
 def test_training_takes_its_kernels_on_one_device_and_not_on_a_mesh():
-    """The bfloat16 train step transposes its weight gradients' operands by our kernel and steps
-    Adam by it on one CPU device; on a mesh (no sharding rule) XLA does both."""
+    """The bfloat16 train step transposes its weight gradients' operands by our kernel (on CPUs
+    with AMX our kernels take those products whole) and steps Adam by it on one CPU device; on a
+    mesh (no sharding rule) XLA does both."""
     program = """
         import jax, jax.numpy as jnp
         from gpt2train import native_kernel
@@ -439,7 +470,8 @@ def test_training_takes_its_kernels_on_one_device_and_not_on_a_mesh():
         tx = make_optimizer(cfg)
         state = jax.eval_shape(lambda: init_state(cfg, tx))
         text = jax.jit(make_train_step(cfg, tx)).lower(state, jax.ShapeDtypeStruct((2, 33), jnp.int32)).as_text()
-        print(native_kernel.TRANSPOSE_TARGET in text, native_kernel.ADAM_TARGET in text)
+        ours = (native_kernel.TRANSPOSE_TARGET, native_kernel.DENSE_BACKWARD_TARGET, native_kernel.HEAD_GRADS_TARGET)
+        print(any(t in text for t in ours), native_kernel.ADAM_TARGET in text)
         """
     for devices, want in ((1, "True True"), (2, "False False")):
         done = run_python(program, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
