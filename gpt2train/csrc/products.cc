@@ -1,5 +1,6 @@
-// Evaluation's layer products for CPUs with AMX or AVX-512 BF16 (gpt2train/native_kernel.py builds and
-// loads this; kernels.native_dense says when it is used: bfloat16 without a gradient).
+// Layer products for CPUs with AMX or AVX-512 BF16 (gpt2train/native_kernel.py builds and loads this;
+// kernels.native_dense says when it is used: bfloat16 without a gradient, and on CPUs with AMX under
+// one too, kernels.native_dense_training, with dense_backward and head_grads as the gradients).
 //
 // dense: y = x . w + bias, GELU (tanh form) optionally, rounded to bfloat16 once. XLA:CPU ran these
 // products at about 1.0 TFLOP/s on an Intel Xeon with AMX and GELU as a pass of its own over

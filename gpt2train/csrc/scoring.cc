@@ -1,6 +1,7 @@
 // Scoring's kernels for CPUs with AMX or AVX-512 BF16 (gpt2train/native_kernel.py builds and loads
 // this; kernels.native_head_losses and kernels.native_causal_attention say when each is used:
-// bfloat16 without a gradient). Their 32 x 32 blocks of products go to AMX tiles or to vdpbf16ps
+// bfloat16 without a gradient, and head_losses under one on CPUs with AMX, with products.cc's
+// head_grads as its backward). Their 32 x 32 blocks of products go to AMX tiles or to vdpbf16ps
 // (common.h's TileBlocks and VectorBlocks), as the caller's `tiles` says.
 //
 // head_losses: each token's cross-entropy under the tied output head, -log softmax(x . wte^T)[target],
