@@ -222,10 +222,18 @@ def _trained_head_losses_fwd(x, w, targets, n_vocab):
     return losses, (x, wc, targets, losses + picked)
 
 
+HEAD_GRAD_ROWS = 2048  # tokens per head_grads call: its logit gradients take 4 bytes per token and vocabulary row
+
+
 def _trained_head_losses_bwd(n_vocab, residuals, g):
     x, wc, targets, lse = residuals
-    dx, dw = native_kernel.head_grads(x, wc, targets, lse, g, n_vocab, tiles=True)
-    return dx, dw, None
+    dxs, dw = [], None
+    for start in range(0, x.shape[0], HEAD_GRAD_ROWS):  # ~0.4 GB of logit gradients at GPT-2's vocabulary
+        rows = slice(start, start + HEAD_GRAD_ROWS)
+        dx, dw_part = native_kernel.head_grads(x[rows], wc, targets[rows], lse[rows], g[rows], n_vocab, tiles=True)
+        dxs.append(dx)
+        dw = dw_part if dw is None else dw + dw_part
+    return jnp.concatenate(dxs), dw, None
 
 
 _trained_head_losses.defvjp(_trained_head_losses_fwd, _trained_head_losses_bwd)

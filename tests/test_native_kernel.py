@@ -403,10 +403,12 @@ def test_head_grads_are_the_cross_entropys_gradient(N, D, n_vocab, V_pad, tiles)
 
 
 @needs_bf16
-def test_training_multiplies_by_tiles_where_the_cpu_has_them_and_agrees_with_xla(monkeypatch):
+@pytest.mark.parametrize("head_rows", [K.HEAD_GRAD_ROWS, 32])
+def test_training_multiplies_by_tiles_where_the_cpu_has_them_and_agrees_with_xla(monkeypatch, head_rows):
     """A bfloat16 gradient over a whole number of 32-token blocks runs the layer products, the
     head's losses and their gradients by our kernels on CPUs with AMX (by XLA elsewhere), and
     matches XLA's gradient to bfloat16's rounding of the activations."""
+    monkeypatch.setattr(K, "HEAD_GRAD_ROWS", head_rows)  # 32: the head's gradient in two calls, summed
     cfg, params, _ = bf16_model()
     tokens = jax.random.randint(jax.random.key(1), (2, 33), 0, cfg.n_vocab)  # 64 tokens: two blocks
     loss = lambda p: M.token_losses(p, tokens, cfg).mean()  # noqa: E731
