@@ -10,8 +10,8 @@ cpu       kernels written for XLA:CPU, each for the measured reason given where 
           bfloat16 caches by our compiled kernels (native_kernel.py) on CPUs with AVX-512, and,
           on CPUs with AVX-512 BF16 or AMX, bfloat16 work without a gradient (evaluation, task
           scoring): layer products, causal attention and the head's losses, by our kernels too;
-          on CPUs with AMX the layer products and the head's losses under a gradient as well
-          (native_dense_training).
+          on CPUs with AMX the layer products, the causal attention and the head's losses
+          under a gradient as well (native_dense_training, native_attention_training).
           In training on one AVX-512 CPU device, the weight gradients' transposed bfloat16
           operands are copied by our kernel (native_transpose), and Adam steps by fused_adam.
 auto      `cpu` when JAX's default backend is the CPU, else `standard`.
@@ -178,8 +178,7 @@ def _trained_dense_fwd(x, w, bias, with_gelu):
 def _trained_dense_bwd(with_gelu, residuals, g):
     x, w, activation_pullback = residuals
     gh = activation_pullback(g)[0] if with_gelu else g
-    dx, dw = native_kernel.dense_backward(x, w, gh.astype(jnp.bfloat16), tiles=True)
-    return dx, dw, jnp.sum(gh.astype(jnp.float32), axis=0)
+    return native_kernel.dense_backward(x, w, gh.astype(jnp.bfloat16), tiles=True)
 
 
 _trained_dense.defvjp(_trained_dense_fwd, _trained_dense_bwd)
@@ -257,7 +256,7 @@ def native_causal_attention(qkv) -> bool:
     and the softmax and converted q, k and v to float32 on the way (124M evaluation at 8 x 1024 on
     an Intel Xeon with AMX: 95 ms a layer; the kernel's flash attention, blocks of 32 keys with a
     running maximum, 27; on an AMD EPYC, Zen 5, by vdpbf16ps: 27 against 82-90). Under a gradient
-    _attend_causal's own forward and backward run."""
+    _attend_causal's own forward and backward run, except where native_attention_training says so."""
     Dh = qkv.shape[-1]
     return qkv.dtype == jnp.bfloat16 and Dh % 32 == 0 and Dh <= 128 and _scoring_kernels_usable()
 
@@ -298,10 +297,42 @@ def causal_attention(qkv, impl: str):
     in qkv's dtype (scores and softmax in float32)."""
     if resolve(impl) == "cpu":
         if native_causal_attention(qkv):
+            if native_attention_training():
+                return _trained_attention(qkv)
             native = functools.partial(native_kernel.causal_attention, tiles=scoring_tiles())
             return _native_unless_differentiated(native, _attend_causal, qkv)
         return _attend_causal(qkv)
     return jax.nn.dot_product_attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], is_causal=True)
+
+
+def native_attention_training() -> bool:
+    """Whether, under a gradient too, causal attention native_causal_attention takes runs on our
+    kernels: forward by native_kernel.causal_attention_lse, backward by causal_attention_backward
+    (CPUs with AMX, as native_dense_training). XLA:CPU's blocks wrote their float32 scores,
+    probabilities and their gradients out between its batched products (124M at 4 x 256, Intel
+    Xeon with AMX: a layer's attention, forward and backward, 11-12 ms; ours 3.9). On AVX-512 BF16
+    alone (AMD EPYC) the kernels are the same, by vdpbf16ps, but not yet measured in training, so
+    XLA keeps attention's gradient there."""
+    return scoring_tiles()
+
+
+@jax.custom_vjp
+def _trained_attention(qkv):
+    """native_kernel.causal_attention, with its gradient by native_kernel.causal_attention_backward."""
+    return native_kernel.causal_attention(qkv, tiles=True)
+
+
+def _trained_attention_fwd(qkv):
+    out, lse = native_kernel.causal_attention_lse(qkv, tiles=True)
+    return out, (qkv, out, lse)
+
+
+def _trained_attention_bwd(residuals, g):
+    qkv, out, lse = residuals
+    return (native_kernel.causal_attention_backward(qkv, out, g, lse, tiles=True),)
+
+
+_trained_attention.defvjp(_trained_attention_fwd, _trained_attention_bwd)
 
 
 # ----------------------------------------------------------------------------- cpu: products

@@ -16,7 +16,9 @@ dense_backward    its gradients (dx and dw) for training, where kernels.native_d
                   says so (CPUs with AMX);
 head_grads        the head losses' gradients for training (dx and the tied table's), the logits
                   computed again by blocks, where kernels.native_dense_training says so.
-causal_attention  flash attention over blocks of 32 keys, the scores never in memory;
+causal_attention  flash attention over blocks of 32 keys, the scores never in memory; for
+                  training (CPUs with AMX), causal_attention_lse also returns each query's
+                  logsumexp and causal_attention_backward computes the gradient from it;
 head_losses       the tied head's token losses, the logits never in memory.
 
 Training (csrc/optimizer.cc and csrc/layout.cc, CPUs with AVX-512):
@@ -64,6 +66,8 @@ TARGET = "gpt2train_rows_matmul"
 ATTENTION_TARGET = "gpt2train_cached_attention"
 HEAD_LOSSES_TARGET = "gpt2train_head_losses"
 CAUSAL_TARGET = "gpt2train_causal_attention"
+CAUSAL_LSE_TARGET = "gpt2train_causal_attention_lse"
+CAUSAL_BACKWARD_TARGET = "gpt2train_causal_attention_backward"
 DENSE_TARGET = "gpt2train_dense"
 DENSE_BACKWARD_TARGET = "gpt2train_dense_backward"
 HEAD_GRADS_TARGET = "gpt2train_head_grads"
@@ -138,6 +142,9 @@ def available() -> bool:
         jax.ffi.register_ffi_target(ATTENTION_TARGET, jax.ffi.pycapsule(library.CachedAttention), platform="cpu")
         jax.ffi.register_ffi_target(HEAD_LOSSES_TARGET, jax.ffi.pycapsule(library.HeadLosses), platform="cpu")
         jax.ffi.register_ffi_target(CAUSAL_TARGET, jax.ffi.pycapsule(library.CausalAttention), platform="cpu")
+        jax.ffi.register_ffi_target(CAUSAL_LSE_TARGET, jax.ffi.pycapsule(library.CausalAttentionLse), platform="cpu")
+        jax.ffi.register_ffi_target(CAUSAL_BACKWARD_TARGET, jax.ffi.pycapsule(library.CausalAttentionBackward),
+                                    platform="cpu")
         jax.ffi.register_ffi_target(DENSE_TARGET, jax.ffi.pycapsule(library.Dense), platform="cpu")
         jax.ffi.register_ffi_target(DENSE_BACKWARD_TARGET, jax.ffi.pycapsule(library.DenseBackward), platform="cpu")
         jax.ffi.register_ffi_target(HEAD_GRADS_TARGET, jax.ffi.pycapsule(library.HeadGrads), platform="cpu")
@@ -184,6 +191,25 @@ def causal_attention(qkv, tiles: bool):
     return jax.ffi.ffi_call(CAUSAL_TARGET, out, vmap_method="sequential")(qkv, tiles=bool(tiles))
 
 
+def causal_attention_lse(qkv, tiles: bool):
+    """causal_attention and each query's logsumexp of its scaled scores, [B, H, T] float32, which
+    causal_attention_backward takes."""
+    B, T, _, H, Dh = qkv.shape
+    out = jax.ShapeDtypeStruct((B, T, H, Dh), jnp.bfloat16)
+    lse = jax.ShapeDtypeStruct((B, H, T), jnp.float32)
+    return jax.ffi.ffi_call(CAUSAL_LSE_TARGET, (out, lse), vmap_method="sequential")(qkv, tiles=bool(tiles))
+
+
+def causal_attention_backward(qkv, out, dout, lse, tiles: bool):
+    """causal_attention's gradient: qkv [B, T, 3, H, Dh], its output and the output's cotangent
+    [B, T, H, Dh] (bfloat16), and causal_attention_lse's logsumexp -> dqkv [B, T, 3, H, Dh] bfloat16
+    (probabilities computed again by blocks of 32 keys x 32 queries, float32 inside). Needs
+    available() and AVX-512 BF16; tiles as for head_losses."""
+    dqkv = jax.ShapeDtypeStruct(qkv.shape, jnp.bfloat16)
+    return jax.ffi.ffi_call(CAUSAL_BACKWARD_TARGET, dqkv, vmap_method="sequential")(
+        qkv, out, dout.astype(jnp.bfloat16), lse, tiles=bool(tiles))
+
+
 def dense(x, w, bias, gelu: bool, tiles: bool):
     """x [N, K] bfloat16 times w [K, M] float32 plus bias [M] float32, GELU (tanh form) if asked,
     rounded once: [N, M] bfloat16. K and M multiples of 32. Needs available() and AVX-512 BF16;
@@ -195,11 +221,13 @@ def dense(x, w, bias, gelu: bool, tiles: bool):
 
 def dense_backward(x, w, dy, tiles: bool):
     """The gradients of dense without GELU: x [N, K] bfloat16, w [K, M] float32, dy [N, M] bfloat16
-    -> (dx = dy . w^T [N, K] bfloat16, dw = x^T . dy [K, M] float32), products in float32. N, K and
-    M multiples of 32. Needs available() and AVX-512 BF16; tiles as for head_losses."""
+    -> (dx = dy . w^T [N, K] bfloat16, dw = x^T . dy [K, M] float32, db = dy's column sums [M]
+    float32), sums in float32. N, K and M multiples of 32. Needs available() and AVX-512 BF16; tiles
+    as for head_losses."""
     dx = jax.ShapeDtypeStruct(x.shape, jnp.bfloat16)
     dw = jax.ShapeDtypeStruct(w.shape, jnp.float32)
-    return jax.ffi.ffi_call(DENSE_BACKWARD_TARGET, (dx, dw), vmap_method="sequential")(x, w, dy, tiles=bool(tiles))
+    db = jax.ShapeDtypeStruct(w.shape[1:], jnp.float32)
+    return jax.ffi.ffi_call(DENSE_BACKWARD_TARGET, (dx, dw, db), vmap_method="sequential")(x, w, dy, tiles=bool(tiles))
 
 
 def head_grads(x, w, targets, lse, dl, n_vocab: int, tiles: bool):

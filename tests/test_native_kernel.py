@@ -277,17 +277,26 @@ def test_evaluation_takes_the_scoring_kernels_and_a_gradient_never_does(monkeypa
     evaluation = jax.jit(lambda p: M.token_losses(p, tokens, cfg)).lower(params).as_text()
     assert all(target in evaluation for target in SCORING_TARGETS)
     gradient = jax.jit(jax.grad(loss)).lower(params).as_text()
-    assert not any(target in gradient for target in SCORING_TARGETS)
+    # 150 tokens: no whole number of 32-token blocks for the products' training kernels; attention's
+    # (native_attention_training, CPUs with AMX) take any length.
+    assert not any(f"@{target}(" in gradient for target in SCORING_TARGETS)  # a call, not a longer name's prefix
+    assert (f"@{native_kernel.CAUSAL_BACKWARD_TARGET}(" in gradient) == HAS_AMX
     native = np.asarray(M.token_losses(params, tokens, cfg))
     grads = jax.grad(loss)(params)
     monkeypatch.setattr(K, "native_head_losses", lambda *a: False)
-    monkeypatch.setattr(K, "native_causal_attention", lambda *a: False)
     monkeypatch.setattr(K, "native_dense", lambda *a: False)
+    monkeypatch.setattr(K, "native_attention_training", lambda: False)
+    # Without attention's training kernels, the gradient is XLA's alone, the same bits.
+    xla_grads = jax.grad(loss)(params)
+    monkeypatch.setattr(K, "native_causal_attention", lambda *a: False)
     xla = np.asarray(M.token_losses(params, tokens, cfg))
     np.testing.assert_allclose(native, xla, rtol=0, atol=0.02)  # bfloat16 activations, rounded differently
     assert abs(native.mean() - xla.mean()) < 2e-3
-    for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(jax.grad(loss)(params))):
+    for a, b in zip(jax.tree.leaves(xla_grads), jax.tree.leaves(jax.grad(loss)(params))):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(xla_grads)):  # attention's kernels: bfloat16's roundings
+        a, b = np.asarray(a), np.asarray(b)
+        assert np.abs(a - b).max() <= 0.05 * (np.abs(b).max() + 1e-12)
 
 
 @needs_bf16
@@ -332,6 +341,52 @@ def test_causal_attention_is_softmax_attention_over_earlier_positions(B, T, H, D
     assert np.abs(np.asarray(out, np.float64) - exact).max() <= 1.5 * np.abs(xla - exact).max() + 1e-6
 
 
+def exact_causal_attention_gradient(qkv, dout):
+    """d(sum(attention(qkv) * dout)) / dqkv in float64, by the softmax's gradient written out."""
+    q, k, v = (np.asarray(qkv[:, :, i], np.float64) for i in range(3))
+    g = np.asarray(dout, np.float64)
+    T, Dh = q.shape[1], q.shape[-1]
+    scores = np.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(Dh)
+    scores = np.where(np.tril(np.ones((T, T), bool)), scores, -np.inf)
+    p = np.exp(scores - scores.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    dp = np.einsum("bqhd,bkhd->bhqk", g, v)
+    ds = p * (dp - (dp * p).sum(-1, keepdims=True)) / np.sqrt(Dh)
+    dq, dk = np.einsum("bhqk,bkhd->bqhd", ds, k), np.einsum("bhqk,bqhd->bkhd", ds, q)
+    return np.stack([dq, dk, np.einsum("bhqk,bqhd->bkhd", p, g)], axis=2)
+
+
+@needs_bf16
+@pytest.mark.parametrize("tiles", TILES)
+@pytest.mark.parametrize("B,T,H,Dh", [(1, 1, 1, 32), (2, 70, 3, 64), (1, 33, 2, 128), (2, 96, 2, 32)])
+def test_causal_attention_backward_is_the_softmax_attentions_gradient(B, T, H, Dh, tiles):
+    """The training pair: causal_attention_lse's output is causal_attention's and its logsumexp
+    the scores' own; causal_attention_backward's dq, dk and dv are the float64 gradient's to
+    bfloat16's roundings (of the probabilities, their gradient and the result), at lengths that end
+    inside a block of 32 and on one, and about as far from it as XLA's bfloat16 gradient is."""
+    assert native_kernel.available()
+    keys = jax.random.split(jax.random.key(T * H + Dh + 1))
+    qkv = (jax.random.normal(keys[0], (B, T, 3, H, Dh)) * 2).astype(jnp.bfloat16)
+    dout = jax.random.normal(keys[1], (B, T, H, Dh)).astype(jnp.bfloat16)
+    out, lse = jax.jit(native_kernel.causal_attention_lse, static_argnums=1)(qkv, tiles)
+    np.testing.assert_array_equal(np.asarray(out), np.asarray(jax.jit(native_kernel.causal_attention, static_argnums=1)(qkv, tiles)))
+    q, k = (np.asarray(qkv[:, :, i], np.float64) for i in range(2))
+    scores = np.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(Dh) + np.where(np.tril(np.ones((T, T), bool)), 0, -np.inf)
+    top = scores.max(-1)
+    np.testing.assert_allclose(np.asarray(lse), top + np.log(np.exp(scores - top[..., None]).sum(-1)), rtol=0, atol=1e-4)
+    dqkv = jax.jit(native_kernel.causal_attention_backward, static_argnums=4)(qkv, out, dout, lse, tiles)
+    assert dqkv.shape == qkv.shape and dqkv.dtype == jnp.bfloat16
+    exact = exact_causal_attention_gradient(qkv, dout)
+    ours = np.asarray(dqkv, np.float64)
+    xla = np.asarray(jax.grad(lambda x: jnp.sum(K._attend_causal(x).astype(jnp.float32) * dout))(qkv), np.float64)
+    for i, name in enumerate("qkv"):
+        error, scale = np.abs(ours[:, :, i] - exact[:, :, i]).max(), np.abs(exact[:, :, i]).max()
+        assert error <= 4 * 2.0 ** -8 * scale, (name, error, scale)
+        # delta = dO . O comes from the bfloat16 output, as in flash attention's backward; XLA's
+        # sums dP . P instead (0.4-1.6x our error in these cases)
+        assert error <= 2 * np.abs(xla[:, :, i] - exact[:, :, i]).max() + 1e-6, name
+
+
 @needs_bf16
 @pytest.mark.parametrize("tiles", TILES)
 @pytest.mark.parametrize("N,K_in,M_out,gelu", [(1, 32, 32, False), (70, 64, 96, True), (33, 768, 3072, True),
@@ -358,20 +413,23 @@ def test_dense_is_the_product_plus_bias_through_gelu(N, K_in, M_out, gelu, tiles
 @pytest.mark.parametrize("tiles", TILES)
 @pytest.mark.parametrize("N,K_in,M_out", [(32, 32, 32), (64, 768, 96), (96, 64, 3072), (1024, 96, 64)])
 def test_dense_backward_is_the_products_gradient(N, K_in, M_out, tiles):
-    """dx = dy . w^T and dw = x^T . dy from bfloat16 operands (w rounded to bfloat16 as the forward
-    has it), summed in float32: a sum over many tokens (1024) and over a wide output (3072)."""
+    """dx = dy . w^T, dw = x^T . dy and the bias's db = dy's column sums from bfloat16 operands (w
+    rounded to bfloat16 as the forward has it), summed in float32: a sum over many tokens (1024)
+    and over a wide output (3072)."""
     assert native_kernel.available()
     keys = jax.random.split(jax.random.key(N + K_in + M_out), 3)
     x = jax.random.normal(keys[0], (N, K_in)).astype(jnp.bfloat16)
     w = jax.random.normal(keys[1], (K_in, M_out)) * (2 / np.sqrt(K_in))
     dy = jax.random.normal(keys[2], (N, M_out)).astype(jnp.bfloat16)
-    dx, dw = jax.jit(native_kernel.dense_backward, static_argnums=3)(x, w, dy, tiles)
+    dx, dw, db = jax.jit(native_kernel.dense_backward, static_argnums=3)(x, w, dy, tiles)
     assert dx.shape == (N, K_in) and dx.dtype == jnp.bfloat16 and dw.shape == (K_in, M_out) and dw.dtype == jnp.float32
+    assert db.shape == (M_out,) and db.dtype == jnp.float32
     x64, dy64 = np.asarray(x, np.float64), np.asarray(dy, np.float64)
     want_dx = dy64 @ np.asarray(w.astype(jnp.bfloat16), np.float64).T
     want_dw = x64.T @ dy64
     np.testing.assert_allclose(np.asarray(dx, np.float64), want_dx, rtol=2.0 ** -8, atol=1e-5 * np.abs(want_dx).max())
     np.testing.assert_allclose(np.asarray(dw), want_dw, rtol=1e-5, atol=1e-5 * np.abs(want_dw).max())
+    np.testing.assert_allclose(np.asarray(db), dy64.sum(0), rtol=1e-5, atol=1e-5 * np.abs(dy64.sum(0)).max())
 
 
 @needs_bf16
@@ -406,7 +464,7 @@ def test_head_grads_are_the_cross_entropys_gradient(N, D, n_vocab, V_pad, tiles)
 @pytest.mark.parametrize("head_rows", [K.HEAD_GRAD_ROWS, 32])
 def test_training_multiplies_by_tiles_where_the_cpu_has_them_and_agrees_with_xla(monkeypatch, head_rows):
     """A bfloat16 gradient over a whole number of 32-token blocks runs the layer products, the
-    head's losses and their gradients by our kernels on CPUs with AMX (by XLA elsewhere), and
+    attention, the head's losses and their gradients by our kernels on CPUs with AMX (by XLA elsewhere), and
     matches XLA's gradient to bfloat16's rounding of the activations."""
     monkeypatch.setattr(K, "HEAD_GRAD_ROWS", head_rows)  # 32: the head's gradient in two calls, summed
     cfg, params, _ = bf16_model()
@@ -416,11 +474,14 @@ def test_training_multiplies_by_tiles_where_the_cpu_has_them_and_agrees_with_xla
     assert (native_kernel.DENSE_BACKWARD_TARGET in text) == HAS_AMX
     assert (native_kernel.DENSE_TARGET in text) == HAS_AMX
     assert (native_kernel.HEAD_GRADS_TARGET in text) == HAS_AMX
+    assert (native_kernel.CAUSAL_BACKWARD_TARGET in text) == HAS_AMX
     ours = jax.grad(loss)(params)
     monkeypatch.setattr(K, "native_dense", lambda *a: False)
     monkeypatch.setattr(K, "native_head_losses", lambda *a: False)
+    monkeypatch.setattr(K, "native_attention_training", lambda: False)
     xla = jax.grad(loss)(params)
-    assert native_kernel.DENSE_BACKWARD_TARGET not in jax.jit(jax.grad(loss)).lower(params).as_text()
+    xla_text = jax.jit(jax.grad(loss)).lower(params).as_text()
+    assert native_kernel.DENSE_BACKWARD_TARGET not in xla_text and native_kernel.CAUSAL_BACKWARD_TARGET not in xla_text
     for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(ours), jax.tree.leaves(xla)):
         a, b = np.asarray(a), np.asarray(b)
         scale = np.abs(b).max() + 1e-12

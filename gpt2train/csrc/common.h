@@ -63,6 +63,17 @@ inline void transpose_columns(const uint16_t* a, uint16_t* t, int64_t R, int64_t
   }
 }
 
+// b [N, M] bfloat16 packed as the right operand of a product that sums over N: groups [g0, g1) of
+// 16 columns, each pair of rows (n, n + 1) interleaved: [b[n][c], b[n + 1][c]] for the 16 columns.
+inline void pack_rows(const uint16_t* b, int64_t N, int64_t M, int64_t g0, int64_t g1, uint16_t* packed) {
+  for (int64_t r = 0; r < N / 2; ++r)
+    for (int64_t g = g0; g < g1; ++g) {
+      const __m512i even = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 2 * r * M + g * 16)));
+      const __m512i odd = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + (2 * r + 1) * M + g * 16)));
+      _mm512_storeu_si512(packed + (g * N / 2 + r) * 32, _mm512_or_si512(even, _mm512_slli_epi32(odd, 16)));
+    }
+}
+
 // exp(x) for x <= 0 in float32 to about 2 ulp (x = n ln2 + r, |r| <= ln2 / 2, Taylor to r^6,
 // times 2^n); 0 below -87, as float32's exp underflows there.
 inline __m512 exp_nonpositive(__m512 x) {

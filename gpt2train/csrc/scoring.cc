@@ -14,7 +14,10 @@
 //
 // causal_attention: flash attention over blocks of 32 keys with a running maximum per query; XLA:CPU
 // wrote each block's float32 scores out between the product and the softmax (95 ms a layer at
-// 124M, 8 x 1024, against 27 here).
+// 124M, 8 x 1024, against 27 here). For training (kernels.native_attention_training, CPUs with
+// AMX) causal_attention_lse also keeps each query's logsumexp, and causal_attention_backward
+// computes the probabilities again from it, block by block, for dq, dk and dv (a layer's attention,
+// forward and backward, at 124M, 4 x 256: 11-12 ms by XLA, 3.9 here).
 #include <cmath>
 #include <vector>
 
@@ -130,9 +133,10 @@ inline void pack_probs(const float (*p)[32], uint16_t* packed) {
 
 // Query block qb (32 queries) of one head against the keys it may see, by blocks of 32 keys with
 // a running maximum and sum per query (flash attention); writes out rows [q0, min(q0 + 32, T)).
+// lse (training's forward; null otherwise): each query's logsumexp of its scaled scores, for the backward.
 template <typename Blocks>
 void attend_block(Blocks& blocks, const HeadOperands& op, int64_t qb, int64_t T, int64_t Dh, int64_t Tp, uint16_t* out,
-                  int64_t out_row) {
+                  int64_t out_row, float* lse) {
   const int64_t q0 = qb * 32;
   const float scale = 1.f / std::sqrt(static_cast<float>(Dh));
   alignas(64) float s[32][32], pv[128][32], o[128][32];  // Dh <= 128
@@ -195,6 +199,132 @@ void attend_block(Blocks& blocks, const HeadOperands& op, int64_t qb, int64_t T,
     _mm512_store_si512(rounded, (__m512i)r);
     for (int64_t q = 0; q < queries; ++q) out[(q0 + q) * out_row + d] = rounded[q];
   }
+  if (lse)
+    for (int64_t q = 0; q < queries; ++q) lse[q0 + q] = m[q] + std::log(l[q]);
+}
+
+// ----------------------------------------------------------------------------- attention's gradient
+// One head's operands for the backward pass, T rounded up to Tp (a multiple of 32, zeros past T):
+// keys and values as rows [Tp, Dh] (left operands of S^T = K Q^T and dP^T = V dO^T); queries and
+// the output's cotangent packed 16 a group (pack_x: those products' right operands) and by pairs of
+// rows (pack_rows: right operands of dK = dS^T Q and dV = P^T dO, sums over queries); keys
+// transposed [Dh, Tp] (left operand of dQ^T = K^T dS^T); each query's logsumexp and
+// delta = sum_d dO . O (the softmax's gradient needs both).
+struct HeadGradOperands {
+  std::vector<uint16_t> keys, values, queries, douts, query_pairs, dout_pairs, keys_t;
+  std::vector<float> lse, delta;
+  HeadGradOperands(const uint16_t* qkv, const uint16_t* out, const uint16_t* dout, const float* head_lse, int64_t T,
+                   int64_t H, int64_t Dh, int64_t Tp)
+      : keys(Tp * Dh, 0), values(Tp * Dh, 0), queries(Tp * Dh), douts(Tp * Dh), query_pairs(Tp * Dh), dout_pairs(Tp * Dh),
+        keys_t(Dh * Tp), lse(Tp, 0.f), delta(Tp, 0.f) {
+    const int64_t row = 3 * H * Dh, out_row = H * Dh;
+    std::vector<uint16_t> q_rows(Tp * Dh, 0), do_rows(Tp * Dh, 0);
+    for (int64_t t = 0; t < T; ++t) {
+      std::copy(qkv + t * row, qkv + t * row + Dh, q_rows.begin() + t * Dh);
+      std::copy(qkv + t * row + H * Dh, qkv + t * row + H * Dh + Dh, keys.begin() + t * Dh);
+      std::copy(qkv + t * row + 2 * H * Dh, qkv + t * row + 2 * H * Dh + Dh, values.begin() + t * Dh);
+      std::copy(dout + t * out_row, dout + t * out_row + Dh, do_rows.begin() + t * Dh);
+      __m512 sum = _mm512_setzero_ps();
+      for (int64_t d = 0; d < Dh; d += 16) {
+        const auto widen = [](const uint16_t* p) {
+          return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16));
+        };
+        sum = _mm512_fmadd_ps(widen(dout + t * out_row + d), widen(out + t * out_row + d), sum);
+      }
+      delta[t] = _mm512_reduce_add_ps(sum);
+      lse[t] = head_lse[t];
+    }
+    for (int64_t g = 0; g < Tp / 16; ++g) {
+      pack_x(q_rows.data() + g * 16 * Dh, 16, Dh, queries.data() + g * 16 * Dh);
+      pack_x(do_rows.data() + g * 16 * Dh, 16, Dh, douts.data() + g * 16 * Dh);
+    }
+    pack_rows(q_rows.data(), Tp, Dh, 0, Dh / 16, query_pairs.data());
+    pack_rows(do_rows.data(), Tp, Dh, 0, Dh / 16, dout_pairs.data());
+    transpose_columns(keys.data(), keys_t.data(), Tp, Dh, 0, Dh);
+  }
+};
+
+// 32 float32 values as bfloat16s at out.
+inline void store_rounded(const float* v, uint16_t* out) {
+  _mm512_storeu_si512(out, (__m512i)_mm512_cvtne2ps_pbh(_mm512_load_ps(v + 16), _mm512_load_ps(v)));
+}
+
+// One head's dQ, dK and dV (rows `out_row` elements apart, bfloat16) by blocks of 32 keys x 32
+// queries (flash attention's backward): each block's probabilities come again from the scores and
+// the forward's logsumexp, P^T and dS^T stay in L1 as float32 and leave as bfloat16 rows of the key
+// block (for dV and dK, summed over queries by the tiles) and packed by key pairs (for dQ, summed
+// over keys after every key block is done). dS carries the scores' scale.
+template <typename Blocks>
+void head_backward(Blocks& blocks, const HeadGradOperands& op, int64_t T, int64_t Dh, int64_t Tp, uint16_t* dq,
+                   uint16_t* dk, uint16_t* dv, int64_t out_row) {
+  const int64_t blocks_n = Tp / 32;
+  const float scale = 1.f / std::sqrt(static_cast<float>(Dh));
+  std::vector<uint16_t> p_rows(32 * Tp), ds_rows(32 * Tp), ds_packed(Tp * Tp);
+  alignas(64) float s[32][32], dp[32][32], acc[32][32];
+  alignas(64) uint16_t packed[2 * 16 * 32];
+  for (int64_t j = 0; j < blocks_n; ++j) {
+    const uint16_t *kj = op.keys.data() + j * 32 * Dh, *vj = op.values.data() + j * 32 * Dh;
+    for (int64_t i = j; i < blocks_n; ++i) {
+      const uint16_t *qp = op.queries.data() + i * 32 * Dh, *dop = op.douts.data() + i * 32 * Dh;
+      blocks.start(kj, kj + 16 * Dh, Dh * 2, qp, qp + 16 * Dh, Dh);
+      blocks.finish(s);
+      blocks.start(vj, vj + 16 * Dh, Dh * 2, dop, dop + 16 * Dh, Dh);
+      blocks.finish(dp);
+      for (int h = 0; h < 2; ++h) {
+        const int64_t q = i * 32 + h * 16;  // the first query on this half's lanes
+        const __m512 lse = _mm512_loadu_ps(op.lse.data() + q), delta = _mm512_loadu_ps(op.delta.data() + q);
+        const __mmask16 real = T - q >= 16 ? (__mmask16)0xFFFF : T - q <= 0 ? (__mmask16)0 : (__mmask16)((1u << (T - q)) - 1);
+        for (int r = 0; r < 32; ++r) {
+          // Key j*32 + r is seen by the queries at or after it.
+          const int64_t first = std::max<int64_t>(0, j * 32 + r - q);
+          const __mmask16 visible = first >= 16 || j * 32 + r >= T ? (__mmask16)0 : (__mmask16)(real & (0xFFFF << first));
+          const __m512 p = _mm512_maskz_mov_ps(
+              visible, exp_nonpositive(_mm512_fmsub_ps(_mm512_load_ps(&s[r][h * 16]), _mm512_set1_ps(scale), lse)));
+          const __m512 ds = _mm512_mul_ps(_mm512_mul_ps(p, _mm512_sub_ps(_mm512_load_ps(&dp[r][h * 16]), delta)),
+                                          _mm512_set1_ps(scale));
+          _mm512_store_ps(&s[r][h * 16], p);
+          _mm512_store_ps(&dp[r][h * 16], ds);
+        }
+      }
+      for (int r = 0; r < 32; ++r) {
+        store_rounded(s[r], p_rows.data() + r * Tp + i * 32);
+        store_rounded(dp[r], ds_rows.data() + r * Tp + i * 32);
+      }
+      pack_probs(dp, packed);  // query group 2i + h, key pairs of block j
+      for (int h = 0; h < 2; ++h)
+        std::copy(packed + h * 512, packed + (h + 1) * 512, ds_packed.data() + ((2 * i + h) * Tp / 2 + j * 16) * 32);
+    }
+    // dV_j = P^T_j . dO and dK_j = dS^T_j . Q over the queries from block j on.
+    const int64_t keys = std::min<int64_t>(32, T - j * 32), from = j * 32, span = Tp - from;
+    for (int part = 0; part < 2; ++part) {
+      const uint16_t* a = (part ? ds_rows : p_rows).data() + from;
+      const uint16_t* b = (part ? op.query_pairs : op.dout_pairs).data() + from * 16;
+      uint16_t* grad = part ? dk : dv;
+      for (int64_t d = 0; d < Dh; d += 32) {
+        blocks.start(a, a + 16 * Tp, Tp * 2, b + d * Tp, b + (d + 16) * Tp, span);
+        blocks.finish(acc);
+        for (int64_t r = 0; r < keys; ++r) store_rounded(acc[r], grad + (from + r) * out_row + d);
+      }
+    }
+  }
+  // dQ^T_i = K^T . dS^T_i over the keys up to block i, stored transposed.
+  const __m512i column = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+                                            _mm512_set1_epi32(32));
+  alignas(64) float rowv[32];
+  for (int64_t i = 0; i < blocks_n; ++i) {
+    const int64_t queries = std::min<int64_t>(32, T - i * 32);
+    for (int64_t d = 0; d < Dh; d += 32) {
+      const uint16_t* kt = op.keys_t.data() + d * Tp;
+      const uint16_t* b = ds_packed.data() + 2 * i * Tp * 16;
+      blocks.start(kt, kt + 16 * Tp, Tp * 2, b, b + Tp * 16, (i + 1) * 32);
+      blocks.finish(acc);
+      for (int64_t q = 0; q < queries; ++q) {
+        _mm512_store_ps(rowv, _mm512_i32gather_ps(column, &acc[0][q], 4));
+        _mm512_store_ps(rowv + 16, _mm512_i32gather_ps(column, &acc[16][q], 4));
+        store_rounded(rowv, dq + (i * 32 + q) * out_row + d);
+      }
+    }
+  }
 }
 #endif
 
@@ -228,29 +358,80 @@ ffi::Error HeadLossesImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer
 #endif
 }
 
-ffi::Error CausalAttentionImpl(ffi::ThreadPool pool, ffi::AnyBuffer qkv, ffi::Result<ffi::AnyBuffer> out, bool tiles) {
+// lse: null, or each query's logsumexp [B, H, T] float32 (training's forward).
+ffi::Error causal_attention(ffi::ThreadPool& pool, ffi::AnyBuffer& qkv, ffi::AnyBuffer& out, float* lses, bool tiles) {
   auto d = qkv.dimensions();
-  if (qkv.element_type() != ffi::DataType::BF16 || out->element_type() != ffi::DataType::BF16)
+  if (qkv.element_type() != ffi::DataType::BF16 || out.element_type() != ffi::DataType::BF16)
     return ffi::Error::InvalidArgument("causal_attention: qkv and the output bfloat16");
   if (d.size() != 5 || d[2] != 3 || d[4] % 32 != 0 || d[4] > 128)
     return ffi::Error::InvalidArgument("causal_attention: qkv [B, T, 3, H, Dh], Dh a multiple of 32 up to 128");
 #if defined(__AVX512BF16__)
   const int64_t B = d[0], T = d[1], H = d[3], Dh = d[4], Tp = (T + 31) / 32 * 32;
   const auto* in = reinterpret_cast<const uint16_t*>(qkv.untyped_data());
-  auto* os = reinterpret_cast<uint16_t*>(out->untyped_data());
+  auto* os = reinterpret_cast<uint16_t*>(out.untyped_data());
   parallel_chunks(pool, B * H, 1, 1, [=](int64_t i0, int64_t i1) {
     with_blocks(tiles, [&](auto& blocks) {
       for (int64_t i = i0; i < i1; ++i) {
         const int64_t b = i / H, h = i % H;
         const HeadOperands op(in + b * T * 3 * H * Dh + h * Dh, T, H, Dh, Tp);
         for (int64_t qb = 0; qb < Tp / 32; ++qb)
-          attend_block(blocks, op, qb, T, Dh, Tp, os + b * T * H * Dh + h * Dh, H * Dh);
+          attend_block(blocks, op, qb, T, Dh, Tp, os + b * T * H * Dh + h * Dh, H * Dh, lses ? lses + i * T : nullptr);
       }
     });
   });
   return ffi::Error::Success();
 #else
   return ffi::Error::InvalidArgument("causal_attention: this build has no bfloat16 kernels (the CPU lacks AVX-512 BF16)");
+#endif
+}
+
+ffi::Error CausalAttentionImpl(ffi::ThreadPool pool, ffi::AnyBuffer qkv, ffi::Result<ffi::AnyBuffer> out, bool tiles) {
+  return causal_attention(pool, qkv, *out, nullptr, tiles);
+}
+
+ffi::Error CausalAttentionLseImpl(ffi::ThreadPool pool, ffi::AnyBuffer qkv, ffi::Result<ffi::AnyBuffer> out,
+                                  ffi::Result<ffi::AnyBuffer> lse, bool tiles) {
+  auto d = qkv.dimensions();
+  if (lse->element_type() != ffi::DataType::F32 || d.size() != 5 || lse->element_count() != d[0] * d[1] * d[3])
+    return ffi::Error::InvalidArgument("causal_attention_lse: lse [B, H, T] float32 for qkv [B, T, 3, H, Dh]");
+  return causal_attention(pool, qkv, *out, reinterpret_cast<float*>(lse->untyped_data()), tiles);
+}
+
+// causal_attention's gradient for training: qkv [B, T, 3, H, Dh], its output and the output's
+// cotangent [B, T, H, Dh] (bfloat16), and the forward's logsumexp [B, H, T] -> dqkv in qkv's layout
+// (bfloat16), one head per task. XLA:CPU ran the blocks' score, softmax and gradient passes over
+// float32 arrays in memory and its batched bfloat16 products slowly.
+ffi::Error CausalAttentionBackwardImpl(ffi::ThreadPool pool, ffi::AnyBuffer qkv, ffi::AnyBuffer out, ffi::AnyBuffer dout,
+                                       ffi::AnyBuffer lse, ffi::Result<ffi::AnyBuffer> dqkv, bool tiles) {
+  auto d = qkv.dimensions();
+  if (qkv.element_type() != ffi::DataType::BF16 || out.element_type() != ffi::DataType::BF16 ||
+      dout.element_type() != ffi::DataType::BF16 || lse.element_type() != ffi::DataType::F32 ||
+      dqkv->element_type() != ffi::DataType::BF16)
+    return ffi::Error::InvalidArgument("causal_attention_backward: qkv, out, dout and dqkv bfloat16, lse float32");
+  if (d.size() != 5 || d[2] != 3 || d[4] % 32 != 0 || d[4] > 128 || out.element_count() != d[0] * d[1] * d[3] * d[4] ||
+      dout.element_count() != out.element_count() || lse.element_count() != d[0] * d[1] * d[3])
+    return ffi::Error::InvalidArgument(
+        "causal_attention_backward: qkv [B, T, 3, H, Dh] (Dh a multiple of 32 up to 128), out and dout [B, T, H, Dh], lse [B, H, T]");
+#if defined(__AVX512BF16__)
+  const int64_t B = d[0], T = d[1], H = d[3], Dh = d[4], Tp = (T + 31) / 32 * 32;
+  const auto* in = reinterpret_cast<const uint16_t*>(qkv.untyped_data());
+  const auto* os = reinterpret_cast<const uint16_t*>(out.untyped_data());
+  const auto* dos = reinterpret_cast<const uint16_t*>(dout.untyped_data());
+  const auto* ls = reinterpret_cast<const float*>(lse.untyped_data());
+  auto* grads = reinterpret_cast<uint16_t*>(dqkv->untyped_data());
+  parallel_chunks(pool, B * H, 1, 1, [=](int64_t i0, int64_t i1) {
+    with_blocks(tiles, [&](auto& blocks) {
+      for (int64_t i = i0; i < i1; ++i) {
+        const int64_t b = i / H, h = i % H, head = b * T * 3 * H * Dh + h * Dh, head_out = b * T * H * Dh + h * Dh;
+        const HeadGradOperands op(in + head, os + head_out, dos + head_out, ls + i * T, T, H, Dh, Tp);
+        uint16_t* dq = grads + head;
+        head_backward(blocks, op, T, Dh, Tp, dq, dq + H * Dh, dq + 2 * H * Dh, 3 * H * Dh);
+      }
+    });
+  });
+  return ffi::Error::Success();
+#else
+  return ffi::Error::InvalidArgument("causal_attention_backward: this build has no bfloat16 kernels (the CPU lacks AVX-512 BF16)");
 #endif
 }
 
@@ -269,6 +450,24 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(HeadLosses, HeadLossesImpl,
 XLA_FFI_DEFINE_HANDLER_SYMBOL(CausalAttention, CausalAttentionImpl,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Attr<bool>("tiles"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(CausalAttentionLse, CausalAttentionLseImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Attr<bool>("tiles"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(CausalAttentionBackward, CausalAttentionBackwardImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::AnyBuffer>()
                                   .Ret<ffi::AnyBuffer>()
                                   .Attr<bool>("tiles"));
