@@ -184,6 +184,38 @@ def _trained_dense_bwd(with_gelu, residuals, g):
 _trained_dense.defvjp(_trained_dense_fwd, _trained_dense_bwd)
 
 
+def native_layer_norm(x, impl: str) -> bool:
+    """Whether LayerNorm of a bfloat16 x [..., D] runs on native_kernel.layer_norm, and its gradient
+    on layer_norm_backward: where the layer products train on our kernels (CPUs with AMX, rows a
+    multiple of 32, as native_dense_training), D a multiple of 16. XLA:CPU's LayerNorm and its
+    gradient took 8-9 passes and reductions over the rows, the scale's and bias's gradients summed
+    over tokens on one thread (124M bfloat16 step at 4 x 256, Intel Xeon with AMX: about 0.1 s);
+    here each is one pass. Untried on AVX-512 BF16 alone (AMD EPYC), so XLA keeps it there."""
+    return (resolve(impl) == "cpu" and x.dtype == jnp.bfloat16 and x.ndim >= 2 and x.shape[-1] % 16 == 0
+            and math.prod(x.shape[:-1]) % 32 == 0 and _scoring_kernels_usable() and scoring_tiles())
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def layer_norm(x, scale, bias, eps: float):
+    """LayerNorm of x [..., D] (bfloat16, where native_layer_norm says so) in float32, rounded to
+    bfloat16 once, by our kernels forward and backward."""
+    return native_kernel.layer_norm(x, scale, bias, eps)[0]
+
+
+def _layer_norm_fwd(x, scale, bias, eps):
+    y, stats = native_kernel.layer_norm(x, scale, bias, eps)
+    return y, (x, scale, stats)
+
+
+def _layer_norm_bwd(eps, residuals, dy):
+    x, scale, stats = residuals
+    dx, dscale, dbias = native_kernel.layer_norm_backward(x, scale, stats, dy)
+    return dx, dscale.astype(scale.dtype), dbias.astype(scale.dtype)
+
+
+layer_norm.defvjp(_layer_norm_fwd, _layer_norm_bwd)
+
+
 def native_head_losses(x, w, n_vocab: int, impl: str) -> bool:
     """Whether the tied head's token losses of a bfloat16 x [N, K] under w [V_pad, K] go to
     native_kernel.head_losses (CPUs with AVX-512 BF16 or AMX, `kernels` cpu): XLA:CPU wrote the

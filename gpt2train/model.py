@@ -89,7 +89,11 @@ def count_params(params: Params) -> int:
 
 
 # ----------------------------------------------------------------------------- layers
-def layer_norm(x, p, dtype):
+def layer_norm(x, p, dtype, impl: str = "standard"):
+    """LayerNorm over the last axis in float32, rounded to dtype. impl: the `kernels` to run it
+    with (a bfloat16 x may go to our kernel: kernels.native_layer_norm)."""
+    if dtype == jnp.bfloat16 and kernels.native_layer_norm(x, impl):
+        return kernels.layer_norm(x, p["scale"], p["bias"], LN_EPS)
     x = x.astype(jnp.float32)
     mean = x.mean(-1, keepdims=True)
     var = jnp.square(x - mean).mean(-1, keepdims=True)
@@ -217,9 +221,10 @@ def mlp(x, p, dtype, impl: str):
 def block(x, p, cfg: Config, dtype, key=None, cache=None, mask=None):
     """Pre-LayerNorm residual block. `key` enables dropout (training)."""
     k_attn, k_res1, k_res2 = jax.random.split(key, 3) if key is not None else (None, None, None)
-    a, new_cache = attention(layer_norm(x, p["ln_1"], dtype), p["attn"], cfg, dtype, k_attn, cache, mask)
+    norm = cfg.kernels if cache is None else "standard"  # decoding's few rows stay on XLA
+    a, new_cache = attention(layer_norm(x, p["ln_1"], dtype, norm), p["attn"], cfg, dtype, k_attn, cache, mask)
     x = x + dropout(a, cfg.res_dropout, k_res1)
-    m = mlp(layer_norm(x, p["ln_2"], dtype), p["mlp"], dtype, cfg.kernels)
+    m = mlp(layer_norm(x, p["ln_2"], dtype, norm), p["mlp"], dtype, cfg.kernels)
     x = x + dropout(m, cfg.res_dropout, k_res2)
     return x, new_cache
 
@@ -306,7 +311,7 @@ def token_losses(params: Params, batch: jax.Array, cfg: Config, *, key=None) -> 
     kernel that never writes the logits out (kernels.native_head_losses); otherwise _head_losses."""
     x = hidden_states(params, batch[:, :-1], cfg, key=key)
     B, T, D = x.shape
-    x = layer_norm(x.reshape(B * T, D), params["ln_f"], x.dtype)
+    x = layer_norm(x.reshape(B * T, D), params["ln_f"], x.dtype, cfg.kernels)
     targets = batch[:, 1:].reshape(B * T)
     reference = functools.partial(_head_losses, cfg=cfg)
     if kernels.native_head_losses(x, params["wte"], cfg.n_vocab, cfg.kernels):

@@ -21,10 +21,12 @@ causal_attention  flash attention over blocks of 32 keys, the scores never in me
                   logsumexp and causal_attention_backward computes the gradient from it;
 head_losses       the tied head's token losses, the logits never in memory.
 
-Training (csrc/optimizer.cc and csrc/layout.cc, CPUs with AVX-512):
+Training (csrc/optimizer.cc, csrc/layout.cc and csrc/normalization.cc, CPUs with AVX-512):
 adam_update       Adam's step for one float32 parameter (clip, moments, decay, learning rate)
                   in one pass over memory, in place; fused_adam.py uses it;
-transpose         a transposed copy of 16-bit matrices, for the bfloat16 weight gradients.
+transpose         a transposed copy of 16-bit matrices, for the bfloat16 weight gradients;
+layer_norm        LayerNorm of bfloat16 rows with each row's mean and 1 / std kept, and
+                  layer_norm_backward its gradient, where kernels.native_layer_norm says so.
 
 The .cc files say why each is faster; kernels.native_rows, native_cached_attention, native_dense,
 native_causal_attention and native_head_losses decide when they are used; everything else runs
@@ -60,7 +62,8 @@ from .errors import UserError
 
 ENV = "GPT2TRAIN_NATIVE_KERNEL"
 CSRC = os.path.join(os.path.dirname(__file__), "csrc")
-SOURCES = [os.path.join(CSRC, name) for name in ("decode.cc", "scoring.cc", "products.cc", "optimizer.cc", "layout.cc")]  # compiled into one library
+SOURCES = [os.path.join(CSRC, name) for name in ("decode.cc", "scoring.cc", "products.cc", "optimizer.cc", "layout.cc",
+                                                  "normalization.cc")]  # compiled into one library
 HEADERS = [os.path.join(CSRC, "common.h")]
 TARGET = "gpt2train_rows_matmul"
 ATTENTION_TARGET = "gpt2train_cached_attention"
@@ -73,6 +76,8 @@ DENSE_BACKWARD_TARGET = "gpt2train_dense_backward"
 HEAD_GRADS_TARGET = "gpt2train_head_grads"
 ADAM_TARGET = "gpt2train_adam_update"
 TRANSPOSE_TARGET = "gpt2train_transpose"
+LAYER_NORM_TARGET = "gpt2train_layer_norm"
+LAYER_NORM_BACKWARD_TARGET = "gpt2train_layer_norm_backward"
 FLAGS = ["-O3", "-march=native", "-std=c++17", "-fPIC", "-w"]  # each source to an object; "-shared" links them
 
 
@@ -150,6 +155,9 @@ def available() -> bool:
         jax.ffi.register_ffi_target(HEAD_GRADS_TARGET, jax.ffi.pycapsule(library.HeadGrads), platform="cpu")
         jax.ffi.register_ffi_target(ADAM_TARGET, jax.ffi.pycapsule(library.AdamUpdate), platform="cpu")
         jax.ffi.register_ffi_target(TRANSPOSE_TARGET, jax.ffi.pycapsule(library.Transpose), platform="cpu")
+        jax.ffi.register_ffi_target(LAYER_NORM_TARGET, jax.ffi.pycapsule(library.LayerNorm), platform="cpu")
+        jax.ffi.register_ffi_target(LAYER_NORM_BACKWARD_TARGET, jax.ffi.pycapsule(library.LayerNormBackward),
+                                    platform="cpu")
     except (OSError, RuntimeError, subprocess.SubprocessError, AttributeError, UserError) as e:
         warnings.warn(f"could not build the native kernels ({e}): decoding, evaluation and training run at XLA's speed; "
                       f"set {ENV}=off to skip the attempt")
@@ -240,6 +248,25 @@ def head_grads(x, w, targets, lse, dl, n_vocab: int, tiles: bool):
     return jax.ffi.ffi_call(HEAD_GRADS_TARGET, (dx, dw), vmap_method="sequential")(
         x, w, targets.astype(jnp.int32), lse.astype(jnp.float32), dl.astype(jnp.float32), n_vocab=np.int64(n_vocab),
         tiles=bool(tiles))
+
+
+def layer_norm(x, scale, bias, eps: float):
+    """LayerNorm over the last axis of x [..., D] bfloat16 (D a multiple of 16) with scale and bias
+    [D] float32, in float32, rounded once -> (y like x, bfloat16; stats [..., 2] float32: each row's
+    mean and 1 / sqrt(variance + eps)). Needs available()."""
+    y = jax.ShapeDtypeStruct(x.shape, jnp.bfloat16)
+    stats = jax.ShapeDtypeStruct((*x.shape[:-1], 2), jnp.float32)
+    return jax.ffi.ffi_call(LAYER_NORM_TARGET, (y, stats), vmap_method="sequential")(
+        x, scale.astype(jnp.float32), bias.astype(jnp.float32), eps=np.float32(eps))
+
+
+def layer_norm_backward(x, scale, stats, dy):
+    """layer_norm's gradients: x and dy [..., D] bfloat16, scale [D], layer_norm's stats -> (dx like x,
+    dscale [D] and dbias [D] float32, summed over rows in a fixed order). Needs available()."""
+    dx = jax.ShapeDtypeStruct(x.shape, jnp.bfloat16)
+    d = jax.ShapeDtypeStruct(scale.shape, jnp.float32)
+    return jax.ffi.ffi_call(LAYER_NORM_BACKWARD_TARGET, (dx, d, d), vmap_method="sequential")(
+        x, scale.astype(jnp.float32), stats, dy.astype(jnp.bfloat16))
 
 
 def adam_update(g, m, v, p, scalars, *, b1: float, b2: float, eps: float, decay: float):

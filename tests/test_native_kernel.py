@@ -460,11 +460,57 @@ def test_head_grads_are_the_cross_entropys_gradient(N, D, n_vocab, V_pad, tiles)
     assert not np.asarray(dw[n_vocab:]).any()
 
 
+def exact_layer_norm(x, scale, bias, dy):
+    """LayerNorm in float64 and its vjp at dy: (y, dx, dscale, dbias), and the sizes their float32
+    errors scale with (for the sums over rows, the sums of their terms' magnitudes)."""
+    x, dy = np.asarray(x, np.float64), np.asarray(dy, np.float64)
+    scale, bias = np.asarray(scale, np.float64), np.asarray(bias, np.float64)
+    D = x.shape[-1]
+    xhat = (x - x.mean(-1, keepdims=True)) / np.sqrt(x.var(-1, keepdims=True) + M.LN_EPS)
+    g = dy * scale
+    dx = (g - g.mean(-1, keepdims=True) - xhat * (g * xhat).mean(-1, keepdims=True)) / np.sqrt(
+        x.var(-1, keepdims=True) + M.LN_EPS)
+    rows = tuple(range(x.ndim - 1))
+    assert dx.shape[-1] == D
+    y = xhat * scale + bias
+    return (y, dx, (dy * xhat).sum(rows), dy.sum(rows)), (np.abs(y), np.abs(dx), np.abs(dy * xhat).sum(rows),
+                                                         np.abs(dy).sum(rows))
+
+
+@needs_avx512
+@pytest.mark.parametrize("shape", [(1, 16), (37, 64), (96, 768), (2, 32, 48)])
+def test_layer_norm_and_its_gradient_are_float64s_to_bfloat16s_rounding(shape):
+    """y, dx (bfloat16) within bfloat16's rounding of float64's, and no worse than XLA's formula
+    (model.layer_norm); dscale and dbias, summed over rows in float32, to float32's. Rows with
+    their own offsets and spreads, so a missing mean, variance or eps is seen."""
+    assert native_kernel.available()
+    rng = np.random.default_rng(sum(shape))
+    D = shape[-1]
+    x = jnp.asarray(rng.normal(size=shape) * rng.uniform(0.1, 5, size=(*shape[:-1], 1)) + rng.normal(size=(*shape[:-1], 1)),
+                    jnp.bfloat16)
+    scale = jnp.asarray(rng.normal(size=D), jnp.float32)
+    bias = jnp.asarray(rng.normal(size=D), jnp.float32)
+    dy = jnp.asarray(rng.normal(size=shape), jnp.bfloat16)
+    y, pullback = jax.vjp(lambda *a: K.layer_norm(*a, M.LN_EPS), x, scale, bias)
+    ours = (y, *pullback(dy))
+    y, pullback = jax.vjp(lambda x, s, b: M.layer_norm(x, {"scale": s, "bias": b}, jnp.bfloat16), x, scale, bias)
+    xla = (y, *pullback(dy))
+    exact, sizes = exact_layer_norm(x, scale, bias, dy)
+    assert [a.dtype for a in ours] == [jnp.bfloat16, jnp.bfloat16, jnp.float32, jnp.float32]
+    for name, a, b, want, size, rounding in zip(("y", "dx", "dscale", "dbias"), ours, xla, exact, sizes,
+                                                (2.0 ** -8, 2.0 ** -8, 1e-5, 1e-5)):
+        a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+        assert a.shape == want.shape, name
+        bound = rounding * (size + 1e-3 * size.max())
+        assert (np.abs(a - want) <= bound).all(), (name, np.abs(a - want).max())
+        assert np.abs(a - want).max() <= 2 * np.abs(b - want).max() + 1e-6 * np.abs(want).max(), name
+
+
 @needs_bf16
 @pytest.mark.parametrize("head_rows", [K.HEAD_GRAD_ROWS, 32])
 def test_training_multiplies_by_tiles_where_the_cpu_has_them_and_agrees_with_xla(monkeypatch, head_rows):
     """A bfloat16 gradient over a whole number of 32-token blocks runs the layer products, the
-    attention, the head's losses and their gradients by our kernels on CPUs with AMX (by XLA elsewhere), and
+    attention, the LayerNorms, the head's losses and their gradients by our kernels on CPUs with AMX (by XLA elsewhere), and
     matches XLA's gradient to bfloat16's rounding of the activations."""
     monkeypatch.setattr(K, "HEAD_GRAD_ROWS", head_rows)  # 32: the head's gradient in two calls, summed
     cfg, params, _ = bf16_model()
@@ -475,13 +521,16 @@ def test_training_multiplies_by_tiles_where_the_cpu_has_them_and_agrees_with_xla
     assert (native_kernel.DENSE_TARGET in text) == HAS_AMX
     assert (native_kernel.HEAD_GRADS_TARGET in text) == HAS_AMX
     assert (native_kernel.CAUSAL_BACKWARD_TARGET in text) == HAS_AMX
+    assert (native_kernel.LAYER_NORM_BACKWARD_TARGET in text) == HAS_AMX
     ours = jax.grad(loss)(params)
+    monkeypatch.setattr(K, "native_layer_norm", lambda *a: False)
     monkeypatch.setattr(K, "native_dense", lambda *a: False)
     monkeypatch.setattr(K, "native_head_losses", lambda *a: False)
     monkeypatch.setattr(K, "native_attention_training", lambda: False)
     xla = jax.grad(loss)(params)
     xla_text = jax.jit(jax.grad(loss)).lower(params).as_text()
     assert native_kernel.DENSE_BACKWARD_TARGET not in xla_text and native_kernel.CAUSAL_BACKWARD_TARGET not in xla_text
+    assert native_kernel.LAYER_NORM_BACKWARD_TARGET not in xla_text
     for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(ours), jax.tree.leaves(xla)):
         a, b = np.asarray(a), np.asarray(b)
         scale = np.abs(b).max() + 1e-12
