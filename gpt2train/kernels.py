@@ -216,6 +216,36 @@ def _layer_norm_bwd(eps, residuals, dy):
 layer_norm.defvjp(_layer_norm_fwd, _layer_norm_bwd)
 
 
+def native_cross_entropy(x, impl: str) -> bool:
+    """Whether the head's cross-entropy over its float32 logits, for x [N, D] float32 (float32
+    compute), runs on native_kernel.cross_entropy and its gradient on cross_entropy_backward
+    (`kernels` cpu, CPUs with AVX-512, one device). XLA:CPU made five passes over the [N, V_pad]
+    logits where these make one each way (the small training shape, 768 tokens of a 50,257
+    vocabulary, Intel Xeon: ~75 ms of a ~235 ms step). The same exponential runs in the scoring
+    kernels on AMD EPYC (Zen 5) and Intel Xeon alike."""
+    return resolve(impl) == "cpu" and x.dtype == jnp.float32 and x.ndim == 2 and native_on_one_device()
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def cross_entropy(logits, targets, n_vocab: int):
+    """Token losses [N] of float32 logits [N, V_pad] (unmasked: only the first n_vocab columns
+    count) by our kernels, forward and backward (native_cross_entropy)."""
+    return native_kernel.cross_entropy(logits, targets, n_vocab)[0]
+
+
+def _cross_entropy_fwd(logits, targets, n_vocab):
+    losses, lse = native_kernel.cross_entropy(logits, targets, n_vocab)
+    return losses, (logits, targets, lse)
+
+
+def _cross_entropy_bwd(n_vocab, residuals, dl):
+    logits, targets, lse = residuals
+    return native_kernel.cross_entropy_backward(logits, targets, lse, dl, n_vocab), None
+
+
+cross_entropy.defvjp(_cross_entropy_fwd, _cross_entropy_bwd)
+
+
 def native_head_losses(x, w, n_vocab: int, impl: str) -> bool:
     """Whether the tied head's token losses of a bfloat16 x [N, K] under w [V_pad, K] go to
     native_kernel.head_losses (CPUs with AVX-512 BF16 or AMX, `kernels` cpu): XLA:CPU wrote the

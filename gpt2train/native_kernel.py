@@ -21,12 +21,15 @@ causal_attention  flash attention over blocks of 32 keys, the scores never in me
                   logsumexp and causal_attention_backward computes the gradient from it;
 head_losses       the tied head's token losses, the logits never in memory.
 
-Training (csrc/optimizer.cc, csrc/layout.cc and csrc/normalization.cc, CPUs with AVX-512):
+Training (csrc/optimizer.cc, csrc/layout.cc, csrc/normalization.cc and csrc/cross_entropy.cc, CPUs with
+AVX-512):
 adam_update       Adam's step for one float32 parameter (clip, moments, decay, learning rate)
                   in one pass over memory, in place; fused_adam.py uses it;
 transpose         a transposed copy of 16-bit matrices, for the bfloat16 weight gradients;
 layer_norm        LayerNorm of bfloat16 rows with each row's mean and 1 / std kept, and
-                  layer_norm_backward its gradient, where kernels.native_layer_norm says so.
+                  layer_norm_backward its gradient, where kernels.native_layer_norm says so;
+cross_entropy     float32 logits' token losses over the real vocabulary (one pass over each row), and
+                  cross_entropy_backward their gradient, where kernels.native_cross_entropy says so.
 
 The .cc files say why each is faster; kernels.native_rows, native_cached_attention, native_dense,
 native_causal_attention and native_head_losses decide when they are used; everything else runs
@@ -63,7 +66,7 @@ from .errors import UserError
 ENV = "GPT2TRAIN_NATIVE_KERNEL"
 CSRC = os.path.join(os.path.dirname(__file__), "csrc")
 SOURCES = [os.path.join(CSRC, name) for name in ("decode.cc", "scoring.cc", "products.cc", "optimizer.cc", "layout.cc",
-                                                  "normalization.cc")]  # compiled into one library
+                                                  "normalization.cc", "cross_entropy.cc")]  # compiled into one library
 HEADERS = [os.path.join(CSRC, "common.h")]
 TARGET = "gpt2train_rows_matmul"
 ATTENTION_TARGET = "gpt2train_cached_attention"
@@ -78,6 +81,8 @@ ADAM_TARGET = "gpt2train_adam_update"
 TRANSPOSE_TARGET = "gpt2train_transpose"
 LAYER_NORM_TARGET = "gpt2train_layer_norm"
 LAYER_NORM_BACKWARD_TARGET = "gpt2train_layer_norm_backward"
+CROSS_ENTROPY_TARGET = "gpt2train_cross_entropy"
+CROSS_ENTROPY_BACKWARD_TARGET = "gpt2train_cross_entropy_backward"
 FLAGS = ["-O3", "-march=native", "-std=c++17", "-fPIC", "-w"]  # each source to an object; "-shared" links them
 
 
@@ -155,6 +160,9 @@ def available() -> bool:
         jax.ffi.register_ffi_target(HEAD_GRADS_TARGET, jax.ffi.pycapsule(library.HeadGrads), platform="cpu")
         jax.ffi.register_ffi_target(ADAM_TARGET, jax.ffi.pycapsule(library.AdamUpdate), platform="cpu")
         jax.ffi.register_ffi_target(TRANSPOSE_TARGET, jax.ffi.pycapsule(library.Transpose), platform="cpu")
+        jax.ffi.register_ffi_target(CROSS_ENTROPY_TARGET, jax.ffi.pycapsule(library.CrossEntropy), platform="cpu")
+        jax.ffi.register_ffi_target(CROSS_ENTROPY_BACKWARD_TARGET, jax.ffi.pycapsule(library.CrossEntropyBackward),
+                                    platform="cpu")
         jax.ffi.register_ffi_target(LAYER_NORM_TARGET, jax.ffi.pycapsule(library.LayerNorm), platform="cpu")
         jax.ffi.register_ffi_target(LAYER_NORM_BACKWARD_TARGET, jax.ffi.pycapsule(library.LayerNormBackward),
                                     platform="cpu")
@@ -267,6 +275,22 @@ def layer_norm_backward(x, scale, stats, dy):
     d = jax.ShapeDtypeStruct(scale.shape, jnp.float32)
     return jax.ffi.ffi_call(LAYER_NORM_BACKWARD_TARGET, (dx, d, d), vmap_method="sequential")(
         x, scale.astype(jnp.float32), stats, dy.astype(jnp.bfloat16))
+
+
+def cross_entropy(logits, targets, n_vocab: int):
+    """Each row's cross-entropy over the first n_vocab of logits [N, V_pad] float32 against targets
+    [N] -> (losses [N], logsumexp [N]) float32; a NaN logit gives NaN. Needs available()."""
+    out = jax.ShapeDtypeStruct(logits.shape[:1], jnp.float32)
+    return jax.ffi.ffi_call(CROSS_ENTROPY_TARGET, (out, out), vmap_method="sequential")(
+        logits, targets.astype(jnp.int32), n_vocab=np.int64(n_vocab))
+
+
+def cross_entropy_backward(logits, targets, lse, dl, n_vocab: int):
+    """cross_entropy's gradient: (softmax over the first n_vocab columns - one-hot(target)) * dl, zero
+    past n_vocab, [N, V_pad] float32. Needs available()."""
+    out = jax.ShapeDtypeStruct(logits.shape, jnp.float32)
+    return jax.ffi.ffi_call(CROSS_ENTROPY_BACKWARD_TARGET, out, vmap_method="sequential")(
+        logits, targets.astype(jnp.int32), lse, dl.astype(jnp.float32), n_vocab=np.int64(n_vocab))
 
 
 def adam_update(g, m, v, p, scalars, *, b1: float, b2: float, eps: float, decay: float):

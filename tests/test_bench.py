@@ -52,6 +52,10 @@ def test_smoke_suite_writes_a_complete_report(tmp_path):
     bound = checks["evaluation 8 x 1024 vs reference, float32"]  # computed from the report, never "(see README)"
     needed = 1.5 * e["reference_tok_s"] * e["flops_per_token"] / 1e9
     assert f"needs {needed:,.0f} GFLOP/s" in bound and f"({e['peak_gflops_float32']:,.0f} GFLOP/s)" in bound
+    t = r["train_124M"]  # the float32 training bound: the MFU 1.2x the reference would take
+    needed = t["mfu_float32"] * 1.2 * t["reference_tok_s"] / t["ours_float32_tok_s"]
+    bound = checks["training 124M, float32 vs reference"]
+    assert f"needs {needed:.0%} of" in bound and f"({t['peak_gflops_float32']:,.0f} GFLOP/s" in bound
     # bfloat16 weights are half the bytes a step reads
     g = r["generate"]
     assert g["batch_1_bf16"]["weight_bytes_per_token"] < 0.52 * g["batch_1"]["weight_bytes_per_token"]

@@ -506,6 +506,55 @@ def test_layer_norm_and_its_gradient_are_float64s_to_bfloat16s_rounding(shape):
         assert np.abs(a - want).max() <= 2 * np.abs(b - want).max() + 1e-6 * np.abs(want).max(), name
 
 
+@needs_avx512
+@pytest.mark.parametrize("N,V_pad,n_vocab", [(1, 16, 16), (5, 100, 77), (33, 1024, 1000), (8, 50304, 50257)])
+def test_cross_entropy_and_its_gradient_are_float64s_over_the_real_vocabulary(N, V_pad, n_vocab):
+    """Losses, logsumexp and the logits' gradient against float64: only the first n_vocab columns
+    count (the padding's logits are large, so counting them is seen) and get a gradient; logits
+    spread widely; a target in the last real column."""
+    assert native_kernel.available()
+    rng = np.random.default_rng(N + V_pad)
+    logits = jnp.asarray(rng.normal(size=(N, V_pad)) * 6, jnp.float32).at[:, n_vocab:].set(30.0)
+    targets = jnp.asarray(rng.integers(0, n_vocab, N), jnp.int32).at[0].set(n_vocab - 1)
+    dl = jnp.asarray(rng.uniform(0.5, 2, N), jnp.float32)
+    l64 = np.asarray(logits, np.float64)[:, :n_vocab]
+    lse = np.log(np.exp(l64 - l64.max(-1, keepdims=True)).sum(-1)) + l64.max(-1)
+    want = lse - l64[np.arange(N), np.asarray(targets)]
+    grad = np.zeros((N, V_pad))
+    grad[:, :n_vocab] = np.exp(l64 - lse[:, None])
+    grad[np.arange(N), np.asarray(targets)] -= 1
+    grad *= np.asarray(dl, np.float64)[:, None]
+    losses, z = jax.jit(native_kernel.cross_entropy, static_argnums=2)(logits, targets, n_vocab)
+    np.testing.assert_allclose(np.asarray(z), lse, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(losses), want, rtol=1e-5, atol=1e-5)
+    losses, pullback = jax.vjp(lambda l: K.cross_entropy(l, targets, n_vocab), logits)
+    got = np.asarray(pullback(dl)[0])
+    np.testing.assert_allclose(got, grad, rtol=0, atol=1e-5 * np.abs(grad).max())  # lse to float32: 2^-24 of ~20
+    assert not got[:, n_vocab:].any()
+    nan = jax.jit(native_kernel.cross_entropy, static_argnums=2)(logits.at[0, 3].set(jnp.nan), targets, n_vocab)[0]
+    assert np.isnan(np.asarray(nan)[0]) and not np.isnan(np.asarray(nan)[1:]).any()
+
+
+@needs_avx512
+def test_float32_training_takes_the_cross_entropy_kernel_and_matches_xla(monkeypatch):
+    """A float32 gradient runs the head's cross-entropy by our kernels (one device) and equals
+    XLA's to float32's rounding, the padded vocabulary included."""
+    cfg = Config(n_ctx=64, n_embd=64, n_layer=2, n_head=2, n_vocab=300, precision="float32", kernels="cpu").validate()
+    assert cfg.padded_vocab > cfg.n_vocab
+    params = M.init_params(cfg, jax.random.key(0))
+    tokens = jax.random.randint(jax.random.key(1), (3, 41), 0, cfg.n_vocab)
+    loss = lambda p: M.token_losses(p, tokens, cfg).mean()  # noqa: E731
+    assert native_kernel.CROSS_ENTROPY_BACKWARD_TARGET in jax.jit(jax.grad(loss)).lower(params).as_text()
+    ours_loss, ours = jax.value_and_grad(loss)(params)
+    monkeypatch.setattr(K, "native_cross_entropy", lambda *a: False)
+    assert native_kernel.CROSS_ENTROPY_TARGET not in jax.jit(jax.grad(loss)).lower(params).as_text()
+    xla_loss, xla = jax.value_and_grad(loss)(params)
+    assert abs(float(ours_loss) - float(xla_loss)) < 1e-5
+    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(ours), jax.tree.leaves(xla)):
+        a, b = np.asarray(a), np.asarray(b)
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-5 * (np.abs(b).max() + 1e-12), err_msg=jax.tree_util.keystr(path))
+
+
 @needs_bf16
 @pytest.mark.parametrize("head_rows", [K.HEAD_GRAD_ROWS, 32])
 def test_training_multiplies_by_tiles_where_the_cpu_has_them_and_agrees_with_xla(monkeypatch, head_rows):
