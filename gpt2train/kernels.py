@@ -11,13 +11,16 @@ cpu       kernels written for XLA:CPU, each for the measured reason given where 
           on CPUs with AVX-512 BF16 or AMX, bfloat16 work without a gradient (evaluation, task
           scoring): layer products, causal attention and the head's losses, by our kernels too;
           on CPUs with AMX the layer products, the causal attention and the head's losses
-          under a gradient as well (native_dense_training, native_attention_training).
-          In training on one AVX-512 CPU device, the weight gradients' transposed bfloat16
-          operands are copied by our kernel (native_transpose), and Adam steps by fused_adam.
+          under a gradient as well (native_dense_training, native_attention_training), and
+          LayerNorm with its gradient (native_layer_norm). In training on one AVX-512 CPU
+          device, the weight gradients' transposed bfloat16 operands are copied by our kernel
+          (native_transpose), float32's cross-entropy over the head's logits runs on ours
+          (native_cross_entropy), and Adam steps by fused_adam.
 auto      `cpu` when JAX's default backend is the CPU, else `standard`.
 
 Both compute the same function; tests/test_kernels.py holds them to the same values and gradients.
-The public surface is `resolve`, `matmul` and `causal_attention`; each takes any of the three names.
+The public surface is `resolve`, `matmul` and `causal_attention` (each takes any of the three
+names), and the native_* predicates the model asks before taking a kernel of ours.
 """
 
 from __future__ import annotations
