@@ -279,8 +279,9 @@ def logits_from_hidden(params, x, cfg: Config):
     return head_logits(params, layer_norm(x, params["ln_f"], x.dtype), cfg)
 
 
-def head_logits(params, x, cfg: Config):
-    """The head's logits of x [..., D] already through ln_f."""
+def head_logits(params, x, cfg: Config, mask_padding: bool = True):
+    """The head's logits of x [..., D] already through ln_f; the padded vocabulary's masked unless
+    mask_padding is off (for a loss that counts the first n_vocab columns only)."""
     x2 = x.reshape(-1, x.shape[-1])  # 2-D for the same reason as in dense()
     if "wte_t" in params:  # decoding's [D, V] table (decode_params)
         logits = kernels.matmul(x2, params["wte_t"], impl=cfg.kernels)
@@ -289,7 +290,7 @@ def head_logits(params, x, cfg: Config):
     else:  # wte [V, D] as it lies: through wte.T, XLA:CPU ran all three head products in float32
         logits = kernels.matmul(x2, params["wte"], transposed=True, impl=cfg.kernels, decoding="layers" in params)
     logits = logits.reshape(*x.shape[:-1], logits.shape[-1])
-    if cfg.padded_vocab != cfg.n_vocab:
+    if mask_padding and cfg.padded_vocab != cfg.n_vocab:
         # Added, not selected: the gradient of an added constant is the identity, while a
         # select's backward is one more pass over the [tokens, V] logits (~0.1 s of a bf16 124M step).
         logits = logits + jnp.where(jnp.arange(cfg.padded_vocab) < cfg.n_vocab, 0.0, MASKED)
@@ -320,22 +321,22 @@ def token_losses(params: Params, batch: jax.Array, cfg: Config, *, key=None) -> 
 
 
 def _head_losses(x, wte, targets, cfg: Config):
-    """Token losses [N] of x [N, D] (through ln_f) under the tied head wte, by XLA.
+    """Token losses [N] of x [N, D] (through ln_f) under the tied head wte: the logits by XLA, the
+    losses by XLA too, or in float32 by our kernel (kernels.native_cross_entropy).
 
     The head runs over slices of LOSS_ROWS tokens, each reduced to its losses while its logits
     are fresh: the full [N, V] logits (1.6 GB at 8 x 1024) are never written out and read back
     (~5% of an 8 x 1024 evaluation on CPU), and the backward pass holds one slice's logits at a time."""
+    native = kernels.native_cross_entropy(x, cfg.kernels)  # float32: one pass over the logits each way
     losses = []
     for start in range(0, x.shape[0], LOSS_ROWS):
-        if kernels.native_cross_entropy(x, cfg.kernels):  # float32: the losses by one pass over the logits
-            rows = x[start:start + LOSS_ROWS]
-            logits = kernels.matmul(rows, wte, transposed=True, impl=cfg.kernels)
-            losses.append(kernels.cross_entropy(logits, targets[start:start + LOSS_ROWS], cfg.n_vocab))
-            continue
-        logits = head_logits({"wte": wte}, x[start:start + LOSS_ROWS], cfg)
-        logz = jax.nn.logsumexp(logits, axis=-1)
-        picked = jnp.take_along_axis(logits, targets[start:start + LOSS_ROWS, None], axis=-1)[:, 0]
-        losses.append(logz - picked)
+        rows, wanted = x[start:start + LOSS_ROWS], targets[start:start + LOSS_ROWS]
+        logits = head_logits({"wte": wte}, rows, cfg, mask_padding=not native)
+        if native:
+            losses.append(kernels.cross_entropy(logits, wanted, cfg.n_vocab))
+        else:
+            picked = jnp.take_along_axis(logits, wanted[:, None], axis=-1)[:, 0]
+            losses.append(jax.nn.logsumexp(logits, axis=-1) - picked)
     return jnp.concatenate(losses)
 
 

@@ -74,6 +74,11 @@ inline void pack_rows(const uint16_t* b, int64_t N, int64_t M, int64_t g0, int64
     }
 }
 
+// 16 bfloat16s at p widened to float32 (exact: a bfloat16 is a float32's upper half).
+inline __m512 load_bf16(const uint16_t* p) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16));
+}
+
 // exp(x) for x <= 0 in float32 to about 2 ulp (x = n ln2 + r, |r| <= ln2 / 2, Taylor to r^6,
 // times 2^n); 0 below -87, as float32's exp underflows there.
 inline __m512 exp_nonpositive(__m512 x) {

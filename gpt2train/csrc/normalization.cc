@@ -16,10 +16,6 @@ using namespace gpt2train;
 // added in the same order whatever the number of threads.
 constexpr int64_t kParts = 16;
 
-inline __m512 load_bf16(const uint16_t* p) {
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16));
-}
-
 // Rounded to the nearest bfloat16, ties to even (what XLA's convert does), NaN kept NaN.
 inline void store_bf16(uint16_t* p, __m512 v) {
   const __m512i bits = _mm512_castps_si512(v);

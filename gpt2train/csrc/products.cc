@@ -138,9 +138,7 @@ void pack_weights_transposed(const float* w, int64_t K, int64_t M, int64_t g0, i
 void column_sums(const uint16_t* b, int64_t N, int64_t M, int64_t g0, int64_t g1, float* sums) {
   for (int64_t g = g0; g < g1; ++g) {
     __m512 acc = _mm512_setzero_ps();
-    for (int64_t n = 0; n < N; ++n)
-      acc = _mm512_add_ps(acc, _mm512_castsi512_ps(_mm512_slli_epi32(
-                                   _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + n * M + g * 16))), 16)));
+    for (int64_t n = 0; n < N; ++n) acc = _mm512_add_ps(acc, load_bf16(b + n * M + g * 16));
     _mm512_storeu_ps(sums + g * 16, acc);
   }
 }

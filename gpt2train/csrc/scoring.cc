@@ -226,10 +226,7 @@ struct HeadGradOperands {
       std::copy(dout + t * out_row, dout + t * out_row + Dh, do_rows.begin() + t * Dh);
       __m512 sum = _mm512_setzero_ps();
       for (int64_t d = 0; d < Dh; d += 16) {
-        const auto widen = [](const uint16_t* p) {
-          return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16));
-        };
-        sum = _mm512_fmadd_ps(widen(dout + t * out_row + d), widen(out + t * out_row + d), sum);
+        sum = _mm512_fmadd_ps(load_bf16(dout + t * out_row + d), load_bf16(out + t * out_row + d), sum);
       }
       delta[t] = _mm512_reduce_add_ps(sum);
       lse[t] = head_lse[t];
