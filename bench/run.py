@@ -459,7 +459,7 @@ def bench_time_to_quality(seconds: float, smoke: bool) -> dict:
         held_out = held_out[:5000]
     trainer = Trainer(cfg, tok, progress=False, log=lambda *a, **k: None)
     result = trainer.run(until_seconds=seconds)
-    after = evaluate_stream(cfg, trainer.state["params"], tok, held_out)
+    after = evaluate_stream(cfg, trainer.params, tok, held_out)
     return {"seconds": seconds, "steps": result.step, "tokens_trained": result.step * cfg.train_batch_size * cfg.n_ctx,
             "heldout_bits_per_byte": after["bits_per_byte"], "heldout_perplexity": after["perplexity"],
             "recipe": {k: values[k] for k in ("n_layer", "n_embd", "n_vocab", "n_ctx", "train_batch_size", "lr")}}

@@ -112,12 +112,12 @@ def run_demo(workdir: str = "demo_run", *, steps: int | None = None, extra: dict
     log(f"training {cfg.n_layer} layers x {cfg.n_embd} wide, context {cfg.n_ctx}, for {cfg.max_steps} steps ...")
     trainer = Trainer(cfg, tok, log=log)
     trainer.run()
-    after = evaluate_stream(cfg, trainer.state["params"], tok, held_out)
+    after = evaluate_stream(cfg, trainer.params, tok, held_out)
     log(f"held-out after training:  perplexity {after['perplexity']:.2f}, "
         f"{after['bits_per_byte']:.3f} bits/byte (untrained: {before['perplexity']:.1f}, "
         f"{before['bits_per_byte']:.3f})")
 
-    gen = Generator(cfg, trainer.state["params"], tok)
+    gen = Generator(cfg, trainer.params, tok)
     length = cfg.n_ctx - len(tok.encode(PROMPT))  # as much as the context holds
     opts = SamplingOptions(length=length, temperature=0.8, top_k=40, seed=cfg.seed)
     text = gen.generate([PROMPT], opts)[0]

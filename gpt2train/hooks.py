@@ -96,7 +96,7 @@ class TaskScores(Hook):
         if self._runner is None:
             self._runner = TaskRunner(cfg, trainer.tokenizer, self.names, task_data=cfg.task_data or None,
                                       limit=cfg.eval_tasks_items, mesh=trainer.mesh, log=trainer.log)
-        results = self._runner.run(trainer.state["params"])
+        results = self._runner.run(trainer.params)
         figures = flat(results)
         trainer.metrics.write({"step": step, **figures})
         trainer.note(figures)
@@ -208,7 +208,7 @@ class BestCheckpoint(Hook):
             self._ckpt = Checkpointer(trainer.cfg, name=BEST)
         # A best of a later step than this one was written by a run this one restarted before: gone.
         self._ckpt.delete_from(step)
-        self._ckpt.save(step, {"params": trainer.state["params"]}, {}, kind="best", eval_loss=loss,
+        self._ckpt.save(step, {"params": trainer.params}, {}, kind="best", eval_loss=loss,
                         encoder=trainer.tokenizer.fingerprint)
         trainer.log(f"step {step}: lowest eval loss so far ({loss:.4f}); parameters kept in {self._ckpt.dir}")
 
@@ -227,9 +227,9 @@ class SampleText(Hook):
     def __call__(self, trainer, step, final):
         from .generate import Generator, format_sample
         if self._gen is None:
-            self._gen = Generator(trainer.cfg, trainer.state["params"], trainer.tokenizer)
+            self._gen = Generator(trainer.cfg, trainer.params, trainer.tokenizer)
         else:
-            self._gen.use_params(trainer.state["params"])
+            self._gen.use_params(trainer.params)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # a long prompt is cut to the context: said once by generate already
             texts = self._gen.generate(self.prompts, self.options.with_seed_offset(step))

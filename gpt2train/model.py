@@ -10,6 +10,9 @@ forward pass is one `lax.scan` (compile time independent of depth):
     h/mlp/c_fc                {kernel [L, D, 4D], bias [L, 4D]}
     h/mlp/c_proj              {kernel [L, 4D, D], bias [L, D]}
 
+A training state on CPU holds `h` as a list of per-layer pytrees instead (split_layers,
+train.layered); checkpoints always hold the stack.
+
 Kernels are [in, out], as in GPT-2's checkpoints. The output head is tied to `wte`; rows past
 `n_vocab` (padding for fast matmuls) are zero and their logits are masked to -inf-ish.
 Weights are stored in float32; `precision: bfloat16` casts them to bfloat16 for compute and
@@ -86,6 +89,21 @@ def abstract_params(cfg: Config) -> Params:
 
 def count_params(params: Params) -> int:
     return sum(x.size for x in jax.tree.leaves(params))
+
+
+def split_layers(params: Params) -> Params:
+    """The parameters with the stacked blocks `h` as a list of per-layer pytrees (a training state's
+    layout on CPU, train.layered): a fully unrolled forward pass then reads each layer's weights
+    where they lie, and the backward pass writes each layer's gradients as they are, where from
+    the stack XLA:CPU copied every weight out (82 ms of a 124M bfloat16 step on an Intel Xeon)
+    and every gradient back in (48 ms)."""
+    n_layer = jax.tree.leaves(params["h"])[0].shape[0]
+    return {**params, "h": [jax.tree.map(lambda a, i=i: a[i], params["h"]) for i in range(n_layer)]}
+
+
+def stack_layers(params: Params) -> Params:
+    """split_layers undone: the layers' pytrees stacked on a leading axis, as checkpoints hold them."""
+    return {**params, "h": jax.tree.map(lambda *layers: jnp.stack(layers), *params["h"])}
 
 
 # ----------------------------------------------------------------------------- layers
@@ -270,6 +288,10 @@ def hidden_states(params: Params, tokens: jax.Array, cfg: Config, *, key: jax.Ar
 
     if cfg.remat:
         body = jax.checkpoint(body, policy=getattr(jax.checkpoint_policies, cfg.remat_policy))
+    if isinstance(params["h"], list):  # one pytree per layer (split_layers): weights read as they lie
+        for i, p in enumerate(params["h"]):
+            x, _ = body(x, (p, i))
+        return x
     x, _ = jax.lax.scan(body, x, (params["h"], jnp.arange(cfg.n_layer)), unroll=layer_unroll(cfg))
     return x
 

@@ -24,7 +24,7 @@ import numpy as np
 import optax
 from tqdm.auto import tqdm
 
-from . import fused_adam, model
+from . import fused_adam, kernels, model
 from .checkpoint import Checkpointer, UnreadableCheckpoint, check_encoder
 from .config import Config
 from .distributed import any_host, preemption_service, reached_stop_point
@@ -65,18 +65,48 @@ class Interrupted(UserError):
     """A clean stop on SIGINT/SIGTERM after saving; exits non-zero so scripts notice."""
 
 
+def layered(cfg: Config) -> bool:
+    """Whether the train state holds each layer's parameters and Adam moments apart
+    (model.split_layers) rather than stacked as checkpoints do: on CPU, where the stack cost a copy
+    of every weight and gradient per step (~7% of a 124M bfloat16 step), when every layer is
+    unrolled (model.layer_unroll) and the optimizer treats each number alone (Adam, AdamW: the
+    same update either way; Adafactor's factored moments and block clipping are per array)."""
+    return (cfg.opt_name in ("adam", "adamw") and model.layer_unroll(cfg) == cfg.n_layer
+            and kernels.resolve(cfg.kernels) == "cpu")
+
+
+def _relaid(tree, relay):
+    """tree (a state, its parameters) with every parameter tree in it -- the parameters and Adam's
+    moments -- through relay."""
+    is_params = lambda x: isinstance(x, dict) and "h" in x and "wte" in x  # noqa: E731
+    return jax.tree.map(lambda x: relay(x) if is_params(x) else x, tree, is_leaf=is_params)
+
+
+def for_training(cfg: Config, tree):
+    """A state or parameters as checkpoints hold them, in the train step's layout (layered)."""
+    return _relaid(tree, model.split_layers) if layered(cfg) else tree
+
+
+def for_saving(cfg: Config, tree):
+    """A state or parameters in the train step's layout, as checkpoints hold them (layers stacked)."""
+    return _relaid(tree, model.stack_layers) if layered(cfg) else tree
+
+
 def initial_params(cfg: Config) -> model.Params:
     """The parameters a run with this config starts from (step 0)."""
     return model.init_params(cfg, jax.random.fold_in(jax.random.PRNGKey(cfg.seed), 0))
 
 
 def train_state(cfg: Config, tx: optax.GradientTransformation, params) -> dict:
-    """A run's state at step 0 from its parameters: a fresh optimizer and the run's RNG."""
+    """A run's state at step 0 from its parameters (stacked, as saved): a fresh optimizer and the
+    run's RNG, in the train step's layout (for_training)."""
+    params = for_training(cfg, params)
     return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params),
             "rng": jax.random.fold_in(jax.random.PRNGKey(cfg.seed), 1)}
 
 
 def init_state(cfg: Config, tx: optax.GradientTransformation) -> dict:
+    """The state at step 0 in the train step's layout; for_saving(cfg, it) is a checkpoint's."""
     return train_state(cfg, tx, initial_params(cfg))
 
 
@@ -212,14 +242,21 @@ class Trainer:
 
         rep, data = replicated(self.mesh), batch_sharding(self.mesh)
         self._batch_sharding = data
-        # Parameters and optimizer state sharded along fsdp (replicated when it is 1).
-        self.state_shardings = state_shardings(self.mesh, jax.eval_shape(lambda: init_state(cfg, self.tx)))
+        # Parameters and optimizer state sharded along fsdp (replicated when it is 1), in the train
+        # step's layout and in a checkpoint's (for_training, for_saving).
+        abstract = jax.eval_shape(lambda: init_state(cfg, self.tx))
+        self.state_shardings = state_shardings(self.mesh, abstract)
+        self.saved_shardings = state_shardings(self.mesh, jax.eval_shape(lambda s: for_saving(cfg, s), abstract))
+        self._for_saving = jax.jit(lambda state: for_saving(cfg, state), out_shardings=self.saved_shardings)
+        self._params_for_saving = jax.jit(lambda params: for_saving(cfg, params),
+                                          out_shardings=self.saved_shardings["params"])
+        self._for_training = jax.jit(lambda state: for_training(cfg, state), out_shardings=self.state_shardings)
         self.train_step = jax.jit(make_train_step(cfg, self.tx), in_shardings=(self.state_shardings, data),
                                   out_shardings=(self.state_shardings, rep), donate_argnums=0)
         self.eval_step = jax.jit(make_eval_step(cfg), in_shardings=(self.state_shardings["params"], data),
                                  out_shardings=rep)
         try:
-            self.state = self._initial_state(self.state_shardings)
+            self._state = self._initial_state()
         except BaseException:
             self.ckpt.close()  # release Orbax's background threads before the error propagates
             raise
@@ -230,36 +267,48 @@ class Trainer:
         self.hooks.insert(at, hook)
 
     # ------------------------------------------------------------------ state
-    def _initial_state(self, sharding):
+    @property
+    def state(self) -> dict:
+        """The run's state as a checkpoint holds it (layers stacked). The train step's own layout
+        may differ (layered): this is then a copy, made at each call."""
+        return self._for_saving(self._state) if layered(self.cfg) else self._state
+
+    @property
+    def params(self) -> model.Params:
+        """The parameters as a checkpoint holds them (a copy when the train step's layout differs)."""
+        return self._params_for_saving(self._state["params"]) if layered(self.cfg) else self._state["params"]
+
+    def _initial_state(self):
         if self.ckpt.latest_step() is not None:
-            return self._resume(sharding)
+            return self._resume()
         if self.cfg.init_from:
             from .pretrained import fit, load_pretrained
             pre = load_pretrained(self.cfg.init_from)
             self.log(f"initialised from the pretrained model {pre.source}")
             self.origin = f"It started from the pretrained model {pre.source}; "
-            return self._state_from_params(fit(pre, self.cfg), sharding)
-        return jax.jit(lambda: init_state(self.cfg, self.tx), out_shardings=sharding)()
+            return self._state_from_params(fit(pre, self.cfg))
+        return jax.jit(lambda: init_state(self.cfg, self.tx), out_shardings=self.state_shardings)()
 
-    def _load_step(self, step: int, sharding):
-        """(state, metadata) of a saved step, verified against its manifest; a converted
-        pretrained model (kind "pretrained") gives its weights with a fresh optimizer at step 0."""
+    def _load_step(self, step: int):
+        """(state in the train step's layout, metadata) of a saved step, verified against its manifest; a
+        converted pretrained model (kind "pretrained") gives its weights with a fresh optimizer at step 0."""
         meta = self.ckpt.read_meta(step)
         if meta.get("kind") == "pretrained":
-            params = self.ckpt.restore_params(step, sharding["params"])
-            return self._state_from_params(params, sharding), meta
-        abstract = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
-                                jax.eval_shape(lambda: init_state(self.cfg, self.tx)), sharding)
-        return self.ckpt.restore(abstract, step)
+            params = self.ckpt.restore_params(step, self.saved_shardings["params"])
+            return self._state_from_params(params), meta
+        abstract = jax.tree.map(lambda sh, a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
+                                self.saved_shardings, jax.eval_shape(lambda: for_saving(self.cfg, init_state(self.cfg, self.tx))))
+        state, meta = self.ckpt.restore(abstract, step)
+        return (self._for_training(state) if layered(self.cfg) else state), meta
 
-    def _newest_intact(self, sharding):
+    def _newest_intact(self):
         """(step, state, metadata) of the newest checkpoint that reads back as saved. A damaged
         newest one is refused, naming the intact step to fall back to; with resume_fallback the
         damaged steps are moved aside and training resumes from that step."""
         damaged, first_error = [], None
         for step in reversed(self.ckpt.all_steps()):
             try:
-                state, meta = self._load_step(step, sharding)
+                state, meta = self._load_step(step)
             except (DamagedCheckpoint, UnreadableCheckpoint) as e:
                 damaged.append(step)
                 first_error = first_error or e
@@ -277,8 +326,8 @@ class Trainer:
                         "(opt_name, grad_clip, weight_decay) changed since, restore them; otherwise start over with a "
                         "new model_path")
 
-    def _resume(self, sharding):
-        step, state, meta = self._newest_intact(sharding)
+    def _resume(self):
+        step, state, meta = self._newest_intact()
         check_encoder(meta.get("encoder"), self.tokenizer, step, self.ckpt.dir)
         verified = ("whose arrays matched their checksums" if self.ckpt.verified(step)
                     else "saved without checksums, so not verified")
@@ -307,13 +356,13 @@ class Trainer:
             self.log(f"dropped {dropped} metrics records of steps after {step} (they will be trained again)")
         return state
 
-    def _state_from_params(self, params, sharding):
-        return jax.jit(lambda p: train_state(self.cfg, self.tx, p), out_shardings=sharding)(
+    def _state_from_params(self, params):
+        return jax.jit(lambda p: train_state(self.cfg, self.tx, p), out_shardings=self.state_shardings)(
             jax.tree.map(jnp.asarray, params))
 
     @property
     def step(self) -> int:
-        return int(self.state["step"])
+        return int(self._state["step"])
 
     def _put(self, batch: np.ndarray):
         if jax.process_count() > 1:  # each host holds its own rows of the global batch
@@ -325,7 +374,7 @@ class Trainer:
         if self.eval_data is None:
             return None
         self.eval_data.reset()
-        losses = [self.eval_step(self.state["params"], self._put(self.eval_data.next_batch()))
+        losses = [self.eval_step(self._state["params"], self._put(self.eval_data.next_batch()))
                   for _ in range(self.cfg.eval_steps)]
         loss = float(np.mean(jax.device_get(losses)))
         return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0))}
@@ -335,7 +384,7 @@ class Trainer:
             return
         self._saved_step = self.step
         # The last update can overflow after a finite loss was reported: never save such a state.
-        if not bool(_all_finite(self.state["params"])):
+        if not bool(_all_finite(self._state["params"])):
             raise self._non_finite("the parameters became non-finite", self.step)
         self.ckpt.save(self.step, self.state, self.train_data.state(), encoder=self.tokenizer.fingerprint,
                        hooks=self.hook_state)
@@ -408,7 +457,7 @@ class Trainer:
         tokens_per_step = cfg.train_batch_size * cfg.n_ctx
         peak, peak_source = peak_flops_per_device(cfg)
         peak *= self.mesh.devices.size
-        self.log(f"training {model.count_params(self.state['params']):,} parameters from step {start} "
+        self.log(f"training {model.count_params(self._state['params']):,} parameters from step {start} "
                  f"to {cfg.max_steps}; {tokens_per_step} tokens/step; MFU against {peak / 1e9:.0f} "
                  f"GFLOP/s ({peak_source}), counting 6N + 12*L*T*D FLOPs per token")
         self._bar = tqdm(total=cfg.max_steps, initial=start, disable=not self.progress, unit="step",
@@ -426,7 +475,7 @@ class Trainer:
             with stop_on_signals(self.request_stop, hosts_agree=hosts_agree):
                 while step < end:
                     batch = self._put(self.train_data.next_batch())
-                    self.state, metrics = self.train_step(self.state, batch)
+                    self._state, metrics = self.train_step(self._state, batch)
                     step += 1
                     if pending is not None:
                         self._record(*pending)

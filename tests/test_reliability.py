@@ -98,10 +98,10 @@ def test_a_damaged_checkpoint_is_refused_and_the_fallback_resumes_bitwise(run4, 
 def _full_state(cfg, step):
     """The whole saved train state (parameters, optimizer state, step, RNG), verified."""
     from gpt2train.optimizers import make_optimizer
-    from gpt2train.train import init_state
+    from gpt2train.train import for_saving, init_state
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
-                            jax.eval_shape(lambda: init_state(cfg, make_optimizer(cfg))))
+                            jax.eval_shape(lambda: for_saving(cfg, init_state(cfg, make_optimizer(cfg)))))
     ckpt = Checkpointer(cfg, create=False)
     try:
         return jax.device_get(ckpt.restore(abstract, step)[0])
