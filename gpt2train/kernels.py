@@ -219,6 +219,29 @@ def _layer_norm_bwd(eps, residuals, dy):
 layer_norm.defvjp(_layer_norm_fwd, _layer_norm_bwd)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def add_layer_norm(x, a, scale, bias, eps: float):
+    """(s, LayerNorm(s)) for s = x + a, bfloat16: a block's residual branch added to the stream and
+    the next LayerNorm, one pass by our kernel each way (where native_layer_norm says so for x)."""
+    s, y, _ = native_kernel.add_layer_norm(x, a, scale, bias, eps)
+    return s, y
+
+
+def _add_layer_norm_fwd(x, a, scale, bias, eps):
+    s, y, stats = native_kernel.add_layer_norm(x, a, scale, bias, eps)
+    return (s, y), (s, scale, stats)
+
+
+def _add_layer_norm_bwd(eps, residuals, cotangents):
+    s, scale, stats = residuals
+    ds, dy = cotangents
+    dx, dscale, dbias = native_kernel.add_layer_norm_backward(s, scale, stats, dy, ds)
+    return dx, dx, dscale.astype(scale.dtype), dbias.astype(scale.dtype)
+
+
+add_layer_norm.defvjp(_add_layer_norm_fwd, _add_layer_norm_bwd)
+
+
 def native_cross_entropy(x, impl: str) -> bool:
     """Whether the head's cross-entropy over its float32 logits, for x [N, D] float32 (float32
     compute), runs on native_kernel.cross_entropy and its gradient on cross_entropy_backward

@@ -119,6 +119,15 @@ def layer_norm(x, p, dtype, impl: str = "standard"):
     return (y * p["scale"] + p["bias"]).astype(dtype)
 
 
+def add_layer_norm(x, a, p, dtype, impl: str = "standard"):
+    """(x + a, layer_norm(x + a)): a residual branch added to the stream, then the LayerNorm that
+    follows it, in one pass each way where our kernel takes x (kernels.add_layer_norm)."""
+    if dtype == jnp.bfloat16 and x.dtype == a.dtype == jnp.bfloat16 and kernels.native_layer_norm(x, impl):
+        return kernels.add_layer_norm(x, a, p["scale"], p["bias"], LN_EPS)
+    s = x + a
+    return s, layer_norm(s, p, dtype, impl)
+
+
 def dense(x, p, dtype, impl: str = "auto", gelu: bool = False):
     """x [..., in] @ kernel + bias, in dtype, through GELU if asked. impl: the `kernels` to multiply with."""
     # As a 2-D matmul over all tokens: XLA:CPU differentiates a batched [B, T, D] einsum into
@@ -238,13 +247,24 @@ def mlp(x, p, dtype, impl: str):
 
 def block(x, p, cfg: Config, dtype, key=None, cache=None, mask=None):
     """Pre-LayerNorm residual block. `key` enables dropout (training)."""
+    x, m, new_cache = _block(x, None, p, cfg, dtype, key, cache, mask)
+    return x + m, new_cache
+
+
+def _block(x, pending, p, cfg: Config, dtype, key=None, cache=None, mask=None):
+    """block with the stream x + pending (pending: the previous block's last residual branch, not
+    yet added; None for none). Returns (x, m, cache): the block's output is x + m, m left unadded
+    for the next block's first LayerNorm to add in its own pass (add_layer_norm)."""
     k_attn, k_res1, k_res2 = jax.random.split(key, 3) if key is not None else (None, None, None)
     norm = cfg.kernels if cache is None else "standard"  # decoding's few rows stay on XLA
-    a, new_cache = attention(layer_norm(x, p["ln_1"], dtype, norm), p["attn"], cfg, dtype, k_attn, cache, mask)
-    x = x + dropout(a, cfg.res_dropout, k_res1)
-    m = mlp(layer_norm(x, p["ln_2"], dtype, norm), p["mlp"], dtype, cfg.kernels)
-    x = x + dropout(m, cfg.res_dropout, k_res2)
-    return x, new_cache
+    if pending is None:
+        h = layer_norm(x, p["ln_1"], dtype, norm)
+    else:
+        x, h = add_layer_norm(x, pending, p["ln_1"], dtype, norm)
+    a, new_cache = attention(h, p["attn"], cfg, dtype, k_attn, cache, mask)
+    x, h = add_layer_norm(x, dropout(a, cfg.res_dropout, k_res1), p["ln_2"], dtype, norm)
+    m = mlp(h, p["mlp"], dtype, cfg.kernels)
+    return x, dropout(m, cfg.res_dropout, k_res2), new_cache
 
 
 # ----------------------------------------------------------------------------- model
@@ -280,20 +300,23 @@ def hidden_states(params: Params, tokens: jax.Array, cfg: Config, *, key: jax.Ar
         k_embed = None
     x = embed(params, tokens, jnp.arange(T)[None, :] if positions is None else positions, cfg, dtype, k_embed)
 
-    def body(x, layer):
+    def body(stream, layer):  # stream: (x, the last block's residual branch not yet added)
         p, i = layer
         layer_key = None if key is None else jax.random.fold_in(key, i)
-        x, _ = block(x, p, cfg, dtype, layer_key, mask=mask)
-        return x, None
+        x, m, _ = _block(*stream, p, cfg, dtype, layer_key, mask=mask)
+        return (x, m), None
 
     if cfg.remat:
         body = jax.checkpoint(body, policy=getattr(jax.checkpoint_policies, cfg.remat_policy))
     if isinstance(params["h"], list):  # one pytree per layer (split_layers): weights read as they lie
+        stream = (x, None)
         for i, p in enumerate(params["h"]):
-            x, _ = body(x, (p, i))
-        return x
-    x, _ = jax.lax.scan(body, x, (params["h"], jnp.arange(cfg.n_layer)), unroll=layer_unroll(cfg))
-    return x
+            stream, _ = body(stream, (p, i))
+    else:  # a scan's carry keeps one structure: the first layer adds zeros
+        stream, _ = jax.lax.scan(body, (x, jnp.zeros_like(x)), (params["h"], jnp.arange(cfg.n_layer)),
+                                 unroll=layer_unroll(cfg))
+    x, pending = stream
+    return x + pending
 
 
 def logits_from_hidden(params, x, cfg: Config):

@@ -81,6 +81,8 @@ ADAM_TARGET = "gpt2train_adam_update"
 TRANSPOSE_TARGET = "gpt2train_transpose"
 LAYER_NORM_TARGET = "gpt2train_layer_norm"
 LAYER_NORM_BACKWARD_TARGET = "gpt2train_layer_norm_backward"
+ADD_LAYER_NORM_TARGET = "gpt2train_add_layer_norm"
+ADD_LAYER_NORM_BACKWARD_TARGET = "gpt2train_add_layer_norm_backward"
 CROSS_ENTROPY_TARGET = "gpt2train_cross_entropy"
 CROSS_ENTROPY_BACKWARD_TARGET = "gpt2train_cross_entropy_backward"
 FLAGS = ["-O3", "-march=native", "-std=c++17", "-fPIC", "-w"]  # each source to an object; "-shared" links them
@@ -164,6 +166,9 @@ def available() -> bool:
         jax.ffi.register_ffi_target(CROSS_ENTROPY_BACKWARD_TARGET, jax.ffi.pycapsule(library.CrossEntropyBackward),
                                     platform="cpu")
         jax.ffi.register_ffi_target(LAYER_NORM_TARGET, jax.ffi.pycapsule(library.LayerNorm), platform="cpu")
+        jax.ffi.register_ffi_target(ADD_LAYER_NORM_TARGET, jax.ffi.pycapsule(library.AddLayerNorm), platform="cpu")
+        jax.ffi.register_ffi_target(ADD_LAYER_NORM_BACKWARD_TARGET, jax.ffi.pycapsule(library.AddLayerNormBackward),
+                                    platform="cpu")
         jax.ffi.register_ffi_target(LAYER_NORM_BACKWARD_TARGET, jax.ffi.pycapsule(library.LayerNormBackward),
                                     platform="cpu")
     except (OSError, RuntimeError, subprocess.SubprocessError, AttributeError, UserError) as e:
@@ -275,6 +280,24 @@ def layer_norm_backward(x, scale, stats, dy):
     d = jax.ShapeDtypeStruct(scale.shape, jnp.float32)
     return jax.ffi.ffi_call(LAYER_NORM_BACKWARD_TARGET, (dx, d, d), vmap_method="sequential")(
         x, scale.astype(jnp.float32), stats, dy.astype(jnp.bfloat16))
+
+
+def add_layer_norm(x, a, scale, bias, eps: float):
+    """layer_norm of s = x + a (both [..., D] bfloat16; the sum rounded to bfloat16 as XLA's add
+    rounds it) -> (s, y, stats). Needs available()."""
+    s = jax.ShapeDtypeStruct(x.shape, jnp.bfloat16)
+    stats = jax.ShapeDtypeStruct((*x.shape[:-1], 2), jnp.float32)
+    return jax.ffi.ffi_call(ADD_LAYER_NORM_TARGET, (s, s, stats), vmap_method="sequential")(
+        x, a, scale.astype(jnp.float32), bias.astype(jnp.float32), eps=np.float32(eps))
+
+
+def add_layer_norm_backward(s, scale, stats, dy, ds):
+    """add_layer_norm's gradients: s, dy and ds (s's own cotangent) [..., D] bfloat16 -> (dx = ds +
+    layer_norm's dx, rounded once, for x and a alike; dscale and dbias [D] float32). Needs available()."""
+    dx = jax.ShapeDtypeStruct(s.shape, jnp.bfloat16)
+    d = jax.ShapeDtypeStruct(scale.shape, jnp.float32)
+    return jax.ffi.ffi_call(ADD_LAYER_NORM_BACKWARD_TARGET, (dx, d, d), vmap_method="sequential")(
+        s, scale.astype(jnp.float32), stats, dy.astype(jnp.bfloat16), ds.astype(jnp.bfloat16))
 
 
 def cross_entropy(logits, targets, n_vocab: int):

@@ -507,6 +507,35 @@ def test_layer_norm_and_its_gradient_are_float64s_to_bfloat16s_rounding(shape):
 
 
 @needs_avx512
+@pytest.mark.parametrize("shape", [(1, 16), (96, 768), (2, 32, 48)])
+def test_add_layer_norm_is_the_rounded_sum_then_layer_norm_and_its_gradient_adds_the_sums(shape):
+    """s is x + a rounded as XLA's bfloat16 add rounds it, y is layer_norm(s) bit for bit; x and a
+    get one gradient, ds plus LayerNorm's dx to bfloat16's rounding of float64's; dscale and dbias
+    are layer_norm's exactly."""
+    assert native_kernel.available()
+    rng = np.random.default_rng(sum(shape) + 1)
+    D = shape[-1]
+    x = jnp.asarray(rng.normal(size=shape) * 3 + rng.normal(size=(*shape[:-1], 1)), jnp.bfloat16)
+    a = jnp.asarray(rng.normal(size=shape) * rng.uniform(0.1, 2, size=(*shape[:-1], 1)), jnp.bfloat16)
+    scale, bias = (jnp.asarray(rng.normal(size=D), jnp.float32) for _ in range(2))
+    ds, dy = (jnp.asarray(rng.normal(size=shape), jnp.bfloat16) for _ in range(2))
+    (s, y), pullback = jax.vjp(lambda *args: K.add_layer_norm(*args, M.LN_EPS), x, a, scale, bias)
+    dx, da, dscale, dbias = pullback((ds, dy))
+    np.testing.assert_array_equal(np.asarray(s), np.asarray(x + a))
+    ln_y, ln_pullback = jax.vjp(lambda *args: K.layer_norm(*args, M.LN_EPS), s, scale, bias)
+    np.testing.assert_array_equal(np.asarray(y), np.asarray(ln_y))
+    _, want_dscale, want_dbias = ln_pullback(dy)
+    np.testing.assert_array_equal(np.asarray(dscale), np.asarray(want_dscale))
+    np.testing.assert_array_equal(np.asarray(dbias), np.asarray(want_dbias))
+    np.testing.assert_array_equal(np.asarray(dx), np.asarray(da))
+    (_, exact_dx, _, _), (_, size, _, _) = exact_layer_norm(s, scale, bias, dy)
+    want = np.asarray(ds, np.float64) + exact_dx
+    got = np.asarray(dx, np.float64)
+    bound = 2.0 ** -8 * (np.abs(want) + size + 1e-3 * size.max())
+    assert (np.abs(got - want) <= bound).all(), np.abs(got - want).max()
+
+
+@needs_avx512
 @pytest.mark.parametrize("N,V_pad,n_vocab", [(1, 16, 16), (5, 100, 77), (33, 1024, 1000), (8, 50304, 50257)])
 def test_cross_entropy_and_its_gradient_are_float64s_over_the_real_vocabulary(N, V_pad, n_vocab):
     """Losses, logsumexp and the logits' gradient against float64: only the first n_vocab columns
@@ -571,6 +600,7 @@ def test_training_multiplies_by_tiles_where_the_cpu_has_them_and_agrees_with_xla
     assert (native_kernel.HEAD_GRADS_TARGET in text) == HAS_AMX
     assert (native_kernel.CAUSAL_BACKWARD_TARGET in text) == HAS_AMX
     assert (native_kernel.LAYER_NORM_BACKWARD_TARGET in text) == HAS_AMX
+    assert (native_kernel.ADD_LAYER_NORM_BACKWARD_TARGET in text) == HAS_AMX
     ours = jax.grad(loss)(params)
     monkeypatch.setattr(K, "native_layer_norm", lambda *a: False)
     monkeypatch.setattr(K, "native_dense", lambda *a: False)
@@ -580,6 +610,7 @@ def test_training_multiplies_by_tiles_where_the_cpu_has_them_and_agrees_with_xla
     xla_text = jax.jit(jax.grad(loss)).lower(params).as_text()
     assert native_kernel.DENSE_BACKWARD_TARGET not in xla_text and native_kernel.CAUSAL_BACKWARD_TARGET not in xla_text
     assert native_kernel.LAYER_NORM_BACKWARD_TARGET not in xla_text
+    assert native_kernel.ADD_LAYER_NORM_BACKWARD_TARGET not in xla_text
     for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(ours), jax.tree.leaves(xla)):
         a, b = np.asarray(a), np.asarray(b)
         scale = np.abs(b).max() + 1e-12
