@@ -582,9 +582,9 @@ TARGETS = [
     ("train_124M", "ratio_bf16", "training 124M, bfloat16 vs torch.autocast(bfloat16)", 1.5,
      "XLA:CPU's bfloat16 products on this CPU (see the MFU against the bfloat16 peak)"),
     ("train_124M", "mfu_bfloat16", "training 124M, bfloat16 MFU of the bfloat16 peak", 0.5,
-     "what bf16 does not speed up: AdamW's float32 update (memory-bound), each layer's weights copied out of "
-     "the stacked parameters and their gradients copied back, conversions and the gaps between operations; and "
-     "the products themselves below the 2048-cube peak at the step's shapes (README)"),
+     "what bf16 does not speed up: AdamW's float32 update (memory-bound), the gradient norm, GELU, conversions "
+     "and the gaps between operations; and the products themselves, by 32 x 32 tile blocks, at ~75% of the "
+     "2048-cube peak (README)"),
     ("generate", "batch_1.ratio", "generation batch 1 vs reference, float32", 2.0,
      lambda r: "memory bandwidth: " + _bandwidth_bound(r, "batch_1")),
     ("generate", "batch_1.fraction_of_copy_bandwidth", "generation batch 1, float32, fraction of copy bandwidth",
