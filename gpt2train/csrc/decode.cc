@@ -314,7 +314,7 @@ ffi::Error RowsMatmulImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer
   const bool amx = kHasAmx && B >= kAmxMinRows && B <= 16 && K % 32 == 0 && N >= 16 && amx_permitted();
   const int64_t G = B >= 2 && B <= 16 ? lanes_per_row(B) : 0;
   const bool lanes = !amx && G && K % (2 * G) == 0 && N >= 16;
-  auto xp = std::make_shared<std::vector<uint16_t>>(amx || lanes ? K * 16 : 0);  // x packed for AMX or lanes
+  auto xp = std::make_shared<aligned_vector<uint16_t>>(amx || lanes ? K * 16 : 0);  // x packed for AMX or lanes
   if (amx) pack_x(xs, B, K, xp->data());
   if (lanes) pack_lanes(xs, B, K, G, xp->data());
   // Chunks of whole blocks (16 kernel rows), or of even sizes that keep kernel rows paired.
@@ -422,7 +422,7 @@ ffi::Error CachedAttentionImpl(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyB
   // Queries read the first S slots (the mask's width) of caches L slots long.
   const int64_t BH = qd[0], T = qd[1], Dh = qd[2], S = md[2], L = kd[1], H = BH / md[0];
   parallel_chunks(pool, BH * T, 1, 4, [=](int64_t i0, int64_t i1) {
-    std::vector<float> scores(S);
+    aligned_vector<float> scores(S);
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t bh = i / T, t = i % T;
       attend_row(qs + i * Dh, ks + bh * L * Dh, vs + bh * L * Dh, ms + ((bh / H) * T + t) * S, os + i * Dh, S, Dh,

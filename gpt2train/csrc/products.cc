@@ -53,7 +53,7 @@ inline __m512 gelu(__m512 x) {
 // streams past: 855 GFLOP/s at 124M's c_attn against 616 by panels (XLA: 809).
 template <bool kByPanels, typename Fn>
 void for_each_block(const uint16_t* x, const uint16_t* packed, int64_t K, int64_t M, int64_t t0, int64_t t1, Fn fn) {
-  std::vector<uint16_t> tail;  // the last rows, padded to 32 with zeros: a block reads whole rows
+  aligned_vector<uint16_t> tail;  // the last rows, padded to 32 with zeros: a block reads whole rows
   auto rows_at = [&](int64_t t) {
     if (t1 - t >= 32) return x + t * K;
     tail.assign(32 * K, 0);
@@ -123,7 +123,7 @@ void dense_rows(Blocks& blocks, const uint16_t* x, const uint16_t* packed, const
 // w^T packed as the right operand of dy . w^T: w [K, M] float32, groups [g0, g1) of 16 of its rows
 // (dx's columns), each pair of w's columns (the sum's k-pairs) as pack_x lays out 16 rows.
 void pack_weights_transposed(const float* w, int64_t K, int64_t M, int64_t g0, int64_t g1, uint16_t* packed) {
-  std::vector<uint16_t> rows(16 * M);
+  aligned_vector<uint16_t> rows(16 * M);
   for (int64_t g = g0; g < g1; ++g) {
     for (int64_t r = 0; r < 16; ++r)
       for (int64_t m = 0; m < M; m += 32)
@@ -176,7 +176,7 @@ ffi::Error DenseImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w, f
   const auto* ws = reinterpret_cast<const float*>(w.untyped_data());
   const auto* bs = reinterpret_cast<const float*>(bias.untyped_data());
   auto* ys = reinterpret_cast<uint16_t*>(y->untyped_data());
-  auto packed = std::make_shared<std::vector<uint16_t>>(K * M);
+  auto packed = std::make_shared<aligned_vector<uint16_t>>(K * M);
   uint16_t* pw = packed->data();
   parallel_chunks(pool, M, 16, 64, [=](int64_t c0, int64_t c1) { pack_weights(ws, K, M, c0, c1, pw); });
   parallel_chunks(pool, N, 32, 32, [=](int64_t t0, int64_t t1) {
@@ -214,7 +214,7 @@ ffi::Error DenseBackwardImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuf
   auto* dws = reinterpret_cast<float*>(dw->untyped_data());
   auto* dbs = reinterpret_cast<float*>(db->untyped_data());
   // dx [N, K] = dy [N, M] . w^T, summing over M.
-  std::unique_ptr<uint16_t[]> packed(new uint16_t[std::max(K * M, N * M)]);  // not zeroed: all written
+  AlignedArray<uint16_t> packed = aligned_array<uint16_t>(std::max(K * M, N * M));  // not zeroed: all written
   uint16_t* p = packed.get();
   parallel_chunks(pool, K / 16, 1, 2, [=](int64_t g0, int64_t g1) { pack_weights_transposed(ws, K, M, g0, g1, p); });
   parallel_chunks(pool, N, 32, 32, [=](int64_t t0, int64_t t1) {
@@ -227,7 +227,7 @@ ffi::Error DenseBackwardImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuf
     });
   });
   // dw [K, M] = x^T [K, N] . dy [N, M], summing over N.
-  std::unique_ptr<uint16_t[]> xt(new uint16_t[K * N]);
+  AlignedArray<uint16_t> xt = aligned_array<uint16_t>(K * N);
   uint16_t* xts = xt.get();
   parallel_chunks(pool, K / kTransposeBlock, 1, 1, [=](int64_t b0, int64_t b1) {
     transpose_columns(xs, xts, N, K, b0 * kTransposeBlock, b1 * kTransposeBlock);
@@ -284,8 +284,9 @@ ffi::Error HeadGradsImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer 
   auto* dxs = reinterpret_cast<uint16_t*>(dx->untyped_data());
   auto* dws = reinterpret_cast<float*>(dw->untyped_data());
   // Not zeroed (std::vector would clear ~360 MB at 124M's vocabulary and 1,024 tokens): all written.
-  std::unique_ptr<uint16_t[]> w_by_rows(new uint16_t[V * K]), w_by_pairs(new uint16_t[V * K]), g(new uint16_t[N * V]),
-      g_pairs(new uint16_t[N * V]), xt(new uint16_t[K * N]);
+  AlignedArray<uint16_t> w_by_rows = aligned_array<uint16_t>(V * K), w_by_pairs = aligned_array<uint16_t>(V * K),
+                         g = aligned_array<uint16_t>(N * V), g_pairs = aligned_array<uint16_t>(N * V),
+                         xt = aligned_array<uint16_t>(K * N);
   uint16_t *wr = w_by_rows.get(), *wp = w_by_pairs.get(), *gs = g.get(), *gp = g_pairs.get(), *xts = xt.get();
   // w as the right operand of x . w^T (16 vocabulary rows a group) and of g . w (pairs of them).
   parallel_chunks(pool, V / 16, 1, 2, [=](int64_t g0, int64_t g1) {

@@ -51,11 +51,11 @@ template <typename Blocks>
 void pass_losses(Blocks& blocks, const uint16_t* x, const uint16_t* w, const int32_t* targets, float* losses, int64_t K, int64_t V,
                  int64_t t0, int64_t t1) {
   const int64_t groups = (t1 - t0 + 31) / 32 * 2, group_size = K * 16;  // packed elements per 16 tokens
-  std::vector<uint16_t> xp(groups * group_size);
+  aligned_vector<uint16_t> xp(groups * group_size);
   for (int64_t g = 0; g < groups; ++g)
     pack_x(x + (t0 + g * 16) * K, std::max<int64_t>(0, std::min<int64_t>(16, t1 - t0 - g * 16)), K,
            xp.data() + g * group_size);
-  std::vector<float> m(groups * 16, -1e30f), s(groups * 16, 0.f), picked(groups * 16, 0.f);
+  aligned_vector<float> m(groups * 16, -1e30f), s(groups * 16, 0.f), picked(groups * 16, 0.f);
   // Software-pipelined: a block's logits are folded while the tiles multiply the next block, so
   // the vector units' exponentials overlap AMX's products (two buffers of logits, c[0] and c[1]);
   // by vectors, the same order costs nothing.
@@ -95,7 +95,7 @@ void pass_losses(Blocks& blocks, const uint16_t* x, const uint16_t* w, const int
 // Transposed products put the keys on rows and the queries on lanes, so the softmax over keys
 // is vertical: maxima and sums across rows, no horizontal reductions.
 struct HeadOperands {
-  std::vector<uint16_t> keys, queries, values_t;
+  aligned_vector<uint16_t> keys, queries, values_t;
   HeadOperands(const uint16_t* qkv, int64_t T, int64_t H, int64_t Dh, int64_t Tp)
       : keys(Tp * Dh, 0), queries(Tp * Dh, 0), values_t(Dh * Tp, 0) {
     const int64_t row = 3 * H * Dh;  // elements between positions in qkv [T, 3, H, Dh]
@@ -211,14 +211,14 @@ void attend_block(Blocks& blocks, const HeadOperands& op, int64_t qb, int64_t T,
 // transposed [Dh, Tp] (left operand of dQ^T = K^T dS^T); each query's logsumexp and
 // delta = sum_d dO . O (the softmax's gradient needs both).
 struct HeadGradOperands {
-  std::vector<uint16_t> keys, values, queries, douts, query_pairs, dout_pairs, keys_t;
-  std::vector<float> lse, delta;
+  aligned_vector<uint16_t> keys, values, queries, douts, query_pairs, dout_pairs, keys_t;
+  aligned_vector<float> lse, delta;
   HeadGradOperands(const uint16_t* qkv, const uint16_t* out, const uint16_t* dout, const float* head_lse, int64_t T,
                    int64_t H, int64_t Dh, int64_t Tp)
       : keys(Tp * Dh, 0), values(Tp * Dh, 0), queries(Tp * Dh), douts(Tp * Dh), query_pairs(Tp * Dh), dout_pairs(Tp * Dh),
         keys_t(Dh * Tp), lse(Tp, 0.f), delta(Tp, 0.f) {
     const int64_t row = 3 * H * Dh, out_row = H * Dh;
-    std::vector<uint16_t> q_rows(Tp * Dh, 0), do_rows(Tp * Dh, 0);
+    aligned_vector<uint16_t> q_rows(Tp * Dh, 0), do_rows(Tp * Dh, 0);
     for (int64_t t = 0; t < T; ++t) {
       std::copy(qkv + t * row, qkv + t * row + Dh, q_rows.begin() + t * Dh);
       std::copy(qkv + t * row + H * Dh, qkv + t * row + H * Dh + Dh, keys.begin() + t * Dh);
@@ -256,7 +256,7 @@ void head_backward(Blocks& blocks, const HeadGradOperands& op, int64_t T, int64_
                    uint16_t* dk, uint16_t* dv, int64_t out_row) {
   const int64_t blocks_n = Tp / 32;
   const float scale = 1.f / std::sqrt(static_cast<float>(Dh));
-  std::vector<uint16_t> p_rows(32 * Tp), ds_rows(32 * Tp), ds_packed(Tp * Tp);
+  aligned_vector<uint16_t> p_rows(32 * Tp), ds_rows(32 * Tp), ds_packed(Tp * Tp);
   alignas(64) float s[32][32], dp[32][32], acc[32][32];
   alignas(64) uint16_t packed[2 * 16 * 32];
   for (int64_t j = 0; j < blocks_n; ++j) {
