@@ -434,7 +434,9 @@ def test_dense_backward_is_the_products_gradient(N, K_in, M_out, tiles):
 
 @needs_bf16
 @pytest.mark.parametrize("tiles", TILES)
-@pytest.mark.parametrize("N,D,n_vocab,V_pad", [(32, 64, 300, 320), (64, 96, 1000, 1024), (96, 768, 70, 96)])
+# 4,512 rows: dx sums the vocabulary in spans (products.cc kSumSpan), the last one short.
+@pytest.mark.parametrize("N,D,n_vocab,V_pad", [(32, 64, 300, 320), (64, 96, 1000, 1024), (96, 768, 70, 96),
+                                               (32, 64, 4500, 4512)])
 def test_head_grads_are_the_cross_entropys_gradient(N, D, n_vocab, V_pad, tiles):
     """dx = g . w and dw = g^T . x for g = (softmax over the real vocabulary - one-hot) * dl:
     padding rows get no gradient, a target in the last block of 32, logits spread widely."""

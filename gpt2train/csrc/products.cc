@@ -19,6 +19,7 @@ using namespace gpt2train;
 #if defined(__AVX512BF16__)
 constexpr int64_t kPanelBytes = 512 * 1024;  // AMX: packed weights per panel of columns, kept in L2
 constexpr int64_t kPassRows = 256;             // vdpbf16ps: rows of x per pass, kept in L2
+constexpr int64_t kSumSpan = 2048;             // head_grads' dx: vocabulary rows summed per pass
 
 // Two float32 rows (k, k + 1) of 16 columns as AMX's pairs: [c0k, c0k+1, c1k, c1k+1, ...] in bfloat16.
 inline __m512i interleave_pair(__m512 row0, __m512 row1) {
@@ -48,16 +49,21 @@ inline __m512 gelu(__m512 x) {
 
 // The blocks of rows [t0, t1) x all M columns, in the order each way of multiplying ran fastest:
 // fn(a, b, t, col, rows) for x's rows a (32, padded with zeros past t1) and packed columns b.
+// x's rows are lda elements apart and packed's groups of 16 columns ldb apart (0: K and K * 16,
+// whole arrays; more: a span of K within longer rows, as a product over part of its sum takes).
 // AMX (Intel Xeon): panels of columns (packed, at most kPanelBytes) kept in L2 while every row
 // passes. vdpbf16ps (AMD EPYC, Zen 5): passes of kPassRows rows kept in L2 while every column
 // streams past: 855 GFLOP/s at 124M's c_attn against 616 by panels (XLA: 809).
 template <bool kByPanels, typename Fn>
-void for_each_block(const uint16_t* x, const uint16_t* packed, int64_t K, int64_t M, int64_t t0, int64_t t1, Fn fn) {
+void for_each_block(const uint16_t* x, const uint16_t* packed, int64_t K, int64_t M, int64_t t0, int64_t t1, Fn fn,
+                    int64_t lda = 0, int64_t ldb = 0) {
+  if (lda == 0) lda = K;
+  if (ldb == 0) ldb = K * 16;
   aligned_vector<uint16_t> tail;  // the last rows, padded to 32 with zeros: a block reads whole rows
   auto rows_at = [&](int64_t t) {
-    if (t1 - t >= 32) return x + t * K;
-    tail.assign(32 * K, 0);
-    std::copy(x + t * K, x + t1 * K, tail.begin());
+    if (t1 - t >= 32) return x + t * lda;
+    tail.assign(32 * lda, 0);
+    for (int64_t r = t; r < t1; ++r) std::copy(x + r * lda, x + r * lda + K, tail.begin() + (r - t) * lda);
     return static_cast<const uint16_t*>(tail.data());
   };
   if (kByPanels) {
@@ -66,7 +72,7 @@ void for_each_block(const uint16_t* x, const uint16_t* packed, int64_t K, int64_
       for (int64_t t = t0; t < t1; t += 32) {
         const uint16_t* a = rows_at(t);
         for (int64_t col = p0; col < std::min(M, p0 + panel); col += 32)
-          fn(a, packed + (col / 16) * K * 16, t, col, std::min<int64_t>(32, t1 - t));
+          fn(a, packed + (col / 16) * ldb, t, col, std::min<int64_t>(32, t1 - t));
       }
   } else {
     for (int64_t r0 = t0; r0 < t1; r0 += kPassRows) {
@@ -74,7 +80,7 @@ void for_each_block(const uint16_t* x, const uint16_t* packed, int64_t K, int64_
       if ((r1 - r0) % 32) rows_at(r1 - (r1 - r0) % 32);  // the last pass's tail, copied once
       for (int64_t col = 0; col < M; col += 32)
         for (int64_t t = r0; t < r1; t += 32)
-          fn(t1 - t >= 32 ? x + t * K : static_cast<const uint16_t*>(tail.data()), packed + (col / 16) * K * 16, t,
+          fn(t1 - t >= 32 ? x + t * lda : static_cast<const uint16_t*>(tail.data()), packed + (col / 16) * ldb, t,
              col, std::min<int64_t>(32, t1 - t));
     }
   }
@@ -86,7 +92,9 @@ void for_each_block(const uint16_t* x, const uint16_t* packed, int64_t K, int64_
 // units' work overlaps AMX's products (two buffers, c[0] and c[1]).
 template <typename Blocks, typename Finish>
 void product_rows(Blocks& blocks, const uint16_t* a, const uint16_t* packed, int64_t K, int64_t M, int64_t t0, int64_t t1,
-                  Finish finish) {
+                  Finish finish, int64_t lda = 0, int64_t ldb = 0) {
+  if (lda == 0) lda = K;
+  if (ldb == 0) ldb = K * 16;
   alignas(64) float c[2][32][32];
   struct Block {
     int64_t t, col, rows;
@@ -94,12 +102,12 @@ void product_rows(Blocks& blocks, const uint16_t* a, const uint16_t* packed, int
   int buffer = 0;
   for_each_block<Blocks::kTiles>(a, packed, K, M, t0, t1,
                                  [&](const uint16_t* rows_a, const uint16_t* b, int64_t t, int64_t col, int64_t rows) {
-                                   blocks.start(rows_a, rows_a + 16 * K, K * 2, b, b + K * 16, K);
+                                   blocks.start(rows_a, rows_a + 16 * lda, lda * 2, b, b + ldb, K);
                                    if (pending.rows) finish(c[1 - buffer], pending.t, pending.col, pending.rows);
                                    blocks.finish(c[buffer]);
                                    pending = {t, col, rows};
                                    buffer = 1 - buffer;
-                                 });
+                                 }, lda, ldb);
   if (pending.rows) finish(c[1 - buffer], pending.t, pending.col, pending.rows);
 }
 
@@ -312,14 +320,32 @@ ffi::Error HeadGradsImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer 
       });
     });
   });
-  // dx = g . w, summing over the vocabulary.
+  // dx = g . w, summing over the vocabulary by spans of kSumSpan rows of w, the partial sums kept
+  // in float32: over the whole vocabulary at once, each block's 32 rows of g and 32 columns of w
+  // (3.2 MB each at GPT-2's) came from memory, not from L2 (124M, 1,024 tokens, Intel Xeon with
+  // AMX: 70-77 ms; by spans of 2,048, 42-44).
+  AlignedArray<float> partial = aligned_array<float>(N * K);
+  float* dxp = partial.get();
   parallel_chunks(pool, N, 32, 32, [=](int64_t t0, int64_t t1) {
     with_blocks(tiles, [&](auto& blocks) {
-      product_rows(blocks, gs, wp, V, K, t0, t1, [&](const float (*block)[32], int64_t t, int64_t col, int64_t rows) {
-        for (int64_t i = 0; i < rows; ++i)
-          _mm512_storeu_si512(dxs + (t + i) * K + col,
-                              (__m512i)_mm512_cvtne2ps_pbh(_mm512_load_ps(&block[i][16]), _mm512_load_ps(&block[i][0])));
-      });
+      for (int64_t v0 = 0; v0 < V; v0 += kSumSpan) {
+        const int64_t span = std::min(kSumSpan, V - v0);
+        const bool first = v0 == 0, last = v0 + span >= V;
+        product_rows(blocks, gs + v0, wp + v0 * 16, span, K, t0, t1,
+                     [&](const float (*block)[32], int64_t t, int64_t col, int64_t rows) {
+                       for (int64_t i = 0; i < rows; ++i) {
+                         float* sums = dxp + (t + i) * K + col;
+                         __m512 lo = _mm512_load_ps(&block[i][0]), hi = _mm512_load_ps(&block[i][16]);
+                         if (!first) lo = _mm512_add_ps(lo, _mm512_loadu_ps(sums)), hi = _mm512_add_ps(hi, _mm512_loadu_ps(sums + 16));
+                         if (last) {
+                           _mm512_storeu_si512(dxs + (t + i) * K + col, (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
+                         } else {
+                           _mm512_storeu_ps(sums, lo);
+                           _mm512_storeu_ps(sums + 16, hi);
+                         }
+                       }
+                     }, V, V * 16);
+      }
     });
   });
   // dw^T = x^T . g, summing over tokens, each block stored transposed into dw.
