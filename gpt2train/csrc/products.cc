@@ -128,6 +128,34 @@ void dense_rows(Blocks& blocks, const uint16_t* x, const uint16_t* packed, const
   });
 }
 
+// Rows [t0, t1) of a [N, K] . b (packed by pairs of K's rows, pack_rows' layout) rounded to bfloat16
+// into out [N, M], the sum over K taken in spans of kSumSpan with the partial sums in float32 at
+// partial [N, M] (unused when K fits one span): over a long sum at once, each 32 x 32 block's rows
+// of a and packed columns of b came from memory rather than L2 (head_grads' dx at 124M, 1,024 tokens,
+// Intel Xeon with AMX: 70-77 ms; by spans of 2,048, 42-44).
+template <typename Blocks>
+void product_rows_by_spans(Blocks& blocks, const uint16_t* a, const uint16_t* packed, int64_t K, int64_t M, int64_t t0,
+                           int64_t t1, float* partial, uint16_t* out) {
+  for (int64_t k0 = 0; k0 < K; k0 += kSumSpan) {
+    const int64_t span = std::min(kSumSpan, K - k0);
+    const bool first = k0 == 0, last = k0 + span >= K;
+    product_rows(blocks, a + k0, packed + k0 * 16, span, M, t0, t1,
+                 [&](const float (*block)[32], int64_t t, int64_t col, int64_t rows) {
+                   for (int64_t i = 0; i < rows; ++i) {
+                     float* sums = partial + (t + i) * M + col;
+                     __m512 lo = _mm512_load_ps(&block[i][0]), hi = _mm512_load_ps(&block[i][16]);
+                     if (!first) lo = _mm512_add_ps(lo, _mm512_loadu_ps(sums)), hi = _mm512_add_ps(hi, _mm512_loadu_ps(sums + 16));
+                     if (last) {
+                       _mm512_storeu_si512(out + (t + i) * M + col, (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
+                     } else {
+                       _mm512_storeu_ps(sums, lo);
+                       _mm512_storeu_ps(sums + 16, hi);
+                     }
+                   }
+                 }, K, K * 16);
+  }
+}
+
 // w^T packed as the right operand of dy . w^T: w [K, M] float32, groups [g0, g1) of 16 of its rows
 // (dx's columns), each pair of w's columns (the sum's k-pairs) as pack_x lays out 16 rows.
 void pack_weights_transposed(const float* w, int64_t K, int64_t M, int64_t g0, int64_t g1, uint16_t* packed) {
@@ -221,7 +249,7 @@ ffi::Error DenseBackwardImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuf
   auto* dxs = reinterpret_cast<uint16_t*>(dx->untyped_data());
   auto* dws = reinterpret_cast<float*>(dw->untyped_data());
   auto* dbs = reinterpret_cast<float*>(db->untyped_data());
-  // dx [N, K] = dy [N, M] . w^T, summing over M.
+  // dx [N, K] = dy [N, M] . w^T, summing over M (in one span: by spans, c_fc's 3,072 ran no faster).
   AlignedArray<uint16_t> packed = aligned_array<uint16_t>(std::max(K * M, N * M));  // not zeroed: all written
   uint16_t* p = packed.get();
   parallel_chunks(pool, K / 16, 1, 2, [=](int64_t g0, int64_t g1) { pack_weights_transposed(ws, K, M, g0, g1, p); });
@@ -320,33 +348,11 @@ ffi::Error HeadGradsImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer 
       });
     });
   });
-  // dx = g . w, summing over the vocabulary by spans of kSumSpan rows of w, the partial sums kept
-  // in float32: over the whole vocabulary at once, each block's 32 rows of g and 32 columns of w
-  // (3.2 MB each at GPT-2's) came from memory, not from L2 (124M, 1,024 tokens, Intel Xeon with
-  // AMX: 70-77 ms; by spans of 2,048, 42-44).
+  // dx = g . w, summing over the vocabulary by spans.
   AlignedArray<float> partial = aligned_array<float>(N * K);
   float* dxp = partial.get();
   parallel_chunks(pool, N, 32, 32, [=](int64_t t0, int64_t t1) {
-    with_blocks(tiles, [&](auto& blocks) {
-      for (int64_t v0 = 0; v0 < V; v0 += kSumSpan) {
-        const int64_t span = std::min(kSumSpan, V - v0);
-        const bool first = v0 == 0, last = v0 + span >= V;
-        product_rows(blocks, gs + v0, wp + v0 * 16, span, K, t0, t1,
-                     [&](const float (*block)[32], int64_t t, int64_t col, int64_t rows) {
-                       for (int64_t i = 0; i < rows; ++i) {
-                         float* sums = dxp + (t + i) * K + col;
-                         __m512 lo = _mm512_load_ps(&block[i][0]), hi = _mm512_load_ps(&block[i][16]);
-                         if (!first) lo = _mm512_add_ps(lo, _mm512_loadu_ps(sums)), hi = _mm512_add_ps(hi, _mm512_loadu_ps(sums + 16));
-                         if (last) {
-                           _mm512_storeu_si512(dxs + (t + i) * K + col, (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
-                         } else {
-                           _mm512_storeu_ps(sums, lo);
-                           _mm512_storeu_ps(sums + 16, hi);
-                         }
-                       }
-                     }, V, V * 16);
-      }
-    });
+    with_blocks(tiles, [&](auto& blocks) { product_rows_by_spans(blocks, gs, wp, V, K, t0, t1, dxp, dxs); });
   });
   // dw^T = x^T . g, summing over tokens, each block stored transposed into dw.
   parallel_chunks(pool, K / kTransposeBlock, 1, 1, [=](int64_t b0, int64_t b1) {
