@@ -300,11 +300,16 @@ def hidden_states(params: Params, tokens: jax.Array, cfg: Config, *, key: jax.Ar
         k_embed = None
     x = embed(params, tokens, jnp.arange(T)[None, :] if positions is None else positions, cfg, dtype, k_embed)
 
-    def body(stream, layer):  # stream: (x, the last block's residual branch not yet added)
+    # Where our LayerNorm kernel adds the residual branch (add_layer_norm), each block leaves its
+    # last branch for the next to add; elsewhere blocks add it themselves, so that remat keeps one
+    # array per layer, not two.
+    defer = dtype == jnp.bfloat16 and kernels.native_layer_norm(x, cfg.kernels)
+
+    def body(stream, layer):  # stream: (x, the last block's residual branch not yet added, or None)
         p, i = layer
         layer_key = None if key is None else jax.random.fold_in(key, i)
         x, m, _ = _block(*stream, p, cfg, dtype, layer_key, mask=mask)
-        return (x, m), None
+        return ((x, m) if defer else (x + m, None)), None
 
     if cfg.remat:
         body = jax.checkpoint(body, policy=getattr(jax.checkpoint_policies, cfg.remat_policy))
@@ -312,11 +317,11 @@ def hidden_states(params: Params, tokens: jax.Array, cfg: Config, *, key: jax.Ar
         stream = (x, None)
         for i, p in enumerate(params["h"]):
             stream, _ = body(stream, (p, i))
-    else:  # a scan's carry keeps one structure: the first layer adds zeros
-        stream, _ = jax.lax.scan(body, (x, jnp.zeros_like(x)), (params["h"], jnp.arange(cfg.n_layer)),
-                                 unroll=layer_unroll(cfg))
+    else:  # a scan's carry keeps one structure: deferring, the first layer adds zeros
+        stream, _ = jax.lax.scan(body, (x, jnp.zeros_like(x) if defer else None),
+                                 (params["h"], jnp.arange(cfg.n_layer)), unroll=layer_unroll(cfg))
     x, pending = stream
-    return x + pending
+    return x if pending is None else x + pending
 
 
 def logits_from_hidden(params, x, cfg: Config):

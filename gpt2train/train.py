@@ -296,8 +296,9 @@ class Trainer:
         if meta.get("kind") == "pretrained":
             params = self.ckpt.restore_params(step, self.saved_shardings["params"])
             return self._state_from_params(params), meta
+        shapes = jax.eval_shape(lambda: for_saving(self.cfg, init_state(self.cfg, self.tx)))
         abstract = jax.tree.map(lambda sh, a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
-                                self.saved_shardings, jax.eval_shape(lambda: for_saving(self.cfg, init_state(self.cfg, self.tx))))
+                                self.saved_shardings, shapes)
         state, meta = self.ckpt.restore(abstract, step)
         return (self._for_training(state) if layered(self.cfg) else state), meta
 
