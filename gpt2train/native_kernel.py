@@ -71,6 +71,7 @@ HEADERS = [os.path.join(CSRC, "common.h")]
 TARGET = "gpt2train_rows_matmul"
 ATTENTION_TARGET = "gpt2train_cached_attention"
 HEAD_LOSSES_TARGET = "gpt2train_head_losses"
+HEAD_LOSSES_KEPT_TARGET = "gpt2train_head_losses_kept"
 CAUSAL_TARGET = "gpt2train_causal_attention"
 CAUSAL_LSE_TARGET = "gpt2train_causal_attention_lse"
 CAUSAL_BACKWARD_TARGET = "gpt2train_causal_attention_backward"
@@ -153,6 +154,7 @@ def available() -> bool:
         jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(library.RowsMatmul), platform="cpu")
         jax.ffi.register_ffi_target(ATTENTION_TARGET, jax.ffi.pycapsule(library.CachedAttention), platform="cpu")
         jax.ffi.register_ffi_target(HEAD_LOSSES_TARGET, jax.ffi.pycapsule(library.HeadLosses), platform="cpu")
+        jax.ffi.register_ffi_target(HEAD_LOSSES_KEPT_TARGET, jax.ffi.pycapsule(library.HeadLossesKept), platform="cpu")
         jax.ffi.register_ffi_target(CAUSAL_TARGET, jax.ffi.pycapsule(library.CausalAttention), platform="cpu")
         jax.ffi.register_ffi_target(CAUSAL_LSE_TARGET, jax.ffi.pycapsule(library.CausalAttentionLse), platform="cpu")
         jax.ffi.register_ffi_target(CAUSAL_BACKWARD_TARGET, jax.ffi.pycapsule(library.CausalAttentionBackward),
@@ -200,6 +202,17 @@ def head_losses(x, w, targets, n_vocab: int, tiles: bool):
     tiles: by AMX (needs AMX; where the process may not use it, vdpbf16ps runs instead)."""
     out = jax.ShapeDtypeStruct((x.shape[0],), jnp.float32)
     return jax.ffi.ffi_call(HEAD_LOSSES_TARGET, out, vmap_method="sequential")(
+        x, w, targets.astype(jnp.int32), n_vocab=np.int64(n_vocab), tiles=bool(tiles))
+
+
+def head_losses_kept(x, w, targets, n_vocab: int, tiles: bool):
+    """head_losses for training's forward: (losses [N], logsumexp [N], logits) float32, the logits
+    kept for head_grads in blocks, [N / 32, ceil(n_vocab / 32), 32 tokens, 32 vocabulary rows]
+    flattened to [N / 32, ...]. N a multiple of 32; otherwise as head_losses."""
+    blocks = -(-n_vocab // 32)
+    shapes = (jax.ShapeDtypeStruct((x.shape[0],), jnp.float32), jax.ShapeDtypeStruct((x.shape[0],), jnp.float32),
+              jax.ShapeDtypeStruct((x.shape[0] // 32, blocks * 1024), jnp.float32))
+    return jax.ffi.ffi_call(HEAD_LOSSES_KEPT_TARGET, shapes, vmap_method="sequential")(
         x, w, targets.astype(jnp.int32), n_vocab=np.int64(n_vocab), tiles=bool(tiles))
 
 
@@ -251,16 +264,18 @@ def dense_backward(x, w, dy, tiles: bool):
     return jax.ffi.ffi_call(DENSE_BACKWARD_TARGET, (dx, dw, db), vmap_method="sequential")(x, w, dy, tiles=bool(tiles))
 
 
-def head_grads(x, w, targets, lse, dl, n_vocab: int, tiles: bool):
+def head_grads(x, w, targets, lse, dl, n_vocab: int, tiles: bool, logits=None):
     """The gradients of head_losses: x [N, K] bfloat16, w [V_pad, K] bfloat16, targets [N], each
     token's logsumexp lse [N] and its loss's cotangent dl [N] (float32) -> (dx [N, K] bfloat16,
-    dw [V_pad, K] float32). N, K and V_pad multiples of 32. Needs available() and AVX-512 BF16;
-    tiles as for head_losses."""
+    dw [V_pad, K] float32). N, K and V_pad multiples of 32. logits: head_losses_kept's for these
+    tokens, or None to compute them again. Needs available() and AVX-512 BF16; tiles as for
+    head_losses."""
     dx = jax.ShapeDtypeStruct(x.shape, jnp.bfloat16)
     dw = jax.ShapeDtypeStruct(w.shape, jnp.float32)
+    logits = jnp.zeros((0,), jnp.float32) if logits is None else logits
     return jax.ffi.ffi_call(HEAD_GRADS_TARGET, (dx, dw), vmap_method="sequential")(
-        x, w, targets.astype(jnp.int32), lse.astype(jnp.float32), dl.astype(jnp.float32), n_vocab=np.int64(n_vocab),
-        tiles=bool(tiles))
+        x, w, targets.astype(jnp.int32), lse.astype(jnp.float32), dl.astype(jnp.float32), logits,
+        n_vocab=np.int64(n_vocab), tiles=bool(tiles))
 
 
 def layer_norm(x, scale, bias, eps: float):

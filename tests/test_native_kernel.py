@@ -434,12 +434,40 @@ def test_dense_backward_is_the_products_gradient(N, K_in, M_out, tiles):
 
 @needs_bf16
 @pytest.mark.parametrize("tiles", TILES)
+@pytest.mark.parametrize("N,D,n_vocab,V_pad", [(64, 64, 300, 320), (32, 96, 1000, 1056)])
+def test_head_losses_kept_are_head_losses_with_their_logsumexp_and_logits(N, D, n_vocab, V_pad, tiles):
+    """Training's forward: the same losses as head_losses, each token's logsumexp, and every block
+    of logits x . w^T in the layout head_grads reads (token blocks, vocabulary blocks, 32 tokens by
+    32 vocabulary rows), the last block's rows past n_vocab included."""
+    assert native_kernel.available()
+    keys = jax.random.split(jax.random.key(N + n_vocab), 3)
+    x = jax.random.normal(keys[0], (N, D)).astype(jnp.bfloat16)
+    w = (jax.random.normal(keys[1], (V_pad, D)) / np.sqrt(D) * 3).astype(jnp.bfloat16)
+    targets = jax.random.randint(keys[2], (N,), 0, n_vocab)
+    losses, lse, logits = jax.jit(native_kernel.head_losses_kept, static_argnums=(3, 4))(x, w, targets, n_vocab, tiles)
+    alone = jax.jit(native_kernel.head_losses, static_argnums=(3, 4))(x, w, targets, n_vocab, tiles)
+    np.testing.assert_array_equal(np.asarray(losses), np.asarray(alone))
+    blocks = -(-n_vocab // 32)
+    want = np.asarray(x, np.float64) @ np.asarray(w, np.float64)[:blocks * 32].T
+    assert logits.shape == (N // 32, blocks * 1024) and logits.dtype == jnp.float32
+    got = np.asarray(logits).reshape(N // 32, blocks, 32, 32).transpose(0, 2, 1, 3).reshape(N, blocks * 32)
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * np.abs(want).max())
+    real = want[:, :n_vocab]
+    exact = np.log(np.exp(real - real.max(-1, keepdims=True)).sum(-1)) + real.max(-1)
+    np.testing.assert_allclose(np.asarray(lse), exact, rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(losses), exact - real[np.arange(N), np.asarray(targets)], rtol=1e-4, atol=1e-5)
+
+
+@needs_bf16
+@pytest.mark.parametrize("tiles", TILES)
 # 4,512 rows: dx sums the vocabulary in spans (products.cc kSumSpan), the last one short.
 @pytest.mark.parametrize("N,D,n_vocab,V_pad", [(32, 64, 300, 320), (64, 96, 1000, 1024), (96, 768, 70, 96),
                                                (32, 64, 4500, 4512)])
-def test_head_grads_are_the_cross_entropys_gradient(N, D, n_vocab, V_pad, tiles):
+@pytest.mark.parametrize("kept", [False, True])
+def test_head_grads_are_the_cross_entropys_gradient(N, D, n_vocab, V_pad, tiles, kept):
     """dx = g . w and dw = g^T . x for g = (softmax over the real vocabulary - one-hot) * dl:
-    padding rows get no gradient, a target in the last block of 32, logits spread widely."""
+    padding rows get no gradient, a target in the last block of 32, logits spread widely; from
+    logits computed again, or kept by the forward (head_losses_kept) with its logsumexp."""
     assert native_kernel.available()
     keys = jax.random.split(jax.random.key(N + D + n_vocab), 4)
     x = (jax.random.normal(keys[0], (N, D)) * 2).astype(jnp.bfloat16)
@@ -452,8 +480,12 @@ def test_head_grads_are_the_cross_entropys_gradient(N, D, n_vocab, V_pad, tiles)
     g = np.exp(logits - lse[:, None])
     g[np.arange(N), np.asarray(targets)] -= 1
     g *= np.asarray(dl, np.float64)[:, None]
-    dx, dw = jax.jit(native_kernel.head_grads, static_argnums=(5, 6))(x, w, targets, jnp.asarray(lse, jnp.float32), dl,
-                                                                       n_vocab, tiles)
+    lse_in, logits_in = jnp.asarray(lse, jnp.float32), None
+    if kept:
+        _, lse_in, logits_in = jax.jit(native_kernel.head_losses_kept, static_argnums=(3, 4))(x, w, targets, n_vocab, tiles)
+        np.testing.assert_allclose(np.asarray(lse_in), lse, rtol=1e-5)
+    dx, dw = jax.jit(native_kernel.head_grads, static_argnums=(5, 6))(x, w, targets, lse_in, dl, n_vocab, tiles,
+                                                                       logits_in)
     assert dx.shape == (N, D) and dx.dtype == jnp.bfloat16 and dw.shape == (V_pad, D) and dw.dtype == jnp.float32
     want_dx, want_dw = g @ w64[:n_vocab], g.T @ x64
     # g is rounded to bfloat16 once before both products (2^-9 relative each)
@@ -587,12 +619,15 @@ def test_float32_training_takes_the_cross_entropy_kernel_and_matches_xla(monkeyp
 
 
 @needs_bf16
-@pytest.mark.parametrize("head_rows", [K.HEAD_GRAD_ROWS, 32])
-def test_training_multiplies_by_tiles_where_the_cpu_has_them_and_agrees_with_xla(monkeypatch, head_rows):
+@pytest.mark.parametrize("head_rows,kept_bytes", [(K.HEAD_GRAD_ROWS, K.KEPT_LOGITS_BYTES), (32, K.KEPT_LOGITS_BYTES),
+                                                  (32, 0)])
+def test_training_multiplies_by_tiles_where_the_cpu_has_them_and_agrees_with_xla(monkeypatch, head_rows, kept_bytes):
     """A bfloat16 gradient over a whole number of 32-token blocks runs the layer products, the
     attention, the LayerNorms, the head's losses and their gradients by our kernels on CPUs with AMX (by XLA elsewhere), and
-    matches XLA's gradient to bfloat16's rounding of the activations."""
+    matches XLA's gradient to bfloat16's rounding of the activations; with the forward's logits
+    kept for the head's gradient, and without."""
     monkeypatch.setattr(K, "HEAD_GRAD_ROWS", head_rows)  # 32: the head's gradient in two calls, summed
+    monkeypatch.setattr(K, "KEPT_LOGITS_BYTES", kept_bytes)
     cfg, params, _ = bf16_model()
     tokens = jax.random.randint(jax.random.key(1), (2, 33), 0, cfg.n_vocab)  # 64 tokens: two blocks
     loss = lambda p: M.token_losses(p, tokens, cfg).mean()  # noqa: E731
@@ -600,6 +635,7 @@ def test_training_multiplies_by_tiles_where_the_cpu_has_them_and_agrees_with_xla
     assert (native_kernel.DENSE_BACKWARD_TARGET in text) == HAS_AMX
     assert (native_kernel.DENSE_TARGET in text) == HAS_AMX
     assert (native_kernel.HEAD_GRADS_TARGET in text) == HAS_AMX
+    assert (native_kernel.HEAD_LOSSES_KEPT_TARGET in text) == (HAS_AMX and kept_bytes > 0)
     assert (native_kernel.CAUSAL_BACKWARD_TARGET in text) == HAS_AMX
     assert (native_kernel.LAYER_NORM_BACKWARD_TARGET in text) == HAS_AMX
     assert (native_kernel.ADD_LAYER_NORM_BACKWARD_TARGET in text) == HAS_AMX

@@ -113,6 +113,46 @@ inline void pack_rows(const uint16_t* b, int64_t N, int64_t M, int64_t g0, int64
     }
 }
 
+// A 16 x 16 float32 block at a (rows lda apart) stored transposed at t (rows ldt apart): four
+// stages, each swapping the off-diagonal s x s sub-blocks of every 2s x 2s block (s = 8, 4, 2, 1).
+// stream: t 64-byte aligned (ldt a multiple of 16), stored past the caches (a large array written
+// now and read much later, without first reading the lines it overwrites).
+template <bool stream = false>
+inline void transpose_16x16(const float* a, int64_t lda, float* t, int64_t ldt) {
+  static const struct Indices {
+    __m512i lo[4], hi[4];
+    Indices() {
+      for (int k = 0; k < 4; ++k) {
+        const int s = 8 >> k;
+        alignas(64) int32_t l[16], h[16];
+        for (int c = 0; c < 16; ++c) {
+          l[c] = (c & s) ? 16 + c - s : c;  // row i: its own where c & s is clear, row i + s's c - s else
+          h[c] = (c & s) ? 16 + c : c + s;  // row i + s: row i's c + s where c & s is clear, its own else
+        }
+        lo[k] = _mm512_load_si512(l);
+        hi[k] = _mm512_load_si512(h);
+      }
+    }
+  } index;
+  __m512 r[16];
+  for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_ps(a + i * lda);
+  for (int k = 0; k < 4; ++k) {
+    const int s = 8 >> k;
+    for (int i = 0; i < 16; ++i)
+      if (!(i & s)) {
+        const __m512 x = r[i], y = r[i + s];
+        r[i] = _mm512_permutex2var_ps(x, index.lo[k], y);
+        r[i + s] = _mm512_permutex2var_ps(x, index.hi[k], y);
+      }
+  }
+  for (int i = 0; i < 16; ++i) {
+    if (stream)
+      _mm512_stream_ps(t + i * ldt, r[i]);
+    else
+      _mm512_storeu_ps(t + i * ldt, r[i]);
+  }
+}
+
 // 16 bfloat16s at p widened to float32 (exact: a bfloat16 is a float32's upper half).
 inline __m512 load_bf16(const uint16_t* p) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16));

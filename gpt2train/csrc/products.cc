@@ -301,9 +301,10 @@ ffi::Error DenseBackwardImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuf
 // twice: as rows (dx = g . w) and packed by pairs of tokens (dw^T = x^T . g, stored transposed).
 // XLA:CPU wrote [N, V] float32 logits and their gradient out, copied g transposed and ran the three
 // products well below AMX's pace (124M at 4 x 256, Intel Xeon with AMX: ~0.59 s of a 1.4 s step).
+// logits: empty, or the forward's (head_losses_kept's layout), which then are not computed again.
 ffi::Error HeadGradsImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::AnyBuffer targets,
-                         ffi::AnyBuffer lse, ffi::AnyBuffer dl, ffi::Result<ffi::AnyBuffer> dx, ffi::Result<ffi::AnyBuffer> dw,
-                         int64_t n_vocab, bool tiles) {
+                         ffi::AnyBuffer lse, ffi::AnyBuffer dl, ffi::AnyBuffer logits, ffi::Result<ffi::AnyBuffer> dx,
+                         ffi::Result<ffi::AnyBuffer> dw, int64_t n_vocab, bool tiles) {
   auto xd = x.dimensions(), wd = w.dimensions();
   if (x.element_type() != ffi::DataType::BF16 ||
       (w.element_type() != ffi::DataType::BF16 && w.element_type() != ffi::DataType::U16) ||
@@ -315,6 +316,10 @@ ffi::Error HeadGradsImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer 
       targets.element_count() != xd[0] || lse.element_count() != xd[0] || dl.element_count() != xd[0] ||
       n_vocab < 1 || n_vocab > wd[0])
     return ffi::Error::InvalidArgument("head_grads: x [N, K], w [V_pad, K], targets, lse, dl [N]; N, K, V_pad multiples of 32");
+  const int64_t kept_blocks = (n_vocab + 31) / 32;  // blocks of 32 vocabulary rows the forward kept
+  if (logits.element_count() != 0 &&
+      (logits.element_type() != ffi::DataType::F32 || logits.element_count() != xd[0] * kept_blocks * 32))
+    return ffi::Error::InvalidArgument("head_grads: logits empty or float32 [N / 32, n_vocab rounded up to 32 / 32, 32, 32]");
 #if defined(__AVX512BF16__)
   const int64_t N = xd[0], K = xd[1], V = wd[0];
   const auto* xs = reinterpret_cast<const uint16_t*>(x.untyped_data());
@@ -325,34 +330,59 @@ ffi::Error HeadGradsImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer 
   auto* dxs = reinterpret_cast<uint16_t*>(dx->untyped_data());
   auto* dws = reinterpret_cast<float*>(dw->untyped_data());
   // Not zeroed (std::vector would clear ~360 MB at 124M's vocabulary and 1,024 tokens): all written.
-  AlignedArray<uint16_t> w_by_rows = aligned_array<uint16_t>(V * K), w_by_pairs = aligned_array<uint16_t>(V * K),
+  AlignedArray<uint16_t> w_by_rows = aligned_array<uint16_t>(logits.element_count() ? 0 : V * K), w_by_pairs = aligned_array<uint16_t>(V * K),
                          g = aligned_array<uint16_t>(N * V), g_pairs = aligned_array<uint16_t>(N * V),
                          xt = aligned_array<uint16_t>(K * N);
   uint16_t *wr = w_by_rows.get(), *wp = w_by_pairs.get(), *gs = g.get(), *gp = g_pairs.get(), *xts = xt.get();
-  // w as the right operand of x . w^T (16 vocabulary rows a group) and of g . w (pairs of them).
-  parallel_chunks(pool, V / 16, 1, 2, [=](int64_t g0, int64_t g1) {
-    for (int64_t grp = g0; grp < g1; ++grp) pack_x(ws + grp * 16 * K, 16, K, wr + grp * 16 * K);
-  });
+  // g's block of 32 tokens from t by 32 vocabulary columns from col, from its logits c (rewritten),
+  // stored as rows (gs) and by pairs of tokens (gp), past the caches: both are read back only after
+  // every block is written (the chunk's sfence orders the stores before its end).
+  auto store_gradients = [=](float (*c)[32], int64_t t, int64_t col) {
+    logit_gradients(c, t, col, ls, ds, ts, n_vocab);
+    for (int64_t i = 0; i < 32; ++i)
+      _mm512_stream_si512(reinterpret_cast<__m512i*>(gs + (t + i) * V + col),
+                          (__m512i)_mm512_cvtne2ps_pbh(_mm512_load_ps(&c[i][16]), _mm512_load_ps(&c[i][0])));
+    for (int64_t r = 0; r < 16; ++r)
+      for (int h = 0; h < 2; ++h)
+        _mm512_stream_si512(reinterpret_cast<__m512i*>(gp + ((col / 16 + h) * N / 2 + t / 2 + r) * 32),
+                            interleave_pair(_mm512_load_ps(&c[2 * r][16 * h]), _mm512_load_ps(&c[2 * r + 1][16 * h])));
+  };
+  // w as the right operand of g . w (pairs of vocabulary rows), and of x . w^T (16 rows a group)
+  // where the logits are computed again.
   parallel_chunks(pool, K / 16, 1, 1, [=](int64_t g0, int64_t g1) { pack_rows(ws, V, K, g0, g1, wp); });
-  // g = (softmax(x . w^T) - one-hot) * dl, by blocks of 32 tokens x 32 vocabulary columns; each
-  // thread takes a range of the vocabulary and every token, so the packed table is read once (by
-  // ranges of tokens, each read it again: 77 against 57 ms at 124M, 1,024 tokens).
-  parallel_chunks(pool, V / 32, 1, V / 64, [=](int64_t b0, int64_t b1) {
-    with_blocks(tiles, [&](auto& blocks) {
-      const int64_t c0 = b0 * 32;
-      product_rows(blocks, xs, wr + c0 * K, K, (b1 - b0) * 32, 0, N, [&](const float (*block)[32], int64_t t, int64_t col, int64_t) {
-        auto* c = const_cast<float (*)[32]>(block);
-        col += c0;
-        logit_gradients(c, t, col, ls, ds, ts, n_vocab);
-        for (int64_t i = 0; i < 32; ++i)
-          _mm512_storeu_si512(gs + (t + i) * V + col, (__m512i)_mm512_cvtne2ps_pbh(_mm512_load_ps(&c[i][16]), _mm512_load_ps(&c[i][0])));
-        for (int64_t r = 0; r < 16; ++r)
-          for (int h = 0; h < 2; ++h)
-            _mm512_storeu_si512(gp + ((col / 16 + h) * N / 2 + t / 2 + r) * 32,
-                                interleave_pair(_mm512_load_ps(&c[2 * r][16 * h]), _mm512_load_ps(&c[2 * r + 1][16 * h])));
-      });
+  if (logits.element_count() != 0) {
+    // g = (softmax - one-hot) * dl from the forward's logits; rows past them are padding (g = 0).
+    const auto* kept = reinterpret_cast<const float*>(logits.untyped_data());
+    parallel_chunks(pool, V / 32, 1, V / 64, [=](int64_t b0, int64_t b1) {
+      alignas(64) float c[32][32];
+      for (int64_t b = b0; b < b1; ++b)
+        for (int64_t t = 0; t < N; t += 32) {
+          if (b < kept_blocks)
+            std::memcpy(c, kept + (t / 32 * kept_blocks + b) * 1024, sizeof c);
+          else
+            std::memset(c, 0, sizeof c);
+          store_gradients(c, t, b * 32);
+        }
+      _mm_sfence();
     });
-  });
+  } else {
+    parallel_chunks(pool, V / 16, 1, 2, [=](int64_t g0, int64_t g1) {
+      for (int64_t grp = g0; grp < g1; ++grp) pack_x(ws + grp * 16 * K, 16, K, wr + grp * 16 * K);
+    });
+    // g = (softmax(x . w^T) - one-hot) * dl, by blocks of 32 tokens x 32 vocabulary columns; each
+    // thread takes a range of the vocabulary and every token, so the packed table is read once (by
+    // ranges of tokens, each read it again: 77 against 57 ms at 124M, 1,024 tokens).
+    parallel_chunks(pool, V / 32, 1, V / 64, [=](int64_t b0, int64_t b1) {
+      with_blocks(tiles, [&](auto& blocks) {
+        const int64_t c0 = b0 * 32;
+        product_rows(blocks, xs, wr + c0 * K, K, (b1 - b0) * 32, 0, N,
+                     [&](const float (*block)[32], int64_t t, int64_t col, int64_t) {
+                       store_gradients(const_cast<float (*)[32]>(block), t, col + c0);
+                     });
+      });
+      _mm_sfence();
+    });
+  }
   // dx = g . w, summing over the vocabulary by spans.
   AlignedArray<float> partial = aligned_array<float>(N * K);
   float* dxp = partial.get();
@@ -407,6 +437,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(DenseBackward, DenseBackwardImpl,
 XLA_FFI_DEFINE_HANDLER_SYMBOL(HeadGrads, HeadGradsImpl,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::AnyBuffer>()
