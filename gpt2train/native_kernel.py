@@ -76,6 +76,8 @@ CAUSAL_TARGET = "gpt2train_causal_attention"
 CAUSAL_LSE_TARGET = "gpt2train_causal_attention_lse"
 CAUSAL_BACKWARD_TARGET = "gpt2train_causal_attention_backward"
 DENSE_TARGET = "gpt2train_dense"
+DENSE_GELU_TARGET = "gpt2train_dense_gelu"
+GELU_BACKWARD_TARGET = "gpt2train_gelu_backward"
 DENSE_BACKWARD_TARGET = "gpt2train_dense_backward"
 HEAD_GRADS_TARGET = "gpt2train_head_grads"
 ADAM_TARGET = "gpt2train_adam_update"
@@ -160,6 +162,8 @@ def available() -> bool:
         jax.ffi.register_ffi_target(CAUSAL_BACKWARD_TARGET, jax.ffi.pycapsule(library.CausalAttentionBackward),
                                     platform="cpu")
         jax.ffi.register_ffi_target(DENSE_TARGET, jax.ffi.pycapsule(library.Dense), platform="cpu")
+        jax.ffi.register_ffi_target(DENSE_GELU_TARGET, jax.ffi.pycapsule(library.DenseGelu), platform="cpu")
+        jax.ffi.register_ffi_target(GELU_BACKWARD_TARGET, jax.ffi.pycapsule(library.GeluBackward), platform="cpu")
         jax.ffi.register_ffi_target(DENSE_BACKWARD_TARGET, jax.ffi.pycapsule(library.DenseBackward), platform="cpu")
         jax.ffi.register_ffi_target(HEAD_GRADS_TARGET, jax.ffi.pycapsule(library.HeadGrads), platform="cpu")
         jax.ffi.register_ffi_target(ADAM_TARGET, jax.ffi.pycapsule(library.AdamUpdate), platform="cpu")
@@ -251,6 +255,20 @@ def dense(x, w, bias, gelu: bool, tiles: bool):
     out = jax.ShapeDtypeStruct((x.shape[0], w.shape[1]), jnp.bfloat16)
     return jax.ffi.ffi_call(DENSE_TARGET, out, vmap_method="sequential")(x, w, bias, gelu=bool(gelu),
                                                                          tiles=bool(tiles))
+
+
+def dense_gelu(x, w, bias, tiles: bool):
+    """dense with GELU for training's forward: (GELU(x . w + bias), x . w + bias), both [N, M]
+    bfloat16, the second for gelu_backward. As dense otherwise."""
+    out = jax.ShapeDtypeStruct((x.shape[0], w.shape[1]), jnp.bfloat16)
+    return jax.ffi.ffi_call(DENSE_GELU_TARGET, (out, out), vmap_method="sequential")(x, w, bias, tiles=bool(tiles))
+
+
+def gelu_backward(h, g):
+    """g times GELU's (tanh form) derivative at h, both bfloat16 of one shape (a multiple of 16
+    elements), in float32, rounded to bfloat16 once. Needs available() and AVX-512 BF16."""
+    return jax.ffi.ffi_call(GELU_BACKWARD_TARGET, jax.ShapeDtypeStruct(h.shape, jnp.bfloat16),
+                            vmap_method="sequential")(h, g.astype(jnp.bfloat16))
 
 
 def dense_backward(x, w, dy, tiles: bool):

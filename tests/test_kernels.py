@@ -197,7 +197,7 @@ def test_every_product_of_the_compiled_bf16_train_step_is_bf16(n_ctx):
     # with AMX), each forward call is one product and each backward call two, all in bfloat16 (the
     # head's backward starts from the logits its forward kept: kernels.KEPT_LOGITS_BYTES).
     calls = lambda target: hlo.count(f'custom_call_target="{target}"')  # noqa: E731
-    ours = (calls("gpt2train_dense") + calls("gpt2train_head_losses_kept")
+    ours = (calls("gpt2train_dense") + calls("gpt2train_dense_gelu") + calls("gpt2train_head_losses_kept")
             + 2 * (calls("gpt2train_dense_backward") + calls("gpt2train_head_grads")))
     assert ours == (15 if K.scoring_tiles() and K._scoring_kernels_usable() else 0)
     # 1 layer: 4 products forward, 8 backward; the head's 3; attention 2 + 4 per block (its head

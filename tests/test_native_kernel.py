@@ -411,6 +411,44 @@ def test_dense_is_the_product_plus_bias_through_gelu(N, K_in, M_out, gelu, tiles
 
 @needs_bf16
 @pytest.mark.parametrize("tiles", TILES)
+@pytest.mark.parametrize("N,K_in,M_out", [(33, 64, 96), (64, 768, 3072)])
+def test_dense_gelu_gives_dense_through_gelu_and_the_pre_activation(N, K_in, M_out, tiles):
+    """Training's c_fc: the output dense gives with GELU and the pre-activation dense gives
+    without, bit for bit."""
+    assert native_kernel.available()
+    keys = jax.random.split(jax.random.key(N + K_in), 3)
+    x = jax.random.normal(keys[0], (N, K_in)).astype(jnp.bfloat16)
+    w = jax.random.normal(keys[1], (K_in, M_out)) / np.sqrt(K_in) * 2
+    bias = jax.random.normal(keys[2], (M_out,))
+    y, h = jax.jit(native_kernel.dense_gelu, static_argnums=3)(x, w, bias, tiles)
+    dense = jax.jit(native_kernel.dense, static_argnums=(3, 4))
+    np.testing.assert_array_equal(np.asarray(y, np.float32), np.asarray(dense(x, w, bias, True, tiles), np.float32))
+    np.testing.assert_array_equal(np.asarray(h, np.float32), np.asarray(dense(x, w, bias, False, tiles), np.float32))
+
+
+@needs_bf16
+def test_gelu_backward_is_g_times_gelus_slope():
+    """gh = g * GELU'(h) (tanh form) against float64 autodiff of GELU, over both signs, the flat
+    tails (|h| up to 12) and the steep middle; one bfloat16 rounding of the result."""
+    assert native_kernel.available()
+    h = jnp.concatenate([jnp.linspace(-12, 12, 4000), jax.random.normal(jax.random.key(0), (96,)) * 3])
+    h = h.astype(jnp.bfloat16).reshape(64, 64)
+    g = jax.random.normal(jax.random.key(1), h.shape).astype(jnp.bfloat16)
+    gh = jax.jit(native_kernel.gelu_backward)(h, g)
+    assert gh.dtype == jnp.bfloat16 and gh.shape == h.shape
+    x = np.asarray(h, np.float64)
+    c = np.sqrt(2 / np.pi)
+    t = np.tanh(c * (x + 0.044715 * x ** 3))
+    slope = 0.5 * (1 + t) + 0.5 * x * (1 - t * t) * c * (1 + 3 * 0.044715 * x * x)
+    want = np.asarray(g, np.float64) * slope
+    np.testing.assert_allclose(np.asarray(gh, np.float64), want, rtol=2.0 ** -8, atol=1e-6)
+    # and what XLA's autodiff of kernels.gelu gives, to its own rounding
+    xla = jax.vjp(K.gelu, h)[1](g)[0]
+    np.testing.assert_allclose(np.asarray(gh, np.float64), np.asarray(xla, np.float64), rtol=2.0 ** -7, atol=1e-5)
+
+
+@needs_bf16
+@pytest.mark.parametrize("tiles", TILES)
 @pytest.mark.parametrize("N,K_in,M_out", [(32, 32, 32), (64, 768, 96), (96, 64, 3072), (1024, 96, 64)])
 def test_dense_backward_is_the_products_gradient(N, K_in, M_out, tiles):
     """dx = dy . w^T, dw = x^T . dy and the bias's db = dy's column sums from bfloat16 operands (w
