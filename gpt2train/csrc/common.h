@@ -153,6 +153,14 @@ inline void transpose_16x16(const float* a, int64_t lda, float* t, int64_t ldt) 
   }
 }
 
+// 16 float32s to p, past the caches if stream (p 64-byte aligned then).
+inline void store_ps(float* p, __m512 v, bool stream) {
+  if (stream)
+    _mm512_stream_ps(p, v);
+  else
+    _mm512_storeu_ps(p, v);
+}
+
 // 16 bfloat16s at p widened to float32 (exact: a bfloat16 is a float32's upper half).
 inline __m512 load_bf16(const uint16_t* p) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16));

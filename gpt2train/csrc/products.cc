@@ -333,20 +333,27 @@ ffi::Error DenseBackwardImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuf
   });
   parallel_chunks(pool, cols / 16, 1, 2, [=](int64_t g0, int64_t g1) { pack_rows(wide, N, cols, g0, g1, ps); });
   parallel_chunks(pool, M / 16, 1, 2, [=](int64_t g0, int64_t g1) { column_sums(dys, N, M, g0, g1, dbs); });
+  // dw is stored past the caches where XLA's buffer allows (64-byte aligned): it is read next by the
+  // optimizer, and a plain store would read each line of it from memory first.
+  const bool stream = reinterpret_cast<uintptr_t>(dws) % 64 == 0;
   parallel_chunks(pool, rows, 32, 32, [=](int64_t t0, int64_t t1) {
     with_blocks(tiles, [&](auto& blocks) {
       product_rows(blocks, ts, ps, N, cols, t0, t1, [&](const float (*block)[32], int64_t t, int64_t col, int64_t) {
         if (by_x) {
-          for (int64_t i = 0; i < 32; ++i) {
-            _mm512_storeu_ps(dws + (t + i) * M + col, _mm512_load_ps(&block[i][0]));
-            _mm512_storeu_ps(dws + (t + i) * M + col + 16, _mm512_load_ps(&block[i][16]));
-          }
+          for (int64_t i = 0; i < 32; ++i)
+            for (int h = 0; h < 32; h += 16) store_ps(dws + (t + i) * M + col + h, _mm512_load_ps(&block[i][h]), stream);
         } else {  // block [32 of M from t][32 of K from col] into dw [K, M]
           for (int i = 0; i < 32; i += 16)
-            for (int j = 0; j < 32; j += 16) transpose_16x16(&block[i][j], 32, dws + (col + j) * M + t + i, M);
+            for (int j = 0; j < 32; j += 16) {
+              if (stream)
+                transpose_16x16<true>(&block[i][j], 32, dws + (col + j) * M + t + i, M);
+              else
+                transpose_16x16(&block[i][j], 32, dws + (col + j) * M + t + i, M);
+            }
         }
       });
     });
+    _mm_sfence();
   });
   return ffi::Error::Success();
 #else
@@ -454,17 +461,21 @@ ffi::Error HeadGradsImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer 
   parallel_chunks(pool, K / kTransposeBlock, 1, 1, [=](int64_t b0, int64_t b1) {
     transpose_columns(xs, xts, N, K, b0 * kTransposeBlock, b1 * kTransposeBlock);
   });
+  // Past the caches where XLA's buffer allows, as dense_backward's dw.
+  const bool stream = reinterpret_cast<uintptr_t>(dws) % 64 == 0;
   parallel_chunks(pool, K, 32, 32, [=](int64_t t0, int64_t t1) {
     with_blocks(tiles, [&](auto& blocks) {
-      const __m512i column = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
-                                                _mm512_set1_epi32(32));
       product_rows(blocks, xts, gp, N, V, t0, t1, [&](const float (*block)[32], int64_t t, int64_t col, int64_t) {
-        for (int64_t j = 0; j < 32; ++j) {
-          _mm512_storeu_ps(dws + (col + j) * K + t, _mm512_i32gather_ps(column, &block[0][j], 4));
-          _mm512_storeu_ps(dws + (col + j) * K + t + 16, _mm512_i32gather_ps(column, &block[16][j], 4));
-        }
+        for (int i = 0; i < 32; i += 16)
+          for (int j = 0; j < 32; j += 16) {
+            if (stream)
+              transpose_16x16<true>(&block[i][j], 32, dws + (col + j) * K + t + i, K);
+            else
+              transpose_16x16(&block[i][j], 32, dws + (col + j) * K + t + i, K);
+          }
       });
     });
+    _mm_sfence();
   });
     return ffi::Error::Success();
 #else
