@@ -113,12 +113,10 @@ inline void pack_rows(const uint16_t* b, int64_t N, int64_t M, int64_t g0, int64
     }
 }
 
-// A 16 x 16 float32 block at a (rows lda apart) stored transposed at t (rows ldt apart): four
-// stages, each swapping the off-diagonal s x s sub-blocks of every 2s x 2s block (s = 8, 4, 2, 1).
-// stream: t 64-byte aligned (ldt a multiple of 16), stored past the caches (a large array written
-// now and read much later, without first reading the lines it overwrites).
-template <bool stream = false>
-inline void transpose_16x16(const float* a, int64_t lda, float* t, int64_t ldt) {
+// Sixteen registers of 16 32-bit lanes transposed in place (lane j of register i to lane i of
+// register j): four stages, each swapping the off-diagonal s x s sub-blocks of every 2s x 2s block
+// (s = 8, 4, 2, 1). Lanes move as bits: any 32-bit contents (a pair of bfloat16s too).
+inline void transpose_registers(__m512 r[16]) {
   static const struct Indices {
     __m512i lo[4], hi[4];
     Indices() {
@@ -134,8 +132,6 @@ inline void transpose_16x16(const float* a, int64_t lda, float* t, int64_t ldt) 
       }
     }
   } index;
-  __m512 r[16];
-  for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_ps(a + i * lda);
   for (int k = 0; k < 4; ++k) {
     const int s = 8 >> k;
     for (int i = 0; i < 16; ++i)
@@ -145,6 +141,16 @@ inline void transpose_16x16(const float* a, int64_t lda, float* t, int64_t ldt) 
         r[i + s] = _mm512_permutex2var_ps(x, index.hi[k], y);
       }
   }
+}
+
+// A 16 x 16 float32 block at a (rows lda apart) stored transposed at t (rows ldt apart).
+// stream: t 64-byte aligned (ldt a multiple of 16), stored past the caches (a large array written
+// now and read much later, without first reading the lines it overwrites).
+template <bool stream = false>
+inline void transpose_16x16(const float* a, int64_t lda, float* t, int64_t ldt) {
+  __m512 r[16];
+  for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_ps(a + i * lda);
+  transpose_registers(r);
   for (int i = 0; i < 16; ++i) {
     if (stream)
       _mm512_stream_ps(t + i * ldt, r[i]);

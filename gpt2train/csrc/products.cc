@@ -164,17 +164,19 @@ void product_rows_by_spans(Blocks& blocks, const uint16_t* a, const uint16_t* pa
 }
 
 // w^T packed as the right operand of dy . w^T: w [K, M] float32, groups [g0, g1) of 16 of its rows
-// (dx's columns), each pair of w's columns (the sum's k-pairs) as pack_x lays out 16 rows.
+// (dx's columns), each pair of w's columns (the sum's k-pairs) as pack_x lays out 16 rows: 16 rows
+// by 32 columns, rounded to pairs of bfloat16s, are a 16 x 16 transpose of 32-bit lanes.
 void pack_weights_transposed(const float* w, int64_t K, int64_t M, int64_t g0, int64_t g1, uint16_t* packed) {
-  aligned_vector<uint16_t> rows(16 * M);
-  for (int64_t g = g0; g < g1; ++g) {
-    for (int64_t r = 0; r < 16; ++r)
-      for (int64_t m = 0; m < M; m += 32)
-        _mm512_storeu_si512(rows.data() + r * M + m,
-                            (__m512i)_mm512_cvtne2ps_pbh(_mm512_loadu_ps(w + (g * 16 + r) * M + m + 16),
-                                                         _mm512_loadu_ps(w + (g * 16 + r) * M + m)));
-    pack_x(rows.data(), 16, M, packed + g * M * 16);
-  }
+  for (int64_t g = g0; g < g1; ++g)
+    for (int64_t m = 0; m < M; m += 32) {
+      __m512 r[16];
+      for (int i = 0; i < 16; ++i) {
+        const float* row = w + (g * 16 + i) * M + m;
+        r[i] = (__m512)_mm512_cvtne2ps_pbh(_mm512_loadu_ps(row + 16), _mm512_loadu_ps(row));
+      }
+      transpose_registers(r);
+      for (int j = 0; j < 16; ++j) _mm512_storeu_ps(reinterpret_cast<float*>(packed + g * M * 16 + (m / 2 + j) * 32), r[j]);
+    }
 }
 
 // Column sums of b [N, M] bfloat16 in float32 for groups [g0, g1) of 16 columns: a bias's gradient.
