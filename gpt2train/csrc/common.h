@@ -159,6 +159,18 @@ inline void transpose_16x16(const float* a, int64_t lda, float* t, int64_t ldt) 
   }
 }
 
+// A 32 x 32 float32 block stored transposed at t (rows ldt apart), past the caches if stream (t
+// 64-byte aligned and ldt a multiple of 16 then).
+inline void store_transposed(const float (*block)[32], float* t, int64_t ldt, bool stream) {
+  for (int i = 0; i < 32; i += 16)
+    for (int j = 0; j < 32; j += 16) {
+      if (stream)
+        transpose_16x16<true>(&block[i][j], 32, t + j * ldt + i, ldt);
+      else
+        transpose_16x16(&block[i][j], 32, t + j * ldt + i, ldt);
+    }
+}
+
 // 16 float32s to p, past the caches if stream (p 64-byte aligned then).
 inline void store_ps(float* p, __m512 v, bool stream) {
   if (stream)

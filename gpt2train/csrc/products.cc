@@ -345,13 +345,7 @@ ffi::Error DenseBackwardImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuf
           for (int64_t i = 0; i < 32; ++i)
             for (int h = 0; h < 32; h += 16) store_ps(dws + (t + i) * M + col + h, _mm512_load_ps(&block[i][h]), stream);
         } else {  // block [32 of M from t][32 of K from col] into dw [K, M]
-          for (int i = 0; i < 32; i += 16)
-            for (int j = 0; j < 32; j += 16) {
-              if (stream)
-                transpose_16x16<true>(&block[i][j], 32, dws + (col + j) * M + t + i, M);
-              else
-                transpose_16x16(&block[i][j], 32, dws + (col + j) * M + t + i, M);
-            }
+          store_transposed(block, dws + col * M + t, M, stream);
         }
       });
     });
@@ -468,18 +462,12 @@ ffi::Error HeadGradsImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer 
   parallel_chunks(pool, K, 32, 32, [=](int64_t t0, int64_t t1) {
     with_blocks(tiles, [&](auto& blocks) {
       product_rows(blocks, xts, gp, N, V, t0, t1, [&](const float (*block)[32], int64_t t, int64_t col, int64_t) {
-        for (int i = 0; i < 32; i += 16)
-          for (int j = 0; j < 32; j += 16) {
-            if (stream)
-              transpose_16x16<true>(&block[i][j], 32, dws + (col + j) * K + t + i, K);
-            else
-              transpose_16x16(&block[i][j], 32, dws + (col + j) * K + t + i, K);
-          }
+        store_transposed(block, dws + col * K + t, K, stream);
       });
     });
     _mm_sfence();
   });
-    return ffi::Error::Success();
+  return ffi::Error::Success();
 #else
   return ffi::Error::InvalidArgument("head_grads: this build has no bfloat16 kernels (the CPU lacks AVX-512 BF16)");
 #endif
