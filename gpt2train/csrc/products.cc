@@ -42,15 +42,17 @@ void pack_weights(const float* w, int64_t K, int64_t M, int64_t c0, int64_t c1, 
                             interleave_pair(_mm512_loadu_ps(w + 2 * r * M + g * 16), _mm512_loadu_ps(w + (2 * r + 1) * M + g * 16)));
 }
 
-// GELU's tanh form as x * sigmoid(2 z), z = sqrt(2 / pi) (x + 0.044715 x^3), by exp of -2|z|.
-inline __m512 gelu(__m512 x) {
+// sigmoid(2 z), z = sqrt(2 / pi) (x + 0.044715 x^3), by exp of -2|z|: GELU's tanh form is x times it.
+inline __m512 gelu_gate(__m512 x) {
   const __m512 z = _mm512_mul_ps(_mm512_set1_ps(0.7978845608f),
                                  _mm512_fmadd_ps(_mm512_mul_ps(_mm512_mul_ps(x, x), x), _mm512_set1_ps(0.044715f), x));
   const __m512 e = exp_nonpositive(_mm512_mul_ps(_mm512_set1_ps(-2.f), _mm512_abs_ps(z)));
   const __mmask16 positive = _mm512_cmp_ps_mask(z, _mm512_setzero_ps(), _CMP_GE_OQ);
   const __m512 numerator = _mm512_mask_blend_ps(positive, e, _mm512_set1_ps(1.f));
-  return _mm512_mul_ps(x, _mm512_div_ps(numerator, _mm512_add_ps(_mm512_set1_ps(1.f), e)));
+  return _mm512_div_ps(numerator, _mm512_add_ps(_mm512_set1_ps(1.f), e));
 }
+
+inline __m512 gelu(__m512 x) { return _mm512_mul_ps(x, gelu_gate(x)); }
 
 // The blocks of rows [t0, t1) x all M columns, in the order each way of multiplying ran fastest:
 // fn(a, b, t, col, rows) for x's rows a (32, padded with zeros past t1) and packed columns b.
@@ -265,11 +267,7 @@ ffi::Error GeluBackwardImpl(ffi::ThreadPool pool, ffi::AnyBuffer h, ffi::AnyBuff
   parallel_chunks(pool, h.element_count(), 32, 16384, [=](int64_t i0, int64_t i1) {
     const __m512 c = _mm512_set1_ps(0.7978845608f), a = _mm512_set1_ps(0.044715f), one = _mm512_set1_ps(1.f);
     for (int64_t i = i0; i < i1; i += 16) {
-      const __m512 x = load_bf16(hs + i), x2 = _mm512_mul_ps(x, x);
-      const __m512 z = _mm512_mul_ps(c, _mm512_fmadd_ps(_mm512_mul_ps(x2, x), a, x));
-      const __m512 e = exp_nonpositive(_mm512_mul_ps(_mm512_set1_ps(-2.f), _mm512_abs_ps(z)));
-      const __mmask16 positive = _mm512_cmp_ps_mask(z, _mm512_setzero_ps(), _CMP_GE_OQ);
-      const __m512 s = _mm512_div_ps(_mm512_mask_blend_ps(positive, e, one), _mm512_add_ps(one, e));
+      const __m512 x = load_bf16(hs + i), x2 = _mm512_mul_ps(x, x), s = gelu_gate(x);
       const __m512 dz = _mm512_mul_ps(c, _mm512_fmadd_ps(_mm512_mul_ps(_mm512_set1_ps(3.f), a), x2, one));
       const __m512 slope = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_mul_ps(_mm512_set1_ps(2.f), x), _mm512_mul_ps(s, _mm512_sub_ps(one, s))),
                                            dz, s);

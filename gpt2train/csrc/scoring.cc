@@ -69,10 +69,10 @@ void pass_losses(Blocks& blocks, const uint16_t* x, const uint16_t* w, const int
   } pending{0, 0, 0};
   int buffer = 0;
   const int64_t vocabulary_blocks = (V + 31) / 32;
+  const bool stream = reinterpret_cast<uintptr_t>(kept) % 64 == 0;  // past the caches where aligned
   auto fold = [&](const Block& b, const float (*block)[32]) {
     if (kept)
-      store_transposed(block, kept + ((t0 + b.g * 16) / 32 * vocabulary_blocks + b.v / 32) * 1024, 32,
-                       reinterpret_cast<uintptr_t>(kept) % 64 == 0);
+      store_transposed(block, kept + ((t0 + b.g * 16) / 32 * vocabulary_blocks + b.v / 32) * 1024, 32, stream);
     fold_block(block, b.rows, m.data() + b.g * 16, s.data() + b.g * 16);
     for (int64_t i = 0; i < 32 && t0 + b.g * 16 + i < t1; ++i) {
       const int64_t d = targets[t0 + b.g * 16 + i] - b.v;
